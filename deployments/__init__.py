@@ -1,0 +1,1 @@
+"""Ray Serve adapters over vlm_core."""

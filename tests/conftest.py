@@ -1,0 +1,42 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """Default tiny llava-hf checkpoint (as this transformers saves it)."""
+    from vlm_core.tiny import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def hf_model(tiny_dir):
+    from transformers import LlavaForConditionalGeneration
+
+    m = LlavaForConditionalGeneration.from_pretrained(str(tiny_dir), dtype=torch.float32).eval()
+    return m
+
+
+@pytest.fixture(scope="session")
+def vlm(tiny_dir):
+    from vlm_core.vlm import VLM
+
+    return VLM.from_pretrained(tiny_dir, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory):
+    """Three generated images of different sizes and aspect ratios."""
+    from vlm_core.tiny import draw_example_image
+
+    d = tmp_path_factory.mktemp("images")
+    return [draw_example_image(d / f"img{i}.png", seed=i, size=s)
+            for i, s in enumerate([(96, 64), (40, 80), (50, 50)])]

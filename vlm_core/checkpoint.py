@@ -1,0 +1,200 @@
+"""Checkpoint loading. Weight names are translated by tables, not code paths.
+
+llava-hf (`LlavaForConditionalGeneration`) checkpoints exist in two key layouts:
+  old (transformers < 4.52, and what the Hub mostly holds):
+      language_model.model.*, language_model.lm_head.*, vision_tower.vision_model.*,
+      multi_modal_projector.*
+  current: model.language_model.*, lm_head.*, model.vision_tower.*, model.multi_modal_projector.*
+and the vision tower may or may not carry the `vision_model.` infix. Both load through
+`LLAVA_HF_MAPPING`. Weights may be one `model.safetensors` or shards listed in
+`model.safetensors.index.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .config import VLMConfig
+from .errors import CheckpointError
+from .models.layers import dense_linear, LinearFactory
+from .models.llama import LlamaDecoder
+from .models.llava import LlavaModel
+from .models.projector import build_projector
+from .models.vision import VisionTower
+
+Rename = str | Callable[[re.Match], str]
+
+# (checkpoint-name pattern, our-name replacement); the first matching row wins.
+LLAVA_HF_MAPPING: tuple[tuple[str, Rename], ...] = (
+    (r"^(?:model\.)?language_model\.lm_head\.", "decoder.lm_head."),
+    (r"^lm_head\.", "decoder.lm_head."),
+    (r"^language_model\.model\.", "decoder."),
+    (r"^model\.language_model\.", "decoder."),
+    (r"^(?:model\.)?vision_tower\.(?:vision_model\.)?", "vision.tower."),
+    # llava-hf linear_1/linear_2 -> Sequential indices 0/2
+    (r"^(?:model\.)?multi_modal_projector\.linear_(\d+)\.", lambda m: f"projector.{2 * (int(m.group(1)) - 1)}."),
+)
+# Buffers some exporters write that we recompute.
+IGNORED_KEYS = (r"rotary_emb\.inv_freq$", r"\.position_ids$")
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None, default: torch.dtype = torch.float32) -> torch.dtype:
+    if dtype is None:
+        return default
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unsupported dtype {dtype!r}; use one of float32, float16, bfloat16")
+    return DTYPES[dtype]
+
+
+def default_dtype(raw_config: dict, device: str | torch.device) -> torch.dtype:
+    """fp32 on CPU (half-precision matmuls are slow there); else the checkpoint's dtype, or fp16."""
+    if torch.device(device).type == "cpu":
+        return torch.float32
+    saved = raw_config.get("dtype") or raw_config.get("torch_dtype")
+    return DTYPES.get(saved, torch.float16) if isinstance(saved, str) else torch.float16
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path.name} not found in {path.parent}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return data
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """The weight files of a checkpoint folder, single-file or sharded."""
+    index = model_dir / "model.safetensors.index.json"
+    single = model_dir / "model.safetensors"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index} has no 'weight_map'")
+        files = [model_dir / f for f in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"shard {f.name} listed in {index.name} is missing from {model_dir}")
+        return files
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    yield key, st.get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read weights file {f}: {e}") from None
+
+
+def rename(key: str, mapping: tuple[tuple[str, Rename], ...]) -> str | None:
+    for pattern, repl in mapping:
+        new, n = re.subn(pattern, repl, key, count=1)
+        if n:
+            return new
+    return None
+
+
+def load_weights(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]],
+                 mapping: tuple[tuple[str, Rename], ...], dtype: torch.dtype,
+                 skip: Callable[[str], bool] = lambda name: False) -> None:
+    """Assign checkpoint tensors to `model` by the mapping table; strict about what is left over.
+
+    Floating tensors are cast to `dtype`; integer tensors (packed quantized weights) are kept.
+    `skip(name)` marks our-side names that are deliberately not built (e.g. vision layers
+    past the selected feature layer).
+    """
+    expected = model.state_dict(keep_vars=True)
+    loaded: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for key, tensor in tensors:
+        if any(re.search(p, key) for p in IGNORED_KEYS):
+            continue
+        name = rename(key, mapping)
+        if name is not None and name not in expected:
+            name = _adapt_tower_prefix(name, expected)
+        if name is None or name not in expected:
+            if name is None or not skip(name):
+                unexpected.append(key)
+            continue
+        target = expected[name]
+        if tuple(target.shape) != tuple(tensor.shape):
+            raise CheckpointError(f"weight {key!r} has shape {tuple(tensor.shape)}, the model expects "
+                                  f"{tuple(target.shape)} for {name!r}")
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        loaded[name] = tensor
+    if unexpected:
+        raise CheckpointError(f"checkpoint has {len(unexpected)} weights this model does not use, e.g. "
+                              f"{unexpected[:5]}")
+    tied = {n for n, p in expected.items() if _is_tied(model, n)}
+    missing = [n for n in expected if n not in loaded and n not in tied and _is_param(model, n)]
+    if missing:
+        raise CheckpointError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:5]}")
+    model.load_state_dict(loaded, strict=False, assign=True)
+
+
+def _adapt_tower_prefix(name: str, expected: dict) -> str:
+    """transformers < 5 nests CLIP under `vision_model.`; ours is canonical without it."""
+    if name.startswith("vision.tower."):
+        alt = "vision.tower.vision_model." + name[len("vision.tower."):]
+        if alt in expected:
+            return alt
+    return name
+
+
+def _is_param(model: nn.Module, name: str) -> bool:
+    return name in dict(model.named_parameters(remove_duplicate=False))
+
+
+def _is_tied(model: nn.Module, name: str) -> bool:
+    return name == "decoder.lm_head.weight" and model.decoder.config.tie_word_embeddings
+
+
+def load_llava_hf(model_dir: str | Path, dtype: str | torch.dtype | None = None,
+                  device: str | torch.device = "cpu", linear: LinearFactory = dense_linear) -> LlavaModel:
+    """Load a llava-hf `LlavaForConditionalGeneration` checkpoint into our `LlavaModel`."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"model directory {model_dir} does not exist")
+    raw = read_json(model_dir / "config.json")
+    config = VLMConfig.from_llava_hf(raw)
+    files = safetensors_files(model_dir)
+    dtype = parse_dtype(dtype, default_dtype(raw, device))
+
+    vision = VisionTower(config.vision).to(dtype)
+    with torch.device("meta"):
+        projector = build_projector(config.projector)
+        decoder = LlamaDecoder(config.text, linear)
+    model = LlavaModel(config, vision, projector, decoder)
+    kept = config.vision.layers_needed
+    dropped = re.compile(r"^vision\.tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.")
+
+    def skip(name: str) -> bool:
+        m = dropped.match(name)
+        return m is not None and int(m.group(1)) >= kept
+
+    load_weights(model, iter_safetensors(files), LLAVA_HF_MAPPING, dtype, skip)
+    if config.text.tie_word_embeddings:
+        decoder.lm_head.weight = decoder.embed_tokens.weight
+    return model.to(device).eval()

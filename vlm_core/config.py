@@ -1,0 +1,254 @@
+"""Internal model configuration: frozen dataclasses parsed from checkpoint configs.
+
+Checkpoint `config.json` files come in several dialects (transformers 4.x `rope_theta` +
+`rope_scaling`, transformers 5.x `rope_parameters`, llava-hf nesting of `text_config` and
+`vision_config`). The parsers here turn each into one internal form and validate it, so
+model code never looks at raw dictionaries.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError, UnknownProjectorError
+
+ROPE_TYPES = ("default", "linear", "llama3")
+SELECT_STRATEGIES = ("default", "full")
+_MLP_PROJECTOR = re.compile(r"^mlp(\d+)x_gelu$")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    type: str = "default"
+    factor: float = 1.0
+    # llama3 only
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.type not in ROPE_TYPES:
+            raise ConfigError(f"unsupported rope type {self.type!r}; supported: {', '.join(ROPE_TYPES)}")
+        if self.theta <= 0 or self.factor <= 0:
+            raise ConfigError(f"rope theta and factor must be positive, got theta={self.theta} factor={self.factor}")
+        if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ConfigError("llama3 rope scaling needs high_freq_factor > low_freq_factor")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """A LLaMA-style decoder."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    model_type: str = "llama"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"text config: {name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"text config: num_attention_heads ({self.num_heads}) must be a multiple of "
+                              f"num_key_value_heads ({self.num_kv_heads})")
+        if self.hidden_act != "silu":
+            raise ConfigError(f"text config: hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> "TextConfig":
+        model_type = d.get("model_type", "llama")
+        if model_type not in ("llama",):
+            raise ConfigError(f"text model_type {model_type!r} is not supported by this loader (expected 'llama')")
+        try:
+            heads = int(d["num_attention_heads"])
+            hidden = int(d["hidden_size"])
+            eos = d.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+            return cls(
+                vocab_size=int(d["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(d["intermediate_size"]),
+                num_layers=int(d["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(d.get("num_key_value_heads") or heads),
+                head_dim=int(d.get("head_dim") or hidden // heads),
+                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+                rope=_parse_rope(d),
+                max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                attention_bias=bool(d.get("attention_bias", False)),
+                mlp_bias=bool(d.get("mlp_bias", False)),
+                hidden_act=d.get("hidden_act", "silu"),
+                model_type=model_type,
+                bos_token_id=d.get("bos_token_id"),
+                eos_token_ids=tuple(int(e) for e in eos_ids),
+            )
+        except KeyError as e:
+            raise ConfigError(f"text config is missing required field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"text config has a malformed value: {e}") from None
+
+
+def _parse_rope(d: dict[str, Any]) -> RopeConfig:
+    """Read both the transformers-5 `rope_parameters` and the older `rope_theta`/`rope_scaling`."""
+    params = d.get("rope_parameters")
+    if params is None:
+        params = dict(d.get("rope_scaling") or {})
+        params.setdefault("rope_theta", d.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    kw: dict[str, Any] = {"theta": float(params.get("rope_theta", d.get("rope_theta", 10000.0))), "type": rope_type}
+    if rope_type in ("linear", "llama3"):
+        if "factor" not in params:
+            raise ConfigError(f"rope scaling of type {rope_type!r} needs a 'factor'")
+        kw["factor"] = float(params["factor"])
+    if rope_type == "llama3":
+        for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            if key not in params:
+                raise ConfigError(f"llama3 rope scaling needs {key!r}")
+        kw["low_freq_factor"] = float(params["low_freq_factor"])
+        kw["high_freq_factor"] = float(params["high_freq_factor"])
+        kw["original_max_position_embeddings"] = int(params["original_max_position_embeddings"])
+    return RopeConfig(**kw)
+
+
+@dataclass(frozen=True)
+class ProjectorConfig:
+    type: str              # "linear" | "mlp{N}x_gelu"
+    in_features: int
+    out_features: int
+    bias: bool = True
+
+    def __post_init__(self):
+        if self.type != "linear" and not _MLP_PROJECTOR.match(self.type):
+            raise UnknownProjectorError(
+                f"unknown projector type {self.type!r}; supported: 'linear', 'mlp2x_gelu' (or mlpNx_gelu)")
+
+    @property
+    def mlp_depth(self) -> int:
+        """Number of linear layers."""
+        if self.type == "linear":
+            return 1
+        return int(_MLP_PROJECTOR.match(self.type).group(1))
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """A transformers vision tower plus how LLaVA selects its features."""
+
+    hf_config: dict[str, Any]                 # the tower's own config (e.g. CLIPVisionConfig dict)
+    image_size: int
+    patch_size: int
+    hidden_size: int
+    num_layers: int
+    feature_layers: tuple[int, ...] = (-2,)  # indices into hidden_states (0 = embeddings)
+    select_strategy: str = "default"          # "default" drops CLS, "full" keeps it
+
+    def __post_init__(self):
+        if self.select_strategy not in SELECT_STRATEGIES:
+            raise ConfigError(f"vision_feature_select_strategy {self.select_strategy!r} is not one of "
+                              f"{SELECT_STRATEGIES}")
+        for layer in self.feature_layers:
+            if not -(self.num_layers + 1) <= layer <= self.num_layers:
+                raise ConfigError(f"vision_feature_layer {layer} is out of range for a tower with "
+                                  f"{self.num_layers} layers")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+
+    @property
+    def model_type(self) -> str:
+        return self.hf_config.get("model_type", "clip_vision_model")
+
+    @property
+    def has_cls_token(self) -> bool:
+        return self.model_type == "clip_vision_model"
+
+    @property
+    def tokens_per_image(self) -> int:
+        n = (self.image_size // self.patch_size) ** 2
+        if self.has_cls_token and self.select_strategy == "full":
+            n += 1
+        return n
+
+    @property
+    def layers_needed(self) -> int:
+        """Encoder layers that must run to produce every selected hidden state."""
+        return max(i if i >= 0 else self.num_layers + 1 + i for i in self.feature_layers)
+
+
+@dataclass(frozen=True)
+class VLMConfig:
+    text: TextConfig
+    vision: VisionConfig
+    projector: ProjectorConfig
+    image_token_id: int
+    # `<im_start>`/`<im_end>` markers around each image's placeholder run (LLaVA
+    # `mm_use_im_start_end`); their ids come from the tokenizer.
+    use_im_start_end: bool = False
+    # LLaVA-1.5 pads images to a square with the mean colour before CLIP preprocessing.
+    pad_to_square: bool = False
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.vision.tokens_per_image
+
+    @classmethod
+    def from_llava_hf(cls, d: dict[str, Any]) -> "VLMConfig":
+        if "text_config" not in d or "vision_config" not in d:
+            raise ConfigError("a llava config needs both 'text_config' and 'vision_config'")
+        text = TextConfig.from_hf(d["text_config"])
+        vd = d["vision_config"]
+        vtype = vd.get("model_type", "clip_vision_model")
+        if vtype not in ("clip_vision_model",):
+            raise ConfigError(f"vision model_type {vtype!r} is not supported by this loader")
+        layer = d.get("vision_feature_layer", -2)
+        layers = tuple(layer) if isinstance(layer, (list, tuple)) else (layer,)
+        try:
+            vision = VisionConfig(
+                hf_config=dict(vd),
+                image_size=int(vd.get("image_size", 224)),
+                patch_size=int(vd.get("patch_size", 32)),
+                hidden_size=int(vd.get("hidden_size", 768)),
+                num_layers=int(vd.get("num_hidden_layers", 12)),
+                feature_layers=tuple(int(x) for x in layers),
+                select_strategy=d.get("vision_feature_select_strategy", "default"),
+            )
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"vision config has a malformed value: {e}") from None
+        act = d.get("projector_hidden_act", "gelu")
+        ptype = d.get("mm_projector_type", "mlp2x_gelu")
+        if act != "gelu" and ptype != "linear":
+            raise ConfigError(f"projector_hidden_act {act!r} is not supported (only 'gelu')")
+        projector = ProjectorConfig(
+            type=ptype,
+            in_features=vision.hidden_size * len(layers),
+            out_features=text.hidden_size,
+            bias=bool(d.get("multimodal_projector_bias", True)),
+        )
+        image_token = d.get("image_token_index", d.get("image_token_id"))
+        if image_token is None:
+            raise ConfigError("llava config is missing 'image_token_index'")
+        return cls(
+            text=text,
+            vision=vision,
+            projector=projector,
+            image_token_id=int(image_token),
+            use_im_start_end=bool(d.get("mm_use_im_start_end", False)),
+            pad_to_square=d.get("image_aspect_ratio") == "pad",
+        )

@@ -1,0 +1,1 @@
+"""Request-level machinery: sampling (and, with the engine, scheduling and paged KV)."""

@@ -1,0 +1,57 @@
+"""Command line: answer a question about an image.
+
+    python -m vlm_core.generate --model DIR --image PATH --prompt TEXT [--stream]
+
+Errors a user can cause (bad checkpoint, unreadable image, placeholder mismatch, bad
+sampling values) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .engine.sampling import SamplingParams
+from .errors import VLMError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m vlm_core.generate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="checkpoint folder (llava-hf layout)")
+    ap.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
+    ap.add_argument("--prompt", required=True, help="the question (add <image> to place images yourself)")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
+    ap.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: float32 on CPU)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--prefill-chunk", type=int, default=None, help="prefill chunk size in tokens")
+    ap.add_argument("--stream", action="store_true", help="print text as it is generated")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from .vlm import VLM
+
+    try:
+        sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+        vlm = VLM.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+        if args.stream:
+            for delta in vlm.stream(args.prompt, args.image, sampling, args.prefill_chunk):
+                print(delta, end="", flush=True)
+            print()
+        else:
+            print(vlm.generate(args.prompt, args.image, sampling, args.prefill_chunk).text)
+    except VLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

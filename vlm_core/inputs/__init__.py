@@ -1,0 +1,1 @@
+"""Request inputs: images, chat templates, placeholder expansion."""

@@ -1,0 +1,81 @@
+"""Chat templates: the tokenizer's own (jinja, via transformers), or LLaVA-1.5's as a fallback.
+
+Messages use the OpenAI/transformers shape: {"role": "user" | "assistant" | "system",
+"content": str | [{"type": "text", "text": ...}, {"type": "image"}, ...]}. Each image part
+renders as the image placeholder token (`<image>`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from ..errors import InputError
+
+IMAGE_PLACEHOLDER = "<image>"
+
+# LLaVA-1.5 (vicuna-style): "USER: <image>\n{question} ASSISTANT: {answer}</s>USER: ..."
+LLAVA_15_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- set parts = message['content'] if message['content'] is not string "
+    "else [{'type': 'text', 'text': message['content']}] -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- for p in parts if p['type'] == 'text' -%}{{ p['text'] }} {% endfor -%}"
+    "{%- elif message['role'] == 'user' -%}"
+    "USER: {% for p in parts if p['type'] == 'image' %}<image>\n{% endfor -%}"
+    "{%- for p in parts if p['type'] == 'text' %}{{ p['text'] }}{% endfor %} "
+    "{%- else -%}"
+    "ASSISTANT: {% for p in parts if p['type'] == 'text' %}{{ p['text'] }}{% endfor %}{{ eos_token }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}ASSISTANT:{%- endif -%}"
+)
+
+Message = dict[str, Any]
+
+
+def normalize_messages(messages: Sequence[Message]) -> list[Message]:
+    """Validate roles and turn every content into a list of typed parts."""
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise InputError(f"message {i} must be an object with 'role' and 'content'")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise InputError(f"message {i} has unknown role {m['role']!r}")
+        content = m["content"]
+        if isinstance(content, str):
+            parts = [{"type": "text", "text": content}]
+        elif isinstance(content, list):
+            parts = []
+            for p in content:
+                kind = p.get("type") if isinstance(p, dict) else None
+                if kind == "text" and isinstance(p.get("text"), str):
+                    parts.append({"type": "text", "text": p["text"]})
+                elif kind in ("image", "image_url"):
+                    parts.append({"type": "image"})
+                else:
+                    raise InputError(f"message {i} has a content part that is neither text nor image: {p!r}")
+        else:
+            raise InputError(f"message {i} content must be a string or a list of parts")
+        out.append({"role": m["role"], "content": parts})
+    if not out:
+        raise InputError("no messages given")
+    return out
+
+
+def count_images(messages: Sequence[Message]) -> int:
+    return sum(1 for m in messages for p in m["content"] if p["type"] == "image")
+
+
+def render_chat(tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    """Prompt text for `messages`, with one `<image>` per image part."""
+    msgs = normalize_messages(messages)
+    template = getattr(tokenizer, "chat_template", None) or LLAVA_15_TEMPLATE
+    return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+def user_turn(text: str, num_images: int) -> list[Message]:
+    """A single user message; images go first unless the text places `<image>` itself."""
+    if IMAGE_PLACEHOLDER in text:
+        return [{"role": "user", "content": text}]
+    return [{"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": text}]}]

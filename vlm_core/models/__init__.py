@@ -1,0 +1,1 @@
+"""Model families. One file per family; each is a plain `nn.Module`."""

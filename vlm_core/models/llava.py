@@ -1,0 +1,61 @@
+"""LLaVA: a vision tower, a projector and a decoder, composed (no mixins).
+
+embed_images(pixel_values [N, 3, S, S]) -> [N, tokens_per_image, H]
+embed_tokens(ids [T]) -> [T, H]
+forward(input_ids [T], positions [T], kv, inputs_embeds [T, H] | None) -> hidden [T, H]
+compute_logits(hidden [N, H]) -> [N, V]
+
+Placeholder expansion and the splicing of image embeddings into token embeddings happen
+before `forward` (see `vlm_core.inputs.placeholders`), so the decoder only ever sees
+embeddings and positions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import VLMConfig
+from .attention import KVView
+from .layers import LinearFactory, dense_linear
+from .llama import LlamaDecoder
+from .projector import build_projector
+from .vision import VisionTower
+
+
+class LlavaModel(nn.Module):
+    def __init__(self, config: VLMConfig, vision: VisionTower, projector: nn.Module, decoder: LlamaDecoder):
+        super().__init__()
+        self.config = config
+        self.vision = vision
+        self.projector = projector
+        self.decoder = decoder
+
+    @classmethod
+    def build(cls, config: VLMConfig, linear: LinearFactory = dense_linear) -> "LlavaModel":
+        """Randomly initialised model (weights come from a checkpoint loader in practice)."""
+        return cls(config, VisionTower(config.vision), build_projector(config.projector),
+                   LlamaDecoder(config.text, linear))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.embed_tokens.weight.device
+
+    @torch.inference_mode()
+    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        feats = self.vision(pixel_values.to(self.device))         # [N, n_tok, C_v]
+        return self.projector(feats.to(self.dtype))               # [N, n_tok, H]
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder.embed_tokens(ids)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVView,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decoder(input_ids, positions, kv, inputs_embeds)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.decoder.compute_logits(hidden)

@@ -1,0 +1,144 @@
+"""`VLM`: a loaded model with its tokenizer and image processor, and the generate/stream API.
+
+    vlm = VLM.from_pretrained("path/to/llava-hf-checkpoint")
+    out = vlm.generate("What is in the picture?", images=["cat.png"],
+                       sampling=SamplingParams(max_new_tokens=64))
+    for delta in vlm.stream("Describe it.", images=["cat.png"]):
+        print(delta, end="")
+
+`prompt` is either a user question (wrapped in the chat template, images placed before the
+text unless the text holds `<image>` itself) or a list of chat messages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from .checkpoint import load_llava_hf, read_json
+from .engine.sampling import SamplingParams
+from .errors import CheckpointError
+from .generation import GenerationOutput, GenerationRequest, Generator
+from .inputs.image import ImageInput, ImageProcessor, ImageProcessorConfig, CLIP_MEAN, CLIP_STD
+from .inputs.placeholders import MultimodalPrompt, PlaceholderSpec, expand_placeholders
+from .inputs.template import IMAGE_PLACEHOLDER, Message, render_chat, user_turn
+from .models.llava import LlavaModel
+
+PATCH_TOKEN = "<im_patch>"
+IM_START_TOKEN = "<im_start>"
+IM_END_TOKEN = "<im_end>"
+
+Prompt = str | Sequence[Message]
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise CheckpointError(f"no tokenizer (tokenizer.json / tokenizer_config.json) in {model_dir}")
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load the tokenizer in {model_dir}: {e}") from None
+
+
+def _token_id(tokenizer, token: str) -> int | None:
+    tid = tokenizer.convert_tokens_to_ids(token)
+    return None if tid is None or tid == tokenizer.unk_token_id else int(tid)
+
+
+class VLM:
+    def __init__(self, model: LlavaModel, tokenizer, image_processor: ImageProcessor):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        cfg = model.config
+        im_start = _token_id(tokenizer, IM_START_TOKEN) if cfg.use_im_start_end else None
+        im_end = _token_id(tokenizer, IM_END_TOKEN) if cfg.use_im_start_end else None
+        if cfg.use_im_start_end and (im_start is None or im_end is None):
+            raise CheckpointError("config sets mm_use_im_start_end but the tokenizer lacks <im_start>/<im_end>")
+        self.spec = PlaceholderSpec(image_token_id=cfg.image_token_id, tokens_per_image=cfg.tokens_per_image,
+                                    patch_token_id=_token_id(tokenizer, PATCH_TOKEN),
+                                    im_start_id=im_start, im_end_id=im_end)
+        self.image_token = tokenizer.convert_ids_to_tokens(cfg.image_token_id)
+        eos = set(cfg.text.eos_token_ids)
+        if tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.generator = Generator(model, tokenizer, sorted(eos))
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, dtype: str | torch.dtype | None = None,
+                        device: str | torch.device = "cpu") -> "VLM":
+        model_dir = Path(model_dir)
+        model = load_llava_hf(model_dir, dtype=dtype, device=device)
+        tokenizer = load_tokenizer(model_dir)
+        pre = model_dir / "preprocessor_config.json"
+        pad = model.config.pad_to_square
+        if pre.is_file():
+            proc_cfg = ImageProcessorConfig.from_preprocessor_json(read_json(pre), pad)
+        else:
+            size = model.config.vision.image_size
+            proc_cfg = ImageProcessorConfig(size, size, CLIP_MEAN, CLIP_STD, pad)
+        return cls(model, tokenizer, ImageProcessor(proc_cfg))
+
+    # ---- inputs -------------------------------------------------------------------------
+
+    def prompt_text(self, prompt: Prompt, num_images: int) -> str:
+        messages = user_turn(prompt, num_images) if isinstance(prompt, str) else prompt
+        text = render_chat(self.tokenizer, messages)
+        return text.replace(IMAGE_PLACEHOLDER, self.image_token) if self.image_token != IMAGE_PLACEHOLDER else text
+
+    def tokenize(self, text: str) -> list[int]:
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and text.startswith(bos))
+        return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+    def prepare(self, prompt: Prompt, images: Sequence[ImageInput] = (), apply_template: bool = True
+                ) -> tuple[MultimodalPrompt, torch.Tensor]:
+        """Token ids with one placeholder span per image, and pixel values [N, 3, S, S]."""
+        pixels = self.image_processor(list(images))
+        text = self.prompt_text(prompt, len(images)) if apply_template else prompt
+        if not isinstance(text, str):
+            raise TypeError("apply_template=False needs the prompt as a string")
+        mm = expand_placeholders(self.tokenize(text), len(images), self.spec)
+        return mm, pixels
+
+    def request(self, prompt: Prompt, images: Sequence[ImageInput] = (), sampling: SamplingParams | None = None,
+                apply_template: bool = True) -> GenerationRequest:
+        mm, pixels = self.prepare(prompt, images, apply_template)
+        embeds = list(self.model.embed_images(pixels)) if len(images) else []
+        return GenerationRequest(mm, embeds, sampling or SamplingParams())
+
+    # ---- generation -----------------------------------------------------------------------
+
+    def generate(self, prompt: Prompt, images: Sequence[ImageInput] = (), sampling: SamplingParams | None = None,
+                 prefill_chunk_size: int | None = None, apply_template: bool = True) -> GenerationOutput:
+        req = self.request(prompt, images, sampling, apply_template)
+        return self.generator.generate([req], prefill_chunk_size)[0]
+
+    def stream(self, prompt: Prompt, images: Sequence[ImageInput] = (), sampling: SamplingParams | None = None,
+               prefill_chunk_size: int | None = None, apply_template: bool = True) -> Iterator[str]:
+        """Text deltas as they are generated."""
+        req = self.request(prompt, images, sampling, apply_template)
+        for d in self.generator.stream([req], prefill_chunk_size):
+            if d.text:
+                yield d.text
+
+    def generate_batch(self, prompts: Sequence[Prompt], images: Sequence[Sequence[ImageInput]] | None = None,
+                       sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+                       prefill_chunk_size: int | None = None, apply_template: bool = True) -> list[GenerationOutput]:
+        """Several prompts of any lengths in one batch; the vision tower runs once for all images."""
+        images = images if images is not None else [()] * len(prompts)
+        if len(images) != len(prompts):
+            raise ValueError("images must hold one list per prompt")
+        params = sampling if isinstance(sampling, (list, tuple)) else [sampling or SamplingParams()] * len(prompts)
+        prepared = [self.prepare(p, im, apply_template) for p, im in zip(prompts, images)]
+        all_pixels = [px for _, px in prepared if px.shape[0]]
+        embeds = list(self.model.embed_images(torch.cat(all_pixels))) if all_pixels else []
+        requests, k = [], 0
+        for (mm, px), sp in zip(prepared, params):
+            requests.append(GenerationRequest(mm, embeds[k:k + px.shape[0]], sp))
+            k += px.shape[0]
+        return self.generator.generate(requests, prefill_chunk_size)
