@@ -161,8 +161,8 @@ def draw_example_image(path: str | Path, seed: int = 0, size: tuple[int, int] = 
     draw = ImageDraw.Draw(img)
     fills = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 210, 40)}
     for _ in range(rng.randint(1, 3)):
-        x, y = rng.randint(0, size[0] - 24), rng.randint(0, size[1] - 24)
-        r = rng.randint(8, 20)
+        r = rng.randint(max(2, min(size) // 8), max(3, min(size) // 3))
+        x, y = rng.randint(0, max(0, size[0] - r)), rng.randint(0, max(0, size[1] - r))
         fill = fills[rng.choice(sorted(fills))]
         shape = rng.choice(SHAPES)
         if shape == "circle":

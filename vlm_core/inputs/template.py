@@ -22,7 +22,7 @@ LLAVA_15_TEMPLATE = (
     "{%- for p in parts if p['type'] == 'text' -%}{{ p['text'] }} {% endfor -%}"
     "{%- elif message['role'] == 'user' -%}"
     "USER: {% for p in parts if p['type'] == 'image' %}<image>\n{% endfor -%}"
-    "{%- for p in parts if p['type'] == 'text' %}{{ p['text'] }}{% endfor %} "
+    "{%- for p in parts if p['type'] == 'text' %}{{ p['text'] }}{% endfor %}{{ ' ' }}"
     "{%- else -%}"
     "ASSISTANT: {% for p in parts if p['type'] == 'text' %}{{ p['text'] }}{% endfor %}{{ eos_token }}"
     "{%- endif -%}"
