@@ -20,13 +20,15 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .config import VLMConfig
+from .config import AWQConfig, VLMConfig
 from .errors import CheckpointError
 from .models.layers import dense_linear, LinearFactory
 from .models.llama import LlamaDecoder
 from .models.llava import LlavaModel
 from .models.projector import build_projector
 from .models.vision import VisionTower
+from .quant.awq_linear import awq_linear_factory
+from .quant.pack import v2_to_awq
 
 Rename = str | Callable[[re.Match], str]
 
@@ -77,8 +79,9 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def safetensors_files(model_dir: Path) -> list[Path]:
-    """The weight files of a checkpoint folder, single-file or sharded."""
+def weight_files(model_dir: Path) -> list[Path]:
+    """The weight files of a checkpoint folder: safetensors (single or sharded), else one `.pt`
+    state dict (the llm-awq / TinyChat export)."""
     index = model_dir / "model.safetensors.index.json"
     single = model_dir / "model.safetensors"
     if index.is_file():
@@ -92,13 +95,25 @@ def safetensors_files(model_dir: Path) -> list[Path]:
         return files
     if single.is_file():
         return [single]
+    pts = sorted(model_dir.glob("*.pt"))
+    if len(pts) == 1:
+        return pts
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
 
 
-def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_weights(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import SafetensorError, safe_open
 
     for f in files:
+        if f.suffix == ".pt":
+            try:
+                state = torch.load(str(f), map_location="cpu", weights_only=True)
+            except Exception as e:  # torch raises several unrelated types for a bad file
+                raise CheckpointError(f"cannot read weights file {f}: {e}") from None
+            if not isinstance(state, dict):
+                raise CheckpointError(f"weights file {f} does not hold a state dict")
+            yield from state.items()
+            continue
         try:
             with safe_open(str(f), framework="pt") as st:
                 for key in st.keys():
@@ -147,11 +162,13 @@ def load_weights(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]],
     if unexpected:
         raise CheckpointError(f"checkpoint has {len(unexpected)} weights this model does not use, e.g. "
                               f"{unexpected[:5]}")
-    tied = {n for n, p in expected.items() if _is_tied(model, n)}
-    missing = [n for n in expected if n not in loaded and n not in tied and _is_param(model, n)]
+    missing = [n for n in expected if n not in loaded and not _is_tied(model, n)]
     if missing:
         raise CheckpointError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:5]}")
     model.load_state_dict(loaded, strict=False, assign=True)
+    for module in model.modules():
+        if hasattr(module, "post_load"):
+            module.post_load()
 
 
 def _adapt_tower_prefix(name: str, expected: dict) -> str:
@@ -163,12 +180,36 @@ def _adapt_tower_prefix(name: str, expected: dict) -> str:
     return name
 
 
-def _is_param(model: nn.Module, name: str) -> bool:
-    return name in dict(model.named_parameters(remove_duplicate=False))
-
-
 def _is_tied(model: nn.Module, name: str) -> bool:
     return name == "decoder.lm_head.weight" and model.decoder.config.tie_word_embeddings
+
+
+def read_quant_config(model_dir: Path, raw_config: dict) -> AWQConfig | None:
+    """`quantization_config` in config.json, else AutoAWQ's `quant_config.json`, else None."""
+    d = raw_config.get("quantization_config")
+    if d is None and (model_dir / "quant_config.json").is_file():
+        d = read_json(model_dir / "quant_config.json")
+    return AWQConfig.from_dict(d) if d is not None else None
+
+
+def convert_v2_state(state: dict[str, torch.Tensor], group_size: int) -> dict[str, torch.Tensor]:
+    """Rewrite llm-awq v2 linears (int16 qweight, scales, scaled_zeros) as AutoAWQ gemm tensors."""
+    out = {}
+    for key, t in state.items():
+        if key.endswith(".scaled_zeros"):
+            continue
+        if key.endswith(".qweight") and t.dtype == torch.int16:
+            prefix = key[: -len("qweight")]
+            try:
+                scales, szeros = state[prefix + "scales"], state[prefix + "scaled_zeros"]
+            except KeyError as e:
+                raise CheckpointError(f"v2 linear {prefix[:-1]!r} lacks {e.args[0]!r}") from None
+            out[key], out[prefix + "qzeros"], out[prefix + "scales"] = v2_to_awq(t, scales, szeros, group_size)
+        elif key.endswith(".scales") and (key[: -len("scales")] + "scaled_zeros") in state:
+            continue  # written with its qweight above
+        else:
+            out[key] = t
+    return out
 
 
 def load_llava_hf(model_dir: str | Path, dtype: str | torch.dtype | None = None,
@@ -179,7 +220,10 @@ def load_llava_hf(model_dir: str | Path, dtype: str | torch.dtype | None = None,
         raise CheckpointError(f"model directory {model_dir} does not exist")
     raw = read_json(model_dir / "config.json")
     config = VLMConfig.from_llava_hf(raw)
-    files = safetensors_files(model_dir)
+    quant = read_quant_config(model_dir, raw)
+    if quant is not None:
+        linear = awq_linear_factory(quant)
+    files = weight_files(model_dir)
     dtype = parse_dtype(dtype, default_dtype(raw, device))
 
     vision = VisionTower(config.vision).to(dtype)
@@ -194,7 +238,10 @@ def load_llava_hf(model_dir: str | Path, dtype: str | torch.dtype | None = None,
         m = dropped.match(name)
         return m is not None and int(m.group(1)) >= kept
 
-    load_weights(model, iter_safetensors(files), LLAVA_HF_MAPPING, dtype, skip)
+    tensors = iter_weights(files)
+    if quant is not None and quant.version == "v2":
+        tensors = iter(convert_v2_state(dict(tensors), quant.group_size).items())
+    load_weights(model, tensors, LLAVA_HF_MAPPING, dtype, skip)
     if config.text.tie_word_embeddings:
         decoder.lm_head.weight = decoder.embed_tokens.weight
     return model.to(device).eval()

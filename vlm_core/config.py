@@ -252,3 +252,49 @@ class VLMConfig:
             use_im_start_end=bool(d.get("mm_use_im_start_end", False)),
             pad_to_square=d.get("image_aspect_ratio") == "pad",
         )
+
+
+AWQ_GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    """4-bit AWQ weights of the decoder's linear layers (AutoAWQ `quantization_config` or
+    `quant_config.json`; llm-awq v2 checkpoints are converted to the same layout at load)."""
+
+    group_size: int = 128
+    bits: int = 4
+    zero_point: bool = True
+    version: str = "gemm"                       # "gemm" (AutoAWQ) or "v2" (llm-awq / TinyChat)
+    modules_to_not_convert: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.bits != 4:
+            raise ConfigError(f"AWQ with {self.bits} bits is not supported (only 4)")
+        if self.group_size not in AWQ_GROUP_SIZES:
+            raise ConfigError(f"AWQ group size {self.group_size} is not one of {AWQ_GROUP_SIZES}")
+        if self.version not in ("gemm", "v2"):
+            raise ConfigError(f"AWQ version {self.version!r} is not supported (gemm or v2)")
+        if not self.zero_point:
+            raise ConfigError("AWQ without zero points is not supported")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AWQConfig":
+        method = d.get("quant_method", "awq")
+        if str(method).lower() != "awq":
+            raise ConfigError(f"quantization method {method!r} is not supported (only awq)")
+        try:
+            return cls(
+                group_size=int(d.get("group_size", d.get("q_group_size", 128))),
+                bits=int(d.get("bits", d.get("w_bit", 4))),
+                zero_point=bool(d.get("zero_point", True)),
+                version=str(d.get("version", "gemm")).lower(),
+                modules_to_not_convert=tuple(d.get("modules_to_not_convert") or ()),
+            )
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"quantization config has a malformed value: {e}") from None
+
+    def to_hf(self) -> dict[str, Any]:
+        return {"quant_method": "awq", "bits": self.bits, "group_size": self.group_size,
+                "zero_point": self.zero_point, "version": self.version,
+                "modules_to_not_convert": list(self.modules_to_not_convert)}

@@ -99,3 +99,21 @@ class ContiguousKVView:
                 q[off:off + c.length], kc[c.slot, :end], vc[c.slot, :end], scale, c.start)
             off += c.length
         return out
+
+
+class UncachedKV:
+    """Whole sequences attended without storing keys/values (calibration, scoring).
+
+    The flat batch holds sequences of `lengths` tokens, each starting at position 0.
+    """
+
+    def __init__(self, lengths: Sequence[int]):
+        self.lengths = tuple(lengths)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        out = torch.empty_like(q)
+        off = 0
+        for n in self.lengths:
+            out[off:off + n] = causal_attention(q[off:off + n], k[off:off + n], v[off:off + n], scale, 0)
+            off += n
+        return out

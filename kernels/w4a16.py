@@ -1,0 +1,189 @@
+"""W4A16 matmul: y[M, N] = x[M, K] @ W[K, N] with W stored as 4-bit AWQ (AutoAWQ gemm layout).
+
+    qweight      int32 [K, N/8]  nibble i of word [k, c] holds column 8c + (0, 2, 4, 6, 1, 3, 5, 7)[i]
+    scales       fp    [K/g, N]
+    scaled_zeros fp    [K/g, N]  = -zero * scale
+    W[k, n] = q[k, n] * scales[k // g, n] + scaled_zeros[k // g, n]
+
+One Triton kernel, dequantizing in registers, with two launch configurations:
+  prefill (M > 16): BLOCK_M 32..128 tiles, one pass over K;
+  decode (M <= 16): BLOCK_M 16 and split-K over SPLIT_K programs, partial sums [SPLIT_K, M, N]
+  reduced in fp32 afterwards (deterministic, no atomics).
+Accumulation is fp32; activations fp16, bf16 or fp32 (fp32 mainly for the CPU interpreter).
+
+`w4a16_reference` is the pure-torch definition; on CPU without `TRITON_INTERPRET=1` callers
+use it. Importing this module never needs CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a dependency on Linux
+    triton = None
+    tl = None
+
+SUPPORTED_GROUP_SIZES = (32, 64, 128)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ---- reference --------------------------------------------------------------------------------
+
+def nibble_shifts(n: torch.Tensor) -> torch.Tensor:
+    """Bit offset of column n inside its packed int32 word (inverse of the AWQ order)."""
+    r = n % 8
+    return ((r // 2) + (r % 2) * 4) * 4
+
+
+def dequantize_reference(qweight: torch.Tensor, scales: torch.Tensor, scaled_zeros: torch.Tensor,
+                         group_size: int) -> torch.Tensor:
+    """fp32 W [K, N]."""
+    k, n8 = qweight.shape
+    cols = torch.arange(n8 * 8, device=qweight.device)
+    words = qweight[:, cols // 8].to(torch.int64)                       # [K, N]
+    q = ((words >> nibble_shifts(cols)) & 0xF).float()
+    s = scales.float().repeat_interleave(group_size, dim=0)[:k]
+    z = scaled_zeros.float().repeat_interleave(group_size, dim=0)[:k]
+    return q * s + z
+
+
+def w4a16_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, scaled_zeros: torch.Tensor,
+                    group_size: int) -> torch.Tensor:
+    """y [M, N] in x.dtype, computed in fp32."""
+    return (x.float() @ dequantize_reference(qweight, scales, scaled_zeros, group_size)).to(x.dtype)
+
+
+# ---- kernel -----------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
+                      M, N, K, group_size,
+                      stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn,
+                      stride_os, stride_om, stride_on,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      SPLIT_K: tl.constexpr, DOT_FP32: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_kb = tl.arange(0, BLOCK_K)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        r = offs_n % 8
+        shifts = ((r // 2) + (r % 2) * 4) * 4                          # [BN] bit offset in the word
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # BLOCK_K divides the group size, so one K tile shares one row of scales/zeros
+        for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+            offs_k = k0 + offs_kb
+            mask_k = offs_k < K
+            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)                # [BM, BK]
+            words = tl.load(qw_ptr + offs_k[:, None] * stride_qk + (offs_n // 8)[None, :] * stride_qn,
+                            mask=mask_k[:, None] & mask_n[None, :], other=0)              # [BK, BN] int32
+            q = (words >> shifts[None, :]) & 0xF
+            g = k0 // group_size
+            s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
+            w = (q.to(tl.float32) * s[None, :] + z[None, :]).to(a.dtype)                 # [BK, BN]
+            if DOT_FP32:
+                acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(a, w)
+        out = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def triton_available(device: torch.device) -> bool:
+    """Triton runs on CUDA devices, or anywhere under TRITON_INTERPRET=1."""
+    if triton is None:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _dot_in_fp32(x: torch.Tensor) -> bool:
+    """fp32 activations multiply in full fp32 (no TF32). So do bf16 ones under the CPU interpreter,
+    whose bf16 `tl.dot` returns garbage (triton 3.9); operands keep their bf16 rounding either way."""
+    return x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and x.device.type != "cuda")
+
+
+def default_config(m: int, k: int, n: int, group_size: int) -> dict:
+    if m <= 16:
+        # decode: few rows, spread K over programs so the weight stream fills the GPU
+        split = max(1, min(8, k // (group_size * 4)))
+        return dict(block_m=16, block_n=64, block_k=min(128, group_size), split_k=split)
+    block_m = 32 if m <= 32 else (64 if m <= 256 else 128)
+    return dict(block_m=block_m, block_n=128, block_k=min(64, group_size), split_k=1)
+
+
+def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, scaled_zeros: torch.Tensor,
+                 group_size: int, *, block_m: int | None = None, block_n: int | None = None,
+                 block_k: int | None = None, split_k: int | None = None, out: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """Triton W4A16 matmul; x [M, K] -> [M, N] in x.dtype. Checks shapes, dtypes and strides."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"x dtype {x.dtype} is not one of fp16, bf16, fp32")
+    m, k = x.shape
+    if qweight.dtype != torch.int32 or qweight.dim() != 2 or qweight.shape[0] != k:
+        raise ValueError(f"qweight must be int32 [K={k}, N/8], got {qweight.dtype} {tuple(qweight.shape)}")
+    n = qweight.shape[1] * 8
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"group size {group_size} is not one of {SUPPORTED_GROUP_SIZES}")
+    if k % group_size:
+        raise ValueError(f"K={k} is not a multiple of the group size {group_size}")
+    for name, t in (("scales", scales), ("scaled_zeros", scaled_zeros)):
+        if tuple(t.shape) != (k // group_size, n):
+            raise ValueError(f"{name} must be [{k // group_size}, {n}], got {tuple(t.shape)}")
+        if t.dtype != x.dtype:
+            raise ValueError(f"{name} dtype {t.dtype} differs from x dtype {x.dtype}")
+        if t.stride(1) != 1:
+            raise ValueError(f"{name} must be contiguous along N")
+    if scales.stride() != scaled_zeros.stride():
+        raise ValueError("scales and scaled_zeros must share strides")
+    if qweight.stride(1) != 1:
+        raise ValueError("qweight must be contiguous along N/8")
+    if x.stride(1) != 1:
+        raise ValueError("x must be contiguous along K")
+    devices = {t.device for t in (x, qweight, scales, scaled_zeros)}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {devices}")
+    if not triton_available(x.device):
+        raise RuntimeError("the Triton kernel needs a CUDA device or TRITON_INTERPRET=1; use w4a16_reference")
+
+    cfg = default_config(m, k, n, group_size)
+    bm, bn = block_m or cfg["block_m"], block_n or cfg["block_n"]
+    bk, sk = block_k or cfg["block_k"], split_k or cfg["split_k"]
+    if group_size % bk:
+        raise ValueError(f"block_k {bk} must divide the group size {group_size}")
+    if out is not None and (tuple(out.shape) != (m, n) or out.dtype != x.dtype):
+        raise ValueError(f"out must be [{m}, {n}] {x.dtype}")
+    if sk == 1:
+        y = out if out is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
+        target, stride_os = y, 0
+    else:
+        target = torch.empty((sk, m, n), dtype=torch.float32, device=x.device)
+        stride_os = target.stride(0)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), sk)
+    _w4a16_kernel[grid](
+        x, qweight, scales, scaled_zeros, target, m, n, k, group_size,
+        x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
+        stride_os, target.stride(-2), target.stride(-1),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, DOT_FP32=_dot_in_fp32(x))
+    if sk == 1:
+        return target
+    y = target.sum(0).to(x.dtype)
+    if out is not None:
+        out.copy_(y)
+        return out
+    return y
