@@ -236,3 +236,29 @@ def test_awq_beats_rtn_on_block_error_and_heldout_perplexity(trained_dir, tmp_pa
           f"rtn={ppl_rtn:.3f}")
     assert err_awq < err_rtn
     assert ppl_awq < ppl_rtn
+
+
+def test_multimodal_calibration_jsonl(tiny_dir, images, tmp_path):
+    from vlm_core.quantize import multimodal_samples
+
+    jsonl = tmp_path / "calib.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"prompt": p, "images": [str(images[i].resolve())]})
+                               for i, p in enumerate(["What colour is the circle?", "How many shapes?"])))
+    fp = VLM.from_pretrained(tiny_dir)
+    samples = multimodal_samples(fp, jsonl, 8, 512)
+    req = fp.request("What colour is the circle?", images[:1])
+    span = req.prompt.spans[0]
+    assert len(samples) == 2 and samples[0].shape[0] == len(req.prompt)
+    assert torch.equal(samples[0][span.offset:span.end], req.image_embeds[0])
+    out = tmp_path / "mm-awq"
+    assert quantize_main([str(tiny_dir), str(out), "--calib-jsonl", str(jsonl), "--group-size", "64"]) == 0
+    q = VLM.from_pretrained(out)
+    assert q.model.decoder.layers[1].mlp.down_proj.group_size == 64
+    assert q.generate("What colour is the circle?", images[:1]).finish_reason in ("stop", "length")
+
+
+def test_quantize_cli_requires_calibration_for_awq(tiny_dir, tmp_path, capsys):
+    assert quantize_main([str(tiny_dir), str(tmp_path / "x")]) == 2
+    assert "AWQ needs calibration data" in capsys.readouterr().err
+    assert quantize_main([str(tiny_dir), str(tmp_path / "y"), "--method", "rtn", "--group-size", "48"]) == 2
+    assert "AWQ group size 48 is not one of" in capsys.readouterr().err

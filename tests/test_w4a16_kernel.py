@@ -120,3 +120,17 @@ def test_module_imports_without_cuda():
     assert w4a16.triton_available(torch.device("cpu")) in (True, False)
     assert w4a16.default_config(1, 4096, 4096, 128)["split_k"] == 8
     assert w4a16.default_config(1024, 4096, 4096, 128)["split_k"] == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 8, 64, 1024])
+@pytest.mark.parametrize("k,n", [(4096, 4096), (4096, 11008), (11008, 4096)])
+def test_kernel_real_shapes_on_gpu(dtype, m, k, n):
+    gen = torch.Generator().manual_seed(m + k + n)
+    x = torch.randn(m, k, generator=gen).to("cuda", dtype)
+    qw, s, z = (t.cuda() for t in random_awq(k, n, 128, dtype, gen))
+    y = w4a16_matmul(x, qw, s, z, 128)
+    ref = x.float() @ dequantize_reference(qw, s, z, 128)
+    assert ((y.float() - ref).norm() / ref.norm()).item() <= (5e-3 if dtype == torch.float16 else 2e-2)
