@@ -17,9 +17,9 @@ use it. Importing this module never needs CUDA.
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .utils import dot_in_fp32, triton_available  # noqa: F401  (re-exported for callers)
 
 try:
     import triton
@@ -101,19 +101,6 @@ if triton is not None:
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def triton_available(device: torch.device) -> bool:
-    """Triton runs on CUDA devices, or anywhere under TRITON_INTERPRET=1."""
-    if triton is None:
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _dot_in_fp32(x: torch.Tensor) -> bool:
-    """fp32 activations multiply in full fp32 (no TF32). So do bf16 ones under the CPU interpreter,
-    whose bf16 `tl.dot` returns garbage (triton 3.9); operands keep their bf16 rounding either way."""
-    return x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and x.device.type != "cuda")
-
-
 def default_config(m: int, k: int, n: int, group_size: int) -> dict:
     if m <= 16:
         # decode: few rows, spread K over programs so the weight stream fills the GPU
@@ -179,7 +166,7 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, s
         x, qweight, scales, scaled_zeros, target, m, n, k, group_size,
         x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
         stride_os, target.stride(-2), target.stride(-1),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, DOT_FP32=_dot_in_fp32(x))
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, DOT_FP32=dot_in_fp32(x))
     if sk == 1:
         return target
     y = target.sum(0).to(x.dtype)
