@@ -26,6 +26,7 @@ class GenerationRequest:
     prompt: MultimodalPrompt
     image_embeds: list[torch.Tensor]          # one [tokens_per_image, H] per prompt span
     params: SamplingParams = field(default_factory=SamplingParams)
+    image_hashes: tuple[str, ...] = ()        # content hash per image (prefix / encoder cache keys)
 
 
 @dataclass
@@ -84,7 +85,13 @@ class IncrementalDetokenizer:
         return self._take(len(self.text) - self._held()), False
 
     def flush(self) -> str:
-        """All remaining text (the request has finished without a stop string)."""
+        """All remaining text (the request has finished without a stop string), including a
+        trailing partial character as the tokenizer renders it."""
+        if self._read < len(self.ids):
+            before = self._decode(self.ids[self._prefix:self._read])
+            after = self._decode(self.ids[self._prefix:])
+            self.text += after[len(before):]
+            self._read = len(self.ids)
         return self._take(len(self.text))
 
     def _held(self) -> int:

@@ -12,6 +12,7 @@ text unless the text holds `<image>` itself) or a list of chat messages.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -47,6 +48,11 @@ def load_tokenizer(model_dir: Path):
 def _token_id(tokenizer, token: str) -> int | None:
     tid = tokenizer.convert_tokens_to_ids(token)
     return None if tid is None or tid == tokenizer.unk_token_id else int(tid)
+
+
+def pixel_hash(pixels: torch.Tensor) -> str:
+    """Content hash of one preprocessed image [3, S, S]."""
+    return hashlib.blake2b(pixels.contiguous().numpy().tobytes(), digest_size=16).hexdigest()
 
 
 class VLM:
@@ -109,7 +115,7 @@ class VLM:
                 apply_template: bool = True) -> GenerationRequest:
         mm, pixels = self.prepare(prompt, images, apply_template)
         embeds = list(self.model.embed_images(pixels)) if len(images) else []
-        return GenerationRequest(mm, embeds, sampling or SamplingParams())
+        return GenerationRequest(mm, embeds, sampling or SamplingParams(), tuple(pixel_hash(p) for p in pixels))
 
     # ---- generation -----------------------------------------------------------------------
 
@@ -139,6 +145,12 @@ class VLM:
         embeds = list(self.model.embed_images(torch.cat(all_pixels))) if all_pixels else []
         requests, k = [], 0
         for (mm, px), sp in zip(prepared, params):
-            requests.append(GenerationRequest(mm, embeds[k:k + px.shape[0]], sp))
+            requests.append(GenerationRequest(mm, embeds[k:k + px.shape[0]], sp, tuple(pixel_hash(p) for p in px)))
             k += px.shape[0]
         return self.generator.generate(requests, prefill_chunk_size)
+
+    def engine(self, config=None):
+        """A continuous-batching `LLMEngine` over this model (see `vlm_core.engine`)."""
+        from .engine.engine import EngineConfig, LLMEngine
+
+        return LLMEngine(self.model, self.tokenizer, sorted(self.generator.eos), config or EngineConfig())

@@ -135,8 +135,17 @@ def chunk_embeddings(embed_tokens: Callable[[torch.Tensor], torch.Tensor], promp
             mask[max(s.offset, start) - start:min(s.end, end) - start] = True
         ids = ids.masked_fill(mask, 0)
     emb = embed_tokens(ids.to(_device_of(embed_tokens)))
-    for s, img in inside:
+    return splice_images(emb, prompt.spans, image_embeds, start, end)
+
+
+def splice_images(emb: torch.Tensor, spans: Sequence[ImageSpan], image_embeds: Sequence[torch.Tensor],
+                  start: int, end: int) -> torch.Tensor:
+    """Write into emb [end - start, H] (rows for positions start..end-1) each image's slice that
+    falls in that range. Returns emb."""
+    for s, img in zip(spans, image_embeds):
         lo, hi = max(s.offset, start), min(s.end, end)
+        if lo >= hi:
+            continue
         if img.shape[0] != s.length:
             raise PlaceholderMismatchError(f"image embedding has {img.shape[0]} tokens, its span {s.length}")
         emb[lo - start:hi - start] = img[lo - s.offset:hi - s.offset].to(emb.dtype)

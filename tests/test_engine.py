@@ -1,0 +1,196 @@
+"""The continuous-batching engine against single-request generation and HF generate."""
+
+import asyncio
+
+import pytest
+import torch
+
+from vlm_core.engine.engine import AsyncLLMEngine, EngineConfig
+from vlm_core.engine.sampling import SamplingParams
+from vlm_core.errors import ContextLengthError, InputError
+
+GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
+QUESTIONS = ["What colour is the circle?", "How many shapes are there?", "Is the square left of the triangle?",
+             "Describe the image.", "What is the largest shape in the picture and what colour is it?",
+             "Count the red things.", "Name every colour you can see.", "Where is the triangle?",
+             "Compare the pictures carefully please.", "Hi", "Is there a circle?", "Which shape is on top?"]
+
+
+@pytest.fixture(scope="module")
+def requests_12(vlm, images):
+    reqs = []
+    for i, q in enumerate(QUESTIONS):
+        n = i % 3  # 0, 1 or 2 images
+        ims = [images[(i + j) % len(images)] for j in range(n)]
+        reqs.append(vlm.request(q, ims, GREEDY))
+    return reqs
+
+
+@pytest.fixture(scope="module")
+def alone(vlm, requests_12):
+    return [vlm.generator.generate([r])[0].token_ids for r in requests_12]
+
+
+def run_engine(engine, reqs):
+    for i, r in enumerate(reqs):
+        engine.add_request(f"r{i}", r.prompt, r.image_embeds, r.params, r.image_hashes)
+    got = engine.run_to_completion()
+    return [[t for o in got[f"r{i}"] for t in o.token_ids] for i in range(len(reqs))], got
+
+
+def test_alone_equals_hf_generate(vlm, hf_model, images, requests_12, alone):
+    for i, (r, ids) in enumerate(zip(requests_12, alone)):
+        ims = [images[(i + j) % len(images)] for j in range(i % 3)]   # as in requests_12
+        ids_t = torch.tensor([r.prompt.token_ids])
+        extra = {"pixel_values": vlm.image_processor(ims)} if ims else {}
+        g = hf_model.generate(input_ids=ids_t, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                              pad_token_id=vlm.tokenizer.pad_token_id, **extra)
+        assert ids == g[0, ids_t.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("budget", [16, 64, 2048])
+def test_12_concurrent_requests_match_alone(vlm, requests_12, alone, budget):
+    engine = vlm.engine(EngineConfig(num_blocks=256, max_num_batched_tokens=budget))
+    got, outputs = run_engine(engine, requests_12)
+    assert got == alone
+    assert all(o[-1].finish_reason == "length" and o[-1].completion_tokens == 12 for o in outputs.values())
+    assert engine.blocks.num_free_blocks == 256
+
+
+def test_text_deltas_concatenate_to_the_decoded_tokens(vlm, requests_12):
+    engine = vlm.engine(EngineConfig(num_blocks=256))
+    _, outputs = run_engine(engine, requests_12[:4])
+    for outs in outputs.values():
+        ids = [t for o in outs for t in o.token_ids]
+        assert "".join(o.text for o in outs) == vlm.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_preemption_under_a_small_kv_budget_keeps_tokens(vlm, requests_12, alone):
+    # 12 blocks of 16 slots: two or three sequences at a time
+    engine = vlm.engine(EngineConfig(num_blocks=12, max_num_batched_tokens=64))
+    got, _ = run_engine(engine, requests_12)
+    assert engine.scheduler.num_preemptions > 0
+    assert got == alone
+    assert engine.blocks.num_free_blocks == 12
+
+
+def _common_prefix(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def test_second_turn_reuses_the_first_turns_blocks(vlm, images):
+    bs = 4
+    engine = vlm.engine(EngineConfig(num_blocks=128, block_size=bs))
+    sp = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    turn1 = vlm.request("What colour is the circle?", images[:1], sp)
+    got, _ = run_engine(engine, [turn1])
+    answer = vlm.tokenizer.decode(got[0], skip_special_tokens=True)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the circle?"}]},
+                {"role": "assistant", "content": answer},
+                {"role": "user", "content": "And the square?"}]
+    turn2 = vlm.request(messages, images[:1], sp)
+    first_tokens = list(turn1.prompt.token_ids) + got[0]
+    computed = len(first_tokens) - 1          # the last sampled token never entered the cache
+    expected_blocks = min(_common_prefix(first_tokens, list(turn2.prompt.token_ids)), computed,
+                          len(turn2.prompt) - 1) // bs
+    assert expected_blocks >= len(turn1.prompt) // bs > 0
+    hits_before = engine.blocks.stats.prefix_hits
+    engine.add_request("t2", turn2.prompt, turn2.image_embeds, sp, turn2.image_hashes)
+    out = engine.run_to_completion()["t2"]
+    assert engine.blocks.stats.prefix_hits - hits_before == expected_blocks
+    assert out[-1].cached_tokens == expected_blocks * bs
+    fresh = vlm.engine(EngineConfig(num_blocks=128, block_size=bs, enable_prefix_caching=False))
+    fresh.add_request("t2", turn2.prompt, turn2.image_embeds, sp, turn2.image_hashes)
+    assert [t for o in fresh.run_to_completion()["t2"] for t in o.token_ids] == [t for o in out for t in o.token_ids]
+
+
+def test_different_images_with_identical_text_share_no_image_blocks(vlm, images):
+    bs = 4
+    sp = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    engine = vlm.engine(EngineConfig(num_blocks=128, block_size=bs))
+    a = vlm.request("What colour is the circle?", images[:1], sp)
+    b = vlm.request("What colour is the circle?", images[1:2], sp)
+    assert a.prompt.token_ids == b.prompt.token_ids and a.image_hashes != b.image_hashes
+    run_engine(engine, [a])
+    engine.add_request("b", b.prompt, b.image_embeds, sp, b.image_hashes)
+    out = engine.run_to_completion()["b"]
+    text_only_blocks = a.prompt.spans[0].offset // bs   # blocks that end before the image starts
+    assert out[-1].cached_tokens == text_only_blocks * bs
+    # the same image again does reuse the image blocks
+    engine.add_request("a2", a.prompt, a.image_embeds, sp, a.image_hashes)
+    assert engine.run_to_completion()["a2"][-1].cached_tokens == (len(a.prompt) - 1) // bs * bs
+
+
+def test_abort_50_requests_mid_generation_returns_all_blocks(vlm, images):
+    engine = vlm.engine(EngineConfig(num_blocks=512, max_num_batched_tokens=256))
+    initial = engine.blocks.num_free_blocks
+    sp = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    base = [vlm.request(q, images[:i % 2], sp) for i, q in enumerate(QUESTIONS[:5])]
+    for i in range(50):
+        r = base[i % 5]
+        engine.add_request(f"x{i}", r.prompt, r.image_embeds, sp, r.image_hashes)
+    for _ in range(6):
+        engine.step()
+    assert engine.blocks.num_free_blocks < initial
+    for i in range(50):
+        engine.abort(f"x{i}")
+    outs = engine.step()
+    assert sorted(o.request_id for o in outs if o.finish_reason == "abort") == sorted(f"x{i}" for i in range(50))
+    assert not engine.has_unfinished()
+    assert engine.blocks.num_free_blocks == initial
+
+
+def test_triton_paged_attention_in_the_engine(vlm, requests_12, alone):
+    engine = vlm.engine(EngineConfig(num_blocks=64, max_num_batched_tokens=32, attention="triton"))
+    got, _ = run_engine(engine, requests_12[:3])
+    assert got == alone[:3]
+
+
+def test_async_engine_streams_and_cancellation_aborts(vlm, requests_12, alone):
+    engine = vlm.engine(EngineConfig(num_blocks=128))
+    aengine = AsyncLLMEngine(engine)
+
+    async def collect(i):
+        r = requests_12[i]
+        ids = []
+        async for out in aengine.generate(f"a{i}", r.prompt, r.image_embeds, r.params, r.image_hashes):
+            ids += out.token_ids
+        return ids
+
+    async def cancelled():
+        r = requests_12[0]
+        long = SamplingParams(max_new_tokens=200, ignore_eos=True)
+        n = 0
+        async for out in aengine.generate("gone", r.prompt, r.image_embeds, long, r.image_hashes):
+            n += len(out.token_ids)
+            if n >= 3:
+                break   # the client goes away
+        return n
+
+    async def main():
+        results = await asyncio.gather(*(collect(i) for i in range(6)), cancelled())
+        for _ in range(100):   # let the loop apply the abort
+            if not engine.has_unfinished():
+                break
+            await asyncio.sleep(0.01)
+        return results
+
+    results = asyncio.run(main())
+    assert results[:6] == alone[:6] and results[6] == 3
+    assert not engine.has_unfinished() and engine.blocks.num_free_blocks == 128
+
+
+def test_bad_requests_are_rejected_clearly(vlm, requests_12):
+    engine = vlm.engine(EngineConfig(num_blocks=4, block_size=4))
+    r = requests_12[1]   # has an image
+    with pytest.raises(InputError, match="1 image spans but 0 image embeddings"):
+        engine.add_request("x", r.prompt, [], GREEDY)
+    with pytest.raises(ContextLengthError, match="does not fit the KV cache"):
+        engine.add_request("y", r.prompt, r.image_embeds, GREEDY)
+    big = vlm.engine(EngineConfig(num_blocks=64))
+    big.add_request("z", r.prompt, r.image_embeds, GREEDY)
+    with pytest.raises(InputError, match="request id 'z' is already in use"):
+        big.add_request("z", r.prompt, r.image_embeds, GREEDY)

@@ -1,0 +1,119 @@
+"""Scheduler and block manager on hand-built sequences (no model)."""
+
+import pytest
+
+from vlm_core.engine.kv_cache import BlockManager
+from vlm_core.engine.sampling import SamplingParams
+from vlm_core.engine.scheduler import Scheduler, SchedulerConfig
+from vlm_core.engine.sequence import Sequence
+from vlm_core.inputs.placeholders import ImageSpan, MultimodalPrompt
+
+_arrival = iter(range(10 ** 6))
+
+
+def seq(rid, n_prompt, max_new=4, tokens=None, spans=(), hashes=()):
+    ids = tuple(tokens) if tokens is not None else tuple(range(100, 100 + n_prompt))
+    return Sequence(rid, MultimodalPrompt(ids, tuple(spans)), [None] * len(spans), tuple(hashes),
+                    SamplingParams(max_new_tokens=max_new, ignore_eos=True), next(_arrival))
+
+
+def make(num_blocks=64, block_size=4, budget=16, max_seqs=8, caching=True):
+    bm = BlockManager(num_blocks, block_size, caching)
+    return Scheduler(SchedulerConfig(budget, max_seqs), bm), bm
+
+
+def run_step(sched, token=7):
+    """schedule + a fake runner that samples `token` for every sampling chunk."""
+    out = sched.schedule()
+    sampled = {id(c.seq): token for c in out.chunks if c.samples}
+    sched.update(out, sampled, eos_token_ids=set(), max_model_len=10 ** 6)
+    return out
+
+
+def test_long_prompt_is_chunked_by_token_budget():
+    sched, _ = make(budget=16)
+    s = seq("a", 40)
+    sched.add(s)
+    sizes = [[(c.seq.request_id, c.start, c.num_tokens) for c in run_step(sched).chunks] for _ in range(4)]
+    assert sizes == [[("a", 0, 16)], [("a", 16, 16)], [("a", 32, 8)], [("a", 40, 1)]]
+    assert s.output_ids == [7, 7]   # sampled at the end of the prompt, then after the first decode
+
+
+def test_decodes_go_first_then_prefill_chunks_share_the_budget():
+    sched, _ = make(budget=10)
+    a, b = seq("a", 6), seq("b", 0, tokens=range(200, 206))
+    sched.add(a)
+    run_step(sched)                 # a: whole prompt (6), samples
+    sched.add(b)
+    c = seq("c", 0, tokens=range(300, 330))
+    sched.add(c)
+    out = run_step(sched)
+    assert [(x.seq.request_id, x.num_tokens) for x in out.chunks] == [("a", 1), ("b", 6), ("c", 3)]
+    out = run_step(sched)
+    # a and b decode first, then c continues its prefill with what is left of the budget
+    assert [(x.seq.request_id, x.start, x.num_tokens) for x in out.chunks] == [("a", 7, 1), ("b", 6, 1), ("c", 3, 8)]
+
+
+def test_max_num_seqs_limits_admission():
+    sched, _ = make(budget=100, max_seqs=2)
+    for r in "abc":
+        sched.add(seq(r, 4))
+    out = run_step(sched)
+    assert [x.seq.request_id for x in out.chunks] == ["a", "b"] and len(sched.waiting) == 1
+
+
+def test_preemption_takes_the_newest_and_recomputes_it():
+    sched, bm = make(num_blocks=5, block_size=4, budget=64)
+    old, new = seq("old", 8, max_new=8), seq("new", 8, max_new=8)
+    sched.add(old)
+    sched.add(new)
+    run_step(sched)                       # both prefilled: 2 blocks each, 1 free
+    assert bm.num_free_blocks == 1
+    run_step(sched)                       # decode at pos 8: old takes the last block, new is preempted
+    assert new.num_preemptions == 1 and old.num_preemptions == 0
+    assert new.num_computed_tokens == 0 and new.output_ids == [7]   # generated tokens kept
+    assert sched.waiting[0] is new
+    # the preempted sequence returns later and recomputes prompt + outputs
+    for _ in range(30):
+        if not sched.has_unfinished:
+            break
+        run_step(sched)
+    assert old.finish_reason == new.finish_reason == "length"
+    assert len(new.output_ids) == 8 and bm.num_free_blocks == 5
+
+
+def test_abort_frees_blocks_immediately():
+    sched, bm = make(num_blocks=16)
+    s = seq("a", 10)
+    sched.add(s)
+    run_step(sched)
+    assert bm.num_free_blocks == 16 - 3
+    sched.finish(s, "abort")
+    assert bm.num_free_blocks == 16 and s.finish_reason == "abort" and not sched.has_unfinished
+
+
+def test_prefix_blocks_are_shared_and_images_are_part_of_the_key():
+    sched, bm = make(num_blocks=32, block_size=4, budget=64)
+    toks = list(range(1, 14))            # 13 tokens; image placeholder run at 4..11
+    first = seq("a", 0, max_new=1, tokens=toks, spans=[ImageSpan(4, 8)], hashes=["img-A"])
+    sched.add(first)
+    while sched.has_unfinished:
+        run_step(sched)
+    same = seq("b", 0, max_new=1, tokens=toks, spans=[ImageSpan(4, 8)], hashes=["img-A"])
+    other = seq("c", 0, max_new=1, tokens=toks, spans=[ImageSpan(4, 8)], hashes=["img-B"])
+    assert len(bm.match_prefix(same)) == 3    # 12 of 13 tokens: one token is always computed
+    assert len(bm.match_prefix(other)) == 1   # only the text block before the image
+    sched.add(same)
+    out = run_step(sched)
+    assert out.chunks[0].start == 12 and same.num_cached_tokens == 12
+
+
+def test_block_manager_counts():
+    bm = BlockManager(8, 4)
+    s = seq("a", 9)
+    bm.allocate(s, 9)
+    assert (bm.num_free_blocks, bm.stats.allocated) == (5, 3)
+    bm.free_seq(s)
+    assert (bm.num_free_blocks, bm.stats.freed) == (8, 3)
+    with pytest.raises(RuntimeError, match="out of KV blocks"):
+        bm.allocate(seq("b", 40), 40)

@@ -1,0 +1,249 @@
+"""The continuous-batching engine: `step()` = schedule -> execute -> update.
+
+`LLMEngine` is synchronous and thread-safe for `add_request` / `abort` (they are queued and
+applied at the start of the next step). `AsyncLLMEngine` runs steps in a background thread and
+hands each request an async iterator of `RequestOutput` deltas; leaving the iterator early
+(client gone, task cancelled) aborts the request and frees its KV blocks.
+
+Image embeddings arrive already computed (by a vision encoder elsewhere) with a content hash
+per image; the engine never runs the vision tower.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator, Sequence as Seq
+
+import torch
+
+from kernels.utils import triton_available
+
+from ..errors import ContextLengthError, InputError, PlaceholderMismatchError
+from ..generation import IncrementalDetokenizer
+from ..inputs.placeholders import MultimodalPrompt
+from ..models.llava import LlavaModel
+from .kv_cache import BlockManager, PagedKVCache
+from .runner import ModelRunner
+from .sampling import SamplingParams
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import Sequence
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    num_blocks: int | None = None               # else sized from kv_cache_bytes
+    kv_cache_bytes: int | None = None           # default: 80% of free GPU memory, or 512 MiB on CPU
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    enable_prefix_caching: bool = True
+    attention: str = "auto"                     # "auto" (Triton on CUDA, torch on CPU) | "triton" | "torch"
+
+    def __post_init__(self):
+        if self.attention not in ("auto", "triton", "torch"):
+            raise ValueError(f"attention must be auto, triton or torch, got {self.attention!r}")
+        if self.block_size < 1:
+            raise ValueError("block_size must be positive")
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    text: str                    # new text since the previous output of this request
+    token_ids: list[int]         # new tokens since the previous output
+    finish_reason: str | None    # "stop" | "length" | "abort" on the last output
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int           # prompt tokens served from the prefix cache
+
+
+def embedding_hash(t: torch.Tensor) -> str:
+    return hashlib.blake2b(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+
+
+class LLMEngine:
+    def __init__(self, model: LlavaModel, tokenizer, eos_token_ids: Seq[int] = (), config: EngineConfig = EngineConfig()):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.eos = set(eos_token_ids)
+        t = model.config.text
+        self.max_model_len = t.max_position_embeddings
+        per_block = PagedKVCache.bytes_per_block(t.num_layers, config.block_size, t.num_kv_heads, t.head_dim, model.dtype)
+        # never more than every running sequence at full context could use
+        cap = config.max_num_seqs * -(-self.max_model_len // config.block_size)
+        num_blocks = config.num_blocks or max(1, min(cap, self._kv_budget() // per_block))
+        self.cache = PagedKVCache(t.num_layers, num_blocks, config.block_size, t.num_kv_heads, t.head_dim,
+                                  model.dtype, model.device)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs), self.blocks)
+        use_triton = config.attention == "triton" or (config.attention == "auto" and model.device.type == "cuda")
+        if use_triton and not triton_available(model.device):
+            raise ValueError("Triton attention needs a CUDA device or TRITON_INTERPRET=1")
+        self.runner = ModelRunner(model, self.cache, use_triton)
+        self._seqs: dict[str, Sequence] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._pending: list[tuple] = []
+        self._lock = threading.Lock()
+        self._arrivals = 0
+
+    def _kv_budget(self) -> int:
+        if self.config.kv_cache_bytes:
+            return self.config.kv_cache_bytes
+        if self.model.device.type == "cuda":
+            return int(torch.cuda.mem_get_info(self.model.device)[0] * 0.8)
+        return 512 * 1024 * 1024
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: MultimodalPrompt, image_embeds: Seq[torch.Tensor] = (),
+                    params: SamplingParams | None = None, image_hashes: Seq[str] | None = None) -> None:
+        params = params or SamplingParams()
+        if len(image_embeds) != len(prompt.spans):
+            raise PlaceholderMismatchError(f"prompt has {len(prompt.spans)} image spans but "
+                                           f"{len(image_embeds)} image embeddings were given")
+        if len(prompt) == 0:
+            raise InputError("prompt is empty")
+        if len(prompt) >= self.max_model_len:
+            raise ContextLengthError(f"prompt has {len(prompt)} tokens; the model's context is {self.max_model_len}")
+        if -(-(len(prompt) + 1) // self.config.block_size) > self.blocks.num_blocks:
+            raise ContextLengthError(f"prompt of {len(prompt)} tokens does not fit the KV cache "
+                                     f"({self.blocks.num_blocks} blocks of {self.config.block_size})")
+        hashes = tuple(image_hashes) if image_hashes is not None else tuple(embedding_hash(e) for e in image_embeds)
+        with self._lock:
+            if request_id in self._seqs or any(p[0] == "add" and p[1].request_id == request_id for p in self._pending):
+                raise InputError(f"request id {request_id!r} is already in use")
+            self._arrivals += 1
+            seq = Sequence(request_id, prompt, [e.to(self.model.device, self.model.dtype) for e in image_embeds],
+                           hashes, params, self._arrivals, generator=params.make_generator(self.model.device))
+            self._pending.append(("add", seq))
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._pending.append(("abort", request_id))
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return bool(self._pending) or self.scheduler.has_unfinished
+
+    def _drain(self) -> list[RequestOutput]:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        outputs = []
+        for kind, item in pending:
+            if kind == "add":
+                self._seqs[item.request_id] = item
+                self._detok[item.request_id] = IncrementalDetokenizer(self.tokenizer, item.params.stop)
+                self.scheduler.add(item)
+            else:
+                seq = self._seqs.get(item)
+                if seq is not None and not seq.finished:
+                    self.scheduler.finish(seq, "abort")
+                    outputs.append(self._output(seq, "", []))
+                    self._forget(seq)
+        return outputs
+
+    # ---- the step --------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        outputs = self._drain()
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return outputs
+        sampled = self.runner.execute(sched)
+        for seq, token in self.scheduler.update(sched, sampled, self.eos, self.max_model_len):
+            detok = self._detok[seq.request_id]
+            if token is None:
+                text, new = detok.flush(), []
+            else:
+                text, hit_stop = detok.push(token)
+                new = [token]
+                if hit_stop:
+                    self.scheduler.finish(seq, "stop")
+                elif seq.finished:
+                    text += detok.flush()
+            outputs.append(self._output(seq, text, new))
+            if seq.finished:
+                self._forget(seq)
+        return outputs
+
+    def _output(self, seq: Sequence, text: str, new: list[int]) -> RequestOutput:
+        return RequestOutput(seq.request_id, text, new, seq.finish_reason, seq.num_prompt_tokens,
+                             len(seq.output_ids), seq.num_cached_tokens)
+
+    def _forget(self, seq: Sequence) -> None:
+        self._seqs.pop(seq.request_id, None)
+        self._detok.pop(seq.request_id, None)
+
+    def run_to_completion(self) -> dict[str, list[RequestOutput]]:
+        """Step until every request has finished; outputs grouped by request (for batch jobs, tests)."""
+        got: dict[str, list[RequestOutput]] = {}
+        while self.has_unfinished():
+            for o in self.step():
+                got.setdefault(o.request_id, []).append(o)
+        return got
+
+
+class AsyncLLMEngine:
+    """Background step loop over an `LLMEngine`, with per-request async output streams."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._task: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
+
+    async def generate(self, request_id: str, prompt: MultimodalPrompt, image_embeds: Seq[torch.Tensor] = (),
+                       params: SamplingParams | None = None, image_hashes: Seq[str] | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        self._ensure_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        self.engine.add_request(request_id, prompt, image_embeds, params, image_hashes)
+        self._queues[request_id] = queue
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                out = await queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finish_reason is not None
+                yield out
+                if finished:
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self.engine.abort(request_id)
+                self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        if self._wake is not None:
+            self._wake.set()
+
+    def _ensure_loop(self) -> None:
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            if not self.engine.has_unfinished():
+                self._wake.clear()
+                if not self.engine.has_unfinished():
+                    await self._wake.wait()
+                continue
+            try:
+                outputs = await asyncio.to_thread(self.engine.step)
+            except Exception as e:  # a failed step fails every request in flight, never hangs them
+                for rid, q in list(self._queues.items()):
+                    q.put_nowait(e)
+                    self.engine.abort(rid)
+                await asyncio.to_thread(self.engine._drain)
+                continue
+            for o in outputs:
+                q = self._queues.get(o.request_id)
+                if q is not None:
+                    q.put_nowait(o)

@@ -1,0 +1,169 @@
+"""Scheduler: which sequences run this step, and how many of their tokens.
+
+Policy, per step:
+  1. running sequences, decodes (one token left) first, then unfinished prefills, oldest first;
+     each takes min(tokens left, token budget). When the KV blocks it needs are not free, the
+     newest running sequence not yet scheduled this step is preempted (its blocks freed, to be
+     recomputed later); if there is none, the sequence itself waits.
+  2. waiting sequences in arrival order while the token budget, `max_num_seqs` and free blocks
+     allow; a new sequence first takes whatever prefix of it the prefix cache holds.
+A long prompt is thus split over steps (chunked prefill) without ever stalling running decodes.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .kv_cache import BlockManager
+from .sequence import Sequence, SeqStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 2048   # token budget of one step (decodes + prefill chunks)
+    max_num_seqs: int = 64               # sequences running at once
+
+    def __post_init__(self):
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    seq: Sequence
+    start: int        # first position computed this step (= tokens already in the KV cache)
+    num_tokens: int   # positions start .. start + num_tokens - 1 are computed this step
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the end of the sequence's tokens, so its last logits are sampled."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    """The one contract between scheduler and runner."""
+
+    # Chunks in execution order: decodes first, then prefill chunks. The runner lays their tokens
+    # out flat in this order and samples one token for each chunk whose `samples` is true.
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    # Sequences preempted this step (their KV was dropped; they will be recomputed).
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
+        self.config = config
+        self.blocks = blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a sequence (stop condition, abort) and release its blocks at once."""
+        if seq.finished:
+            return
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free_seq(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.blocks.free_seq(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        scheduled: set[int] = set()
+        order = sorted(self.running, key=lambda s: (s.num_remaining > 1, s.arrival))
+        for seq in order:
+            if budget == 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:   # preempted earlier in this loop
+                continue
+            n = min(seq.num_remaining, budget)
+            while not self.blocks.can_allocate(seq, seq.num_computed_tokens + n):
+                victims = [s for s in self.running if id(s) not in scheduled and s is not seq]
+                if not victims:
+                    break
+                self._preempt(max(victims, key=lambda s: s.arrival), out)
+            if not self.blocks.can_allocate(seq, seq.num_computed_tokens + n):
+                self._preempt(seq, out)
+                continue
+            self.blocks.allocate(seq, seq.num_computed_tokens + n)
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+            scheduled.add(id(seq))
+            budget -= n
+
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
+            seq = self.waiting[0]
+            prefix = self.blocks.match_prefix(seq) if seq.num_computed_tokens == 0 else []
+            start = len(prefix) * self.blocks.block_size
+            n = min(seq.num_tokens - start, budget)
+            if not self.blocks.can_allocate(seq, start + n, prefix):
+                break
+            self.waiting.popleft()
+            if prefix:
+                self.blocks.take_prefix(seq, prefix)
+            self.blocks.allocate(seq, start + n)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+            budget -= n
+        return out
+
+    def update(self, out: SchedulerOutput, sampled: dict[int, int], eos_token_ids: set[int], max_model_len: int
+               ) -> list[tuple[Sequence, int | None]]:
+        """Advance sequences after the runner ran `out`.
+
+        sampled: id(seq) -> new token for chunks that sample. Returns (seq, new token) for those
+        chunks, with the sequence finished when a token-level stop condition hit (EOS, a stop
+        token id, max_new_tokens, the model's context length).
+        """
+        results = []
+        for chunk in out.chunks:
+            seq = chunk.seq
+            seq.num_computed_tokens = chunk.start + chunk.num_tokens
+            if not chunk.samples:
+                self.blocks.register(seq)
+                continue
+            token = sampled[id(seq)]
+            p = seq.params
+            if (token in eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+                self.blocks.register(seq)
+                self.finish(seq, "stop")
+                results.append((seq, None))
+                continue
+            seq.output_ids.append(token)
+            self.blocks.register(seq)
+            if len(seq.output_ids) >= p.max_new_tokens or seq.num_tokens >= max_model_len:
+                self.finish(seq, "length")
+            results.append((seq, token))
+        return results

@@ -1,0 +1,70 @@
+"""A request's state inside the engine.
+
+Prefill and decode are one thing here: every step a sequence is scheduled for some of its
+tokens not yet in the KV cache (`num_computed_tokens` .. `len(tokens)`); when a step brings it
+to the end of its tokens, the step samples its next token. Preemption by recompute just resets
+`num_computed_tokens` to 0 (the generated tokens stay and are prefilled again).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from ..inputs.placeholders import MultimodalPrompt
+from .sampling import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt: MultimodalPrompt
+    image_embeds: list[torch.Tensor]     # one [tokens_per_image, H] per prompt span
+    image_hashes: tuple[str, ...]        # content hash per prompt span (prefix-cache keys)
+    params: SamplingParams
+    arrival: int                          # admission order; newer sequences are preempted first
+    output_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0            # prompt tokens served from the prefix cache at admission
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)   # chained hashes of full blocks, in order
+    status: SeqStatus = SeqStatus.WAITING
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+    generator: torch.Generator | None = None   # per-request RNG (seeded when params.seed is set)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prompt_tokens + len(self.output_ids)
+
+    @property
+    def num_remaining(self) -> int:
+        """Tokens not yet in the KV cache."""
+        return self.num_tokens - self.num_computed_tokens
+
+    def token(self, i: int) -> int:
+        p = self.num_prompt_tokens
+        return self.prompt.token_ids[i] if i < p else self.output_ids[i - p]
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        p = self.num_prompt_tokens
+        out = list(self.prompt.token_ids[start:min(end, p)])
+        if end > p:
+            out += self.output_ids[max(start, p) - p:end - p]
+        return out
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
