@@ -73,17 +73,17 @@ def test_quantized_model_matches_fake_quantized_fp32(awq_dir, images):
     assert isinstance(q.model.projector[0], torch.nn.Linear)
     fake = dense_copy(VLM.from_pretrained(awq_dir))
     for text, ims in (("What colour is the circle?", images[:1]), ("Describe both.", images[:2])):
-        a = q.generator.prompt_logits([q.request(text, ims)])[0]
-        b = fake.generator.prompt_logits([fake.request(text, ims)])[0]
+        a = q.prompt_logits([q.request(text, ims)])[0]
+        b = fake.prompt_logits([fake.request(text, ims)])[0]
         assert (a - b).abs().max().item() <= 1e-4
 
 
 def test_cpu_reference_path_matches_kernel_path(awq_dir, images, monkeypatch):
     q = VLM.from_pretrained(awq_dir)
     req = q.request("What colour is the circle?", images[:1])
-    kernel = q.generator.prompt_logits([req])[0]
+    kernel = q.prompt_logits([req])[0]
     monkeypatch.setattr("vlm_core.quant.awq_linear.triton_available", lambda device: False)
-    ref = q.generator.prompt_logits([req])[0]
+    ref = q.prompt_logits([req])[0]
     assert (kernel - ref).abs().max().item() <= 1e-4
 
 
@@ -96,7 +96,7 @@ def test_autoawq_quant_config_json_is_read(awq_dir, tmp_path, images):
                                                          "version": "GEMM"}))
     a, b = VLM.from_pretrained(awq_dir), VLM.from_pretrained(other)
     req = a.request("What colour is the circle?", images[:1])
-    assert torch.equal(a.generator.prompt_logits([req])[0], b.generator.prompt_logits([req])[0])
+    assert torch.equal(a.prompt_logits([req])[0], b.prompt_logits([req])[0])
 
 
 def test_llm_awq_v2_checkpoint_converts_at_load(awq_dir, tmp_path, images):
@@ -130,7 +130,7 @@ def test_llm_awq_v2_checkpoint_converts_at_load(awq_dir, tmp_path, images):
     torch.save(out, v2 / "llava-tiny-w4-g32-v2.pt")
     a, b = VLM.from_pretrained(awq_dir), VLM.from_pretrained(v2)
     req = a.request("What colour is the circle?", images[:1])
-    assert (a.generator.prompt_logits([req])[0] - b.generator.prompt_logits([req])[0]).abs().max().item() <= 1e-5
+    assert (a.prompt_logits([req])[0] - b.prompt_logits([req])[0]).abs().max().item() <= 1e-5
 
 
 def test_modules_to_not_convert_stay_dense(tiny_dir, tmp_path, images):
@@ -212,7 +212,7 @@ def perplexity(vlm, sentences):
     nll, count = 0.0, 0
     for s in sentences:
         req = vlm.request(s, [], apply_template=False)
-        logits = vlm.generator.prompt_logits([req])[0]
+        logits = vlm.prompt_logits([req])[0]
         ids = torch.tensor(req.prompt.token_ids)
         nll += torch.nn.functional.cross_entropy(logits[:-1], ids[1:], reduction="sum").item()
         count += len(ids) - 1

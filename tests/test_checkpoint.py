@@ -22,7 +22,7 @@ def keys_of(folder):
 
 def logits_of(vlm, images, text="What colour is the circle?", n_images=1):
     req = vlm.request(text, images[:n_images])
-    return vlm.generator.prompt_logits([req])[0]
+    return vlm.prompt_logits([req])[0]
 
 
 @pytest.mark.parametrize("layout,shards", [("old", 1), ("new", 1), ("old", 3), ("new", 2)])
@@ -50,7 +50,7 @@ def test_old_layout_reproduces_hf_logits(tmp_path, hf_model, images):
     with torch.no_grad():
         ref = hf_model(input_ids=torch.tensor([req.prompt.token_ids]),
                        pixel_values=ours.image_processor(images[:1])).logits[0]
-    assert (ours.generator.prompt_logits([req])[0] - ref).abs().max().item() <= 1e-4
+    assert (ours.prompt_logits([req])[0] - ref).abs().max().item() <= 1e-4
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -74,7 +74,7 @@ def test_feature_layer_and_strategy_equal_hf(tmp_path, images, layer, strategy):
     req = ours.request("Describe the image.", images[:2])
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor([req.prompt.token_ids]), pixel_values=ours.image_processor(images[:2])).logits[0]
-    assert (ours.generator.prompt_logits([req])[0] - ref).abs().max().item() <= 1e-4
+    assert (ours.prompt_logits([req])[0] - ref).abs().max().item() <= 1e-4
 
 
 def test_vision_tower_runs_only_needed_layers(vlm):
@@ -108,7 +108,7 @@ def test_tied_word_embeddings_load(tmp_path, images):
     req = ours.request("What colour is the circle?", images[:1])
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor([req.prompt.token_ids]), pixel_values=ours.image_processor(images[:1])).logits[0]
-    assert (ours.generator.prompt_logits([req])[0] - ref).abs().max().item() <= 1e-4
+    assert (ours.prompt_logits([req])[0] - ref).abs().max().item() <= 1e-4
 
 
 def test_llama3_rope_checkpoint_equals_hf(tmp_path, images):
@@ -121,7 +121,7 @@ def test_llama3_rope_checkpoint_equals_hf(tmp_path, images):
     req = ours.request("Describe the two images in detail.", images[:2])
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor([req.prompt.token_ids]), pixel_values=ours.image_processor(images[:2])).logits[0]
-    assert (ours.generator.prompt_logits([req])[0] - ref).abs().max().item() <= 1e-4
+    assert (ours.prompt_logits([req])[0] - ref).abs().max().item() <= 1e-4
 
 
 def test_legacy_rope_theta_and_rope_scaling_keys_parse():

@@ -28,7 +28,7 @@ def requests_12(vlm, images):
 
 @pytest.fixture(scope="module")
 def alone(vlm, requests_12):
-    return [vlm.generator.generate([r])[0].token_ids for r in requests_12]
+    return [vlm.generate_requests([r])[0].token_ids for r in requests_12]
 
 
 def run_engine(engine, reqs):

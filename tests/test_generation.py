@@ -38,12 +38,11 @@ def test_stop_token_id_and_eos_end_generation(vlm, images):
     first = ids.index(target)
     assert out.token_ids == ids[:first] and out.finish_reason == "stop"
     # the same token declared as EOS stops too, unless ignore_eos
-    vlm.generator.eos.add(target)
-    try:
-        stopped = vlm.generate("Describe the image.", images[:1], SamplingParams(max_new_tokens=24))
-        ignored = vlm.generate("Describe the image.", images[:1], GREEDY)
-    finally:
-        vlm.generator.eos.discard(target)
+    engine = vlm.engine()
+    engine.eos.add(target)
+    stopped = vlm.generate_requests([vlm.request("Describe the image.", images[:1], SamplingParams(max_new_tokens=24))],
+                                    engine)[0]
+    ignored = vlm.generate_requests([vlm.request("Describe the image.", images[:1], GREEDY)], engine)[0]
     assert stopped.token_ids == ids[:first] and stopped.finish_reason == "stop"
     assert ignored.token_ids == ids
 

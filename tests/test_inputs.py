@@ -131,9 +131,9 @@ def test_patch_and_special_token_prompts_give_identical_embeddings(vlm, images):
         a = chunk_embeddings(vlm.model.embed_tokens, special, img, 0, len(special))
         b = chunk_embeddings(vlm.model.embed_tokens, patch, img, 0, len(patch))
     assert torch.equal(a, b)
-    la = vlm.generator.prompt_logits([vlm.request("USER: <image>\nWhat colour is the circle? ASSISTANT:", images[:1],
+    la = vlm.prompt_logits([vlm.request("USER: <image>\nWhat colour is the circle? ASSISTANT:", images[:1],
                                                   apply_template=False)])[0]
-    lb = vlm.generator.prompt_logits([vlm.request("USER: " + "<im_patch>" * n + "\nWhat colour is the circle? "
+    lb = vlm.prompt_logits([vlm.request("USER: " + "<im_patch>" * n + "\nWhat colour is the circle? "
                                                   "ASSISTANT:", images[:1], apply_template=False)])[0]
     assert torch.equal(la, lb)
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from vlm_core.engine.engine import EngineConfig
 from vlm_core.engine.sampling import SamplingParams
 
 LOGIT_TOL = 1e-4
@@ -45,7 +46,7 @@ def hf_batch_inputs(reqs, pad_id):
 @pytest.mark.parametrize("case", list(CASES))
 def test_prompt_logits_equal_hf(vlm, hf_model, images, case):
     reqs, pixels = build_requests(vlm, images, case)
-    ours = vlm.generator.prompt_logits(reqs)
+    ours = vlm.prompt_logits(reqs)
     ids, mask, pos = hf_batch_inputs(reqs, vlm.tokenizer.pad_token_id)
     with torch.no_grad():
         ref = hf_model(input_ids=ids, pixel_values=pixels, attention_mask=mask, position_ids=pos).logits
@@ -59,7 +60,7 @@ def test_prompt_logits_equal_hf(vlm, hf_model, images, case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_greedy_16_tokens_equal_hf_generate(vlm, hf_model, images, case):
     reqs, pixels = build_requests(vlm, images, case, SamplingParams(max_new_tokens=16, ignore_eos=True))
-    ours = vlm.generator.generate(reqs)
+    ours = vlm.generate_requests(reqs)
     for i, r in enumerate(reqs):
         # HF generate one prompt at a time (its own padding-free path) ...
         n_img = len(r.image_embeds)
@@ -85,8 +86,8 @@ def test_greedy_16_tokens_equal_hf_generate(vlm, hf_model, images, case):
 def test_chunked_prefill_matches_one_shot(vlm, images, chunk):
     reqs, _ = build_requests(vlm, images, "batch_of_three")
     reqs.append(vlm.request("Compare these four pictures.", [images[0], images[1], images[2], images[0]]))
-    one_shot = vlm.generator.prompt_logits(reqs)
-    chunked = vlm.generator.prompt_logits(reqs, chunk_size=chunk)
+    one_shot = vlm.prompt_logits(reqs)
+    chunked = vlm.prompt_logits(reqs, chunk_size=chunk)
     # the chunk grid cuts through an image's placeholder run in these prompts
     spans = [s for r in reqs for s in r.prompt.spans]
     assert any(s.offset // chunk != (s.end - 1) // chunk for s in spans)
@@ -96,21 +97,21 @@ def test_chunked_prefill_matches_one_shot(vlm, images, chunk):
 
 def test_chunked_prefill_generation_equals_one_shot(vlm, images):
     reqs, _ = build_requests(vlm, images, "batch_of_three", SamplingParams(max_new_tokens=8, ignore_eos=True))
-    a = vlm.generator.generate(reqs)
-    b = vlm.generator.generate(reqs, prefill_chunk_size=5)
+    a = vlm.generate_requests(reqs)
+    b = vlm.generate_requests(reqs, engine=vlm.engine(EngineConfig(max_num_batched_tokens=5)))
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
 
 
 def test_incremental_decoding_matches_full_forward(vlm, images):
     """Logits of decode steps from start_pos equal the logits of the whole sequence in one pass."""
     req = vlm.request("What colour is the circle?", images[:1], SamplingParams(max_new_tokens=6, ignore_eos=True))
-    out = vlm.generator.generate([req])[0]
+    out = vlm.generate_requests([req])[0]
     from vlm_core.generation import GenerationRequest
     from vlm_core.inputs.placeholders import MultimodalPrompt
 
     full = GenerationRequest(MultimodalPrompt(req.prompt.token_ids + tuple(out.token_ids), req.prompt.spans),
                              req.image_embeds)
-    logits = vlm.generator.prompt_logits([full])[0]
+    logits = vlm.prompt_logits([full])[0]
     n = len(req.prompt)
     # greedy token at each step = argmax of the full-pass logits at the previous position
     assert logits[n - 1:n - 1 + len(out.token_ids)].argmax(-1).tolist() == out.token_ids

@@ -28,25 +28,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
     ap.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: float32 on CPU)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--prefill-chunk", type=int, default=None, help="prefill chunk size in tokens")
+    ap.add_argument("--prefill-chunk", type=int, default=None, help="token budget per engine step (prefill chunk size)")
     ap.add_argument("--stream", action="store_true", help="print text as it is generated")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from .engine.engine import EngineConfig
     from .vlm import VLM
 
     try:
         sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
-        vlm = VLM.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+        engine_config = EngineConfig(max_num_batched_tokens=args.prefill_chunk) if args.prefill_chunk else None
+        vlm = VLM.from_pretrained(args.model, dtype=args.dtype, device=args.device, engine_config=engine_config)
         if args.stream:
-            for delta in vlm.stream(args.prompt, args.image, sampling, args.prefill_chunk):
+            for delta in vlm.stream(args.prompt, args.image, sampling):
                 print(delta, end="", flush=True)
             print()
         else:
-            print(vlm.generate(args.prompt, args.image, sampling, args.prefill_chunk).text)
+            print(vlm.generate(args.prompt, args.image, sampling).text)
     except VLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,21 +1,19 @@
-"""Static-batch generation over a `LlavaModel`: chunked prefill, incremental decoding, streaming.
+"""Generation requests and results, incremental detokenization, and prompt scoring.
 
-A batch of requests shares one contiguous KV cache (one slot per request). Prefill runs in
-chunks of `prefill_chunk_size` tokens per request (the whole prompt when None); a chunk may
-cut through an image's placeholder run. Decoding then advances every unfinished request by
-one token per step from its own `start_pos`, and yields text deltas as they become safe to
-show (no half UTF-8 characters, nothing that might still turn into a stop string).
+`IncrementalDetokenizer` turns tokens into text deltas that are safe to show (no half UTF-8
+characters, nothing that might still turn into a stop string). `prompt_logits` runs prompts
+through the model in chunks over a contiguous KV cache; a chunk may cut through an image's
+placeholder run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
-from .engine.sampling import SamplingParams, sample
-from .errors import ContextLengthError
+from .engine.sampling import SamplingParams
 from .inputs.placeholders import MultimodalPrompt, chunk_embeddings
 from .models.attention import ContiguousKVCache, SeqChunk
 from .models.llava import LlavaModel
@@ -30,19 +28,12 @@ class GenerationRequest:
 
 
 @dataclass
-class Delta:
-    index: int                 # position of the request in the batch
-    text: str                  # new text since the previous delta
-    token_ids: list[int]       # new tokens since the previous delta
-    finish_reason: str | None  # "stop" | "length" on the last delta of a request
-
-
-@dataclass
 class GenerationOutput:
     text: str
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
+    cached_tokens: int = 0     # prompt tokens served from the prefix cache
 
     @property
     def completion_tokens(self) -> int:
@@ -111,121 +102,35 @@ class IncrementalDetokenizer:
         return out
 
 
-class _Seq:
-    def __init__(self, index: int, req: GenerationRequest, tokenizer, device):
-        self.index = index
-        self.req = req
-        self.params = req.params
-        self.generator = req.params.make_generator(device)
-        self.detok = IncrementalDetokenizer(tokenizer, req.params.stop)
-        self.out_ids: list[int] = []
-        self.finish_reason: str | None = None
-
-    @property
-    def length(self) -> int:
-        return len(self.req.prompt) + len(self.out_ids)
-
-
-class Generator:
-    def __init__(self, model: LlavaModel, tokenizer, eos_token_ids: Sequence[int] = ()):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.eos = set(eos_token_ids)
-        self.max_len = model.config.text.max_position_embeddings
-
-    def _cache(self, slots: int, max_len: int) -> ContiguousKVCache:
-        t = self.model.config.text
-        return ContiguousKVCache(t.num_layers, slots, max_len, t.num_kv_heads, t.head_dim,
-                                 self.model.dtype, self.model.device)
-
-    @torch.inference_mode()
-    def prefill(self, requests: Sequence[GenerationRequest], cache: ContiguousKVCache,
-                chunk_size: int | None = None, all_logits: bool = False) -> list[torch.Tensor]:
-        """Run every prompt through the model in chunks.
-
-        Returns per request the fp32 logits of the last prompt position [V], or of every
-        prompt position [len, V] when `all_logits`.
-        """
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError("chunk_size must be >= 1")
-        done = [0] * len(requests)
-        kept: list[list[torch.Tensor]] = [[] for _ in requests]
-        device = self.model.device
-        while any(d < len(r.prompt) for d, r in zip(done, requests)):
-            chunks, ids, embeds, positions = [], [], [], []
-            for i, r in enumerate(requests):
-                n = len(r.prompt) - done[i]
-                if n <= 0:
-                    continue
-                n = n if chunk_size is None else min(n, chunk_size)
-                chunks.append(SeqChunk(slot=i, start=done[i], length=n))
-                ids.append(torch.tensor(r.prompt.token_ids[done[i]:done[i] + n]))
-                embeds.append(chunk_embeddings(self.model.embed_tokens, r.prompt, r.image_embeds,
-                                               done[i], done[i] + n))
-                positions.append(torch.arange(done[i], done[i] + n))
-            inputs_embeds = torch.cat(embeds)                               # [T, H]
-            pos = torch.cat(positions).to(device)                           # [T]
-            hidden = self.model(torch.cat(ids).to(device), pos, cache.view(chunks), inputs_embeds)
-            off = 0
-            for c in chunks:
-                h = hidden[off:off + c.length]
-                off += c.length
-                done[c.slot] += c.length
-                if all_logits:
-                    kept[c.slot].append(self.model.compute_logits(h).float())
-                elif done[c.slot] == len(requests[c.slot].prompt):
-                    kept[c.slot].append(self.model.compute_logits(h[-1:]).float())
-        return [torch.cat(k) if all_logits else k[0][0] for k in kept]
-
-    def prompt_logits(self, requests: Sequence[GenerationRequest], chunk_size: int | None = None) -> list[torch.Tensor]:
-        """Logits [len, V] for every prompt position (for tests and scoring)."""
-        cache = self._cache(len(requests), max(len(r.prompt) for r in requests))
-        return self.prefill(requests, cache, chunk_size, all_logits=True)
-
-    @torch.inference_mode()
-    def stream(self, requests: Sequence[GenerationRequest], prefill_chunk_size: int | None = None) -> Iterator[Delta]:
-        for r in requests:
-            if len(r.prompt) >= self.max_len:
-                raise ContextLengthError(f"prompt has {len(r.prompt)} tokens; the model's context is {self.max_len}")
-        seqs = [_Seq(i, r, self.tokenizer, self.model.device) for i, r in enumerate(requests)]
-        max_len = min(self.max_len, max(len(r.prompt) + r.params.max_new_tokens for r in requests))
-        cache = self._cache(len(requests), max_len)
-        logits = self.prefill(requests, cache, prefill_chunk_size)
-        yield from self._advance(seqs, torch.stack(logits))
-        while True:
-            active = [s for s in seqs if s.finish_reason is None]
-            if not active:
-                return
-            ids = torch.tensor([s.out_ids[-1] for s in active], device=self.model.device)
-            pos = torch.tensor([s.length - 1 for s in active], device=self.model.device)
-            view = cache.view([SeqChunk(s.index, s.length - 1, 1) for s in active])
-            hidden = self.model(ids, pos, view)
-            yield from self._advance(active, self.model.compute_logits(hidden).float())
-
-    def _advance(self, seqs: list[_Seq], logits: torch.Tensor) -> Iterator[Delta]:
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        for s, tok in zip(seqs, tokens):
-            p = s.params
-            if (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
-                s.finish_reason = "stop"
-                yield Delta(s.index, s.detok.flush(), [], "stop")
+@torch.inference_mode()
+def prompt_logits(model: LlavaModel, requests: Sequence[GenerationRequest], chunk_size: int | None = None
+                  ) -> list[torch.Tensor]:
+    """fp32 logits [len, V] of every prompt position, prefilled in chunks of `chunk_size` tokens
+    per request (the whole prompt when None) over a contiguous KV cache. For scoring and tests;
+    serving goes through `vlm_core.engine`."""
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError("chunk_size must be >= 1")
+    t = model.config.text
+    cache = ContiguousKVCache(t.num_layers, len(requests), max(len(r.prompt) for r in requests), t.num_kv_heads,
+                              t.head_dim, model.dtype, model.device)
+    done = [0] * len(requests)
+    kept: list[list[torch.Tensor]] = [[] for _ in requests]
+    while any(d < len(r.prompt) for d, r in zip(done, requests)):
+        chunks, ids, embeds, positions = [], [], [], []
+        for i, r in enumerate(requests):
+            n = len(r.prompt) - done[i]
+            if n <= 0:
                 continue
-            s.out_ids.append(tok)
-            text, hit_stop = s.detok.push(tok)
-            if hit_stop:
-                s.finish_reason = "stop"
-            elif len(s.out_ids) >= p.max_new_tokens or s.length >= self.max_len:
-                s.finish_reason = "length"
-                text += s.detok.flush()
-            yield Delta(s.index, text, [tok], s.finish_reason)
-
-    def generate(self, requests: Sequence[GenerationRequest], prefill_chunk_size: int | None = None) -> list[GenerationOutput]:
-        texts = [""] * len(requests)
-        ids: list[list[int]] = [[] for _ in requests]
-        reasons = [""] * len(requests)
-        for d in self.stream(requests, prefill_chunk_size):
-            texts[d.index] += d.text
-            ids[d.index] += d.token_ids
-            if d.finish_reason:
-                reasons[d.index] = d.finish_reason
-        return [GenerationOutput(t, i, f, len(r.prompt)) for t, i, f, r in zip(texts, ids, reasons, requests)]
+            n = n if chunk_size is None else min(n, chunk_size)
+            chunks.append(SeqChunk(slot=i, start=done[i], length=n))
+            ids.append(torch.tensor(r.prompt.token_ids[done[i]:done[i] + n]))
+            embeds.append(chunk_embeddings(model.embed_tokens, r.prompt, r.image_embeds, done[i], done[i] + n))
+            positions.append(torch.arange(done[i], done[i] + n))
+        hidden = model(torch.cat(ids).to(model.device), torch.cat(positions).to(model.device), cache.view(chunks),
+                       torch.cat(embeds))
+        off = 0
+        for c in chunks:
+            kept[c.slot].append(model.compute_logits(hidden[off:off + c.length]).float())
+            off += c.length
+            done[c.slot] += c.length
+    return [torch.cat(k) for k in kept]

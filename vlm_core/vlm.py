@@ -6,6 +6,9 @@
     for delta in vlm.stream("Describe it.", images=["cat.png"]):
         print(delta, end="")
 
+Generation runs on a continuous-batching `LLMEngine` (paged KV cache, chunked prefill, prefix
+cache) created on first use from `engine_config`.
+
 `prompt` is either a user question (wrapped in the chat template, images placed before the
 text unless the text holds `<image>` itself) or a list of chat messages.
 """
@@ -13,6 +16,7 @@ text unless the text holds `<image>` itself) or a list of chat messages.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -21,7 +25,8 @@ import torch
 from .checkpoint import load_llava_hf, read_json
 from .engine.sampling import SamplingParams
 from .errors import CheckpointError
-from .generation import GenerationOutput, GenerationRequest, Generator
+from .engine.engine import EngineConfig, RequestOutput
+from .generation import GenerationOutput, GenerationRequest, prompt_logits
 from .inputs.image import ImageInput, ImageProcessor, ImageProcessorConfig, CLIP_MEAN, CLIP_STD
 from .inputs.placeholders import MultimodalPrompt, PlaceholderSpec, expand_placeholders
 from .inputs.template import IMAGE_PLACEHOLDER, Message, render_chat, user_turn
@@ -56,7 +61,8 @@ def pixel_hash(pixels: torch.Tensor) -> str:
 
 
 class VLM:
-    def __init__(self, model: LlavaModel, tokenizer, image_processor: ImageProcessor):
+    def __init__(self, model: LlavaModel, tokenizer, image_processor: ImageProcessor,
+                 engine_config: EngineConfig | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -72,11 +78,14 @@ class VLM:
         eos = set(cfg.text.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
-        self.generator = Generator(model, tokenizer, sorted(eos))
+        self.eos_token_ids = frozenset(eos)
+        self.engine_config = engine_config or EngineConfig()
+        self._engine = None
+        self._ids = itertools.count()
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, dtype: str | torch.dtype | None = None,
-                        device: str | torch.device = "cpu") -> "VLM":
+                        device: str | torch.device = "cpu", engine_config: EngineConfig | None = None) -> "VLM":
         model_dir = Path(model_dir)
         model = load_llava_hf(model_dir, dtype=dtype, device=device)
         tokenizer = load_tokenizer(model_dir)
@@ -87,7 +96,7 @@ class VLM:
         else:
             size = model.config.vision.image_size
             proc_cfg = ImageProcessorConfig(size, size, CLIP_MEAN, CLIP_STD, pad)
-        return cls(model, tokenizer, ImageProcessor(proc_cfg))
+        return cls(model, tokenizer, ImageProcessor(proc_cfg), engine_config)
 
     # ---- inputs -------------------------------------------------------------------------
 
@@ -117,25 +126,66 @@ class VLM:
         embeds = list(self.model.embed_images(pixels)) if len(images) else []
         return GenerationRequest(mm, embeds, sampling or SamplingParams(), tuple(pixel_hash(p) for p in pixels))
 
-    # ---- generation -----------------------------------------------------------------------
+    # ---- generation (through the continuous-batching engine) ------------------------------------
+
+    def engine(self, config=None):
+        """A new continuous-batching `LLMEngine` over this model (see `vlm_core.engine`)."""
+        from .engine.engine import LLMEngine
+
+        return LLMEngine(self.model, self.tokenizer, sorted(self.eos_token_ids), config or self.engine_config)
+
+    @property
+    def default_engine(self):
+        if self._engine is None:
+            self._engine = self.engine()
+        return self._engine
+
+    def run(self, requests: Sequence[GenerationRequest], engine=None) -> Iterator[tuple[int, "RequestOutput"]]:
+        """Submit requests and yield (index, output delta) as the engine produces them."""
+        engine = engine or self.default_engine
+        ids = {}
+        for i, r in enumerate(requests):
+            rid = f"vlm-{next(self._ids)}"
+            engine.add_request(rid, r.prompt, r.image_embeds, r.params, r.image_hashes)
+            ids[rid] = i
+        open_ids = set(ids)
+        try:
+            while open_ids:
+                for out in engine.step():
+                    if out.request_id in ids:
+                        yield ids[out.request_id], out
+                        if out.finish_reason is not None:
+                            open_ids.discard(out.request_id)
+        finally:
+            for rid in open_ids:   # the caller stopped early
+                engine.abort(rid)
+
+    def generate_requests(self, requests: Sequence[GenerationRequest], engine=None) -> list[GenerationOutput]:
+        texts = [""] * len(requests)
+        toks: list[list[int]] = [[] for _ in requests]
+        last = [None] * len(requests)
+        for i, out in self.run(requests, engine):
+            texts[i] += out.text
+            toks[i] += out.token_ids
+            last[i] = out
+        return [GenerationOutput(t, ids, o.finish_reason, o.prompt_tokens, o.cached_tokens)
+                for t, ids, o in zip(texts, toks, last)]
 
     def generate(self, prompt: Prompt, images: Sequence[ImageInput] = (), sampling: SamplingParams | None = None,
-                 prefill_chunk_size: int | None = None, apply_template: bool = True) -> GenerationOutput:
-        req = self.request(prompt, images, sampling, apply_template)
-        return self.generator.generate([req], prefill_chunk_size)[0]
+                 apply_template: bool = True) -> GenerationOutput:
+        return self.generate_requests([self.request(prompt, images, sampling, apply_template)])[0]
 
     def stream(self, prompt: Prompt, images: Sequence[ImageInput] = (), sampling: SamplingParams | None = None,
-               prefill_chunk_size: int | None = None, apply_template: bool = True) -> Iterator[str]:
+               apply_template: bool = True) -> Iterator[str]:
         """Text deltas as they are generated."""
-        req = self.request(prompt, images, sampling, apply_template)
-        for d in self.generator.stream([req], prefill_chunk_size):
-            if d.text:
-                yield d.text
+        for _, out in self.run([self.request(prompt, images, sampling, apply_template)]):
+            if out.text:
+                yield out.text
 
     def generate_batch(self, prompts: Sequence[Prompt], images: Sequence[Sequence[ImageInput]] | None = None,
                        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
-                       prefill_chunk_size: int | None = None, apply_template: bool = True) -> list[GenerationOutput]:
-        """Several prompts of any lengths in one batch; the vision tower runs once for all images."""
+                       apply_template: bool = True) -> list[GenerationOutput]:
+        """Several prompts of any lengths at once; the vision tower runs once for all images."""
         images = images if images is not None else [()] * len(prompts)
         if len(images) != len(prompts):
             raise ValueError("images must hold one list per prompt")
@@ -147,10 +197,8 @@ class VLM:
         for (mm, px), sp in zip(prepared, params):
             requests.append(GenerationRequest(mm, embeds[k:k + px.shape[0]], sp, tuple(pixel_hash(p) for p in px)))
             k += px.shape[0]
-        return self.generator.generate(requests, prefill_chunk_size)
+        return self.generate_requests(requests)
 
-    def engine(self, config=None):
-        """A continuous-batching `LLMEngine` over this model (see `vlm_core.engine`)."""
-        from .engine.engine import EngineConfig, LLMEngine
-
-        return LLMEngine(self.model, self.tokenizer, sorted(self.generator.eos), config or EngineConfig())
+    def prompt_logits(self, requests: Sequence[GenerationRequest], chunk_size: int | None = None) -> list[torch.Tensor]:
+        """fp32 logits of every prompt position (scoring)."""
+        return prompt_logits(self.model, requests, chunk_size)
