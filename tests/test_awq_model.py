@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from vlm_core.quant.awq import QuantizeOptions, block_output_error
 from vlm_core.quant.awq_linear import AWQLinear

@@ -1,6 +1,6 @@
 """Command line: answer a question about an image.
 
-    python -m vlm_core.generate --model DIR --image PATH --prompt TEXT [--stream]
+    python -m vlm_core.generate [--model DIR] --image PATH --prompt TEXT [--stream]
 
 Errors a user can cause (bad checkpoint, unreadable image, placeholder mismatch, bad
 sampling values) print one line and exit with status 2.
@@ -17,7 +17,8 @@ from .errors import VLMError
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m vlm_core.generate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="checkpoint folder (llava-hf layout)")
+    ap.add_argument("--model", default=None,
+                    help="checkpoint folder (llava-hf layout); default: the embedded 4-bit default model")
     ap.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
     ap.add_argument("--prompt", required=True, help="the question (add <image> to place images yourself)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -35,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from .default_model import default_model_dir
     from .engine.engine import EngineConfig
     from .vlm import VLM
 
@@ -42,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
         engine_config = EngineConfig(max_num_batched_tokens=args.prefill_chunk) if args.prefill_chunk else None
-        vlm = VLM.from_pretrained(args.model, dtype=args.dtype, device=args.device, engine_config=engine_config)
+        model = args.model or default_model_dir("awq")
+        vlm = VLM.from_pretrained(model, dtype=args.dtype, device=args.device, engine_config=engine_config)
         if args.stream:
             for delta in vlm.stream(args.prompt, args.image, sampling):
                 print(delta, end="", flush=True)

@@ -1,0 +1,90 @@
+"""The embedded default model: its data, tokenizer, and the shipped checkpoints' accuracy."""
+
+import random
+
+import pytest
+import torch
+
+from vlm_core.default_model import default_model_dir
+from vlm_core.default_model.data import (HELDOUT_START, Item, Scene, heldout_set, make_scene, questions,
+                                         sample_qa, split_ids, vocabulary)
+from vlm_core.default_model.evaluate import accuracy, answer_all, hf_answers
+from vlm_core.default_model.train import build_tokenizer
+from vlm_core.vlm import VLM
+
+
+def test_scenes_are_deterministic_and_splits_never_share_a_picture():
+    assert make_scene(42) == make_scene(42)
+    assert list(make_scene(42).image().getdata()) == list(make_scene(42).image().getdata())
+    train, held = split_ids("train", 1000), split_ids("heldout", 1000)
+    assert not set(train) & set(held) and held[0] == HELDOUT_START
+    for sid in range(200):
+        s = make_scene(sid)
+        assert 1 <= len(s.items) <= 3
+        assert len({i.shape for i in s.items}) == len(s.items) and len({i.colour for i in s.items}) == len(s.items)
+        assert [i.column for i in s.items] == sorted(i.column for i in s.items)
+
+
+def test_questions_and_answers_for_a_hand_built_scene():
+    scene = Scene(0, (Item("square", "blue", 0, 2, 10, 10), Item("circle", "red", 2, 35, 20, 10)))
+    assert questions(scene) == [
+        ("What colour is the square?", "blue"), ("What colour is the circle?", "red"),
+        ("How many shapes are there?", "two"),
+        ("Is the square left of the circle?", "yes"), ("Is the circle left of the square?", "no"),
+        ("Describe the image.", "blue square and red circle")]
+    img = scene.image()
+    assert img.getpixel((7, 15)) == (40, 70, 220) and img.getpixel((40, 25)) == (220, 40, 40)
+    assert img.getpixel((25, 5)) == (255, 255, 255)
+
+
+def test_sampled_questions_cover_all_kinds():
+    rng = random.Random(0)
+    kinds = {sample_qa(make_scene(i), rng)[0].split()[0] for i in range(200)}
+    assert kinds == {"What", "How", "Is", "Describe"}
+
+
+def test_tokenizer_covers_every_prompt_and_answer():
+    tok = build_tokenizer()
+    for sid in range(100):
+        for q, a in questions(make_scene(sid)):
+            ids = tok(q + " " + a, add_special_tokens=False)["input_ids"]
+            assert tok.unk_token_id not in ids
+            assert tok.decode(tok(a, add_special_tokens=False)["input_ids"]) == a
+    assert set(vocabulary()) <= set(tok.get_vocab())
+
+
+@pytest.fixture(scope="module")
+def awq_model():
+    return VLM.from_pretrained(default_model_dir("awq"))
+
+
+def test_shipped_awq_model_answers_heldout_questions(awq_model):
+    items = heldout_set(50, seed=1)
+    answers = answer_all(awq_model, items)
+    acc = accuracy(answers, items)
+    assert acc >= 0.95, f"accuracy {acc:.2f}: {[(q, a, g) for (s, q, g), a in zip(items, answers) if a != g]}"
+
+
+def test_shipped_checkpoints_are_small_and_quantized():
+    total = sum(f.stat().st_size for kind in ("fp16", "awq") for f in default_model_dir(kind).iterdir())
+    assert total <= 20 * 1024 * 1024
+    from vlm_core.quant.awq_linear import AWQLinear
+
+    m = VLM.from_pretrained(default_model_dir("awq"))
+    assert isinstance(m.model.decoder.layers[0].mlp.down_proj, AWQLinear)
+
+
+def test_fp16_answers_equal_transformers():
+    fp16 = VLM.from_pretrained(default_model_dir("fp16"))
+    items = heldout_set(20, seed=2)
+    assert answer_all(fp16, items) == hf_answers(default_model_dir("fp16"), fp16, items)
+
+
+def test_training_is_deterministic(tmp_path):
+    from safetensors.torch import load_file
+
+    from vlm_core.default_model.train import train
+
+    a = load_file(str(train(tmp_path / "a", steps=2, batch_size=4, lr=1e-3, seed=3, log_every=10) / "model.safetensors"))
+    b = load_file(str(train(tmp_path / "b", steps=2, batch_size=4, lr=1e-3, seed=3, log_every=10) / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
