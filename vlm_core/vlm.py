@@ -15,70 +15,30 @@ text unless the text holds `<image>` itself) or a list of chat messages.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
-from .checkpoint import load_llava_hf, read_json
-from .engine.sampling import SamplingParams
-from .errors import CheckpointError
+from .checkpoint import load_llava_hf
 from .engine.engine import EngineConfig, RequestOutput
+from .engine.sampling import SamplingParams
 from .generation import GenerationOutput, GenerationRequest, prompt_logits
-from .inputs.image import ImageInput, ImageProcessor, ImageProcessorConfig, CLIP_MEAN, CLIP_STD
-from .inputs.placeholders import MultimodalPrompt, PlaceholderSpec, expand_placeholders
-from .inputs.template import IMAGE_PLACEHOLDER, Message, render_chat, user_turn
+from .inputs.image import ImageInput
+from .inputs.placeholders import MultimodalPrompt
+from .inputs.prompt import Prompt, PromptBuilder, pixel_hash
 from .models.llava import LlavaModel
-
-PATCH_TOKEN = "<im_patch>"
-IM_START_TOKEN = "<im_start>"
-IM_END_TOKEN = "<im_end>"
-
-Prompt = str | Sequence[Message]
-
-
-def load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-
-    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        raise CheckpointError(f"no tokenizer (tokenizer.json / tokenizer_config.json) in {model_dir}")
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot load the tokenizer in {model_dir}: {e}") from None
-
-
-def _token_id(tokenizer, token: str) -> int | None:
-    tid = tokenizer.convert_tokens_to_ids(token)
-    return None if tid is None or tid == tokenizer.unk_token_id else int(tid)
-
-
-def pixel_hash(pixels: torch.Tensor) -> str:
-    """Content hash of one preprocessed image [3, S, S]."""
-    return hashlib.blake2b(pixels.contiguous().numpy().tobytes(), digest_size=16).hexdigest()
 
 
 class VLM:
-    def __init__(self, model: LlavaModel, tokenizer, image_processor: ImageProcessor,
-                 engine_config: EngineConfig | None = None):
+    def __init__(self, model: LlavaModel, inputs: PromptBuilder, engine_config: EngineConfig | None = None):
         self.model = model
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        cfg = model.config
-        im_start = _token_id(tokenizer, IM_START_TOKEN) if cfg.use_im_start_end else None
-        im_end = _token_id(tokenizer, IM_END_TOKEN) if cfg.use_im_start_end else None
-        if cfg.use_im_start_end and (im_start is None or im_end is None):
-            raise CheckpointError("config sets mm_use_im_start_end but the tokenizer lacks <im_start>/<im_end>")
-        self.spec = PlaceholderSpec(image_token_id=cfg.image_token_id, tokens_per_image=cfg.tokens_per_image,
-                                    patch_token_id=_token_id(tokenizer, PATCH_TOKEN),
-                                    im_start_id=im_start, im_end_id=im_end)
-        self.image_token = tokenizer.convert_ids_to_tokens(cfg.image_token_id)
-        eos = set(cfg.text.eos_token_ids)
-        if tokenizer.eos_token_id is not None:
-            eos.add(tokenizer.eos_token_id)
-        self.eos_token_ids = frozenset(eos)
+        self.inputs = inputs
+        self.tokenizer = inputs.tokenizer
+        self.image_processor = inputs.image_processor
+        self.spec = inputs.spec
+        self.eos_token_ids = inputs.eos_token_ids
         self.engine_config = engine_config or EngineConfig()
         self._engine = None
         self._ids = itertools.count()
@@ -86,39 +46,15 @@ class VLM:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, dtype: str | torch.dtype | None = None,
                         device: str | torch.device = "cpu", engine_config: EngineConfig | None = None) -> "VLM":
-        model_dir = Path(model_dir)
         model = load_llava_hf(model_dir, dtype=dtype, device=device)
-        tokenizer = load_tokenizer(model_dir)
-        pre = model_dir / "preprocessor_config.json"
-        pad = model.config.pad_to_square
-        if pre.is_file():
-            proc_cfg = ImageProcessorConfig.from_preprocessor_json(read_json(pre), pad)
-        else:
-            size = model.config.vision.image_size
-            proc_cfg = ImageProcessorConfig(size, size, CLIP_MEAN, CLIP_STD, pad)
-        return cls(model, tokenizer, ImageProcessor(proc_cfg), engine_config)
+        return cls(model, PromptBuilder.from_pretrained(model_dir, model.config), engine_config)
 
     # ---- inputs -------------------------------------------------------------------------
-
-    def prompt_text(self, prompt: Prompt, num_images: int) -> str:
-        messages = user_turn(prompt, num_images) if isinstance(prompt, str) else prompt
-        text = render_chat(self.tokenizer, messages)
-        return text.replace(IMAGE_PLACEHOLDER, self.image_token) if self.image_token != IMAGE_PLACEHOLDER else text
-
-    def tokenize(self, text: str) -> list[int]:
-        bos = self.tokenizer.bos_token
-        add_special = not (bos and text.startswith(bos))
-        return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
 
     def prepare(self, prompt: Prompt, images: Sequence[ImageInput] = (), apply_template: bool = True
                 ) -> tuple[MultimodalPrompt, torch.Tensor]:
         """Token ids with one placeholder span per image, and pixel values [N, 3, S, S]."""
-        pixels = self.image_processor(list(images))
-        text = self.prompt_text(prompt, len(images)) if apply_template else prompt
-        if not isinstance(text, str):
-            raise TypeError("apply_template=False needs the prompt as a string")
-        mm = expand_placeholders(self.tokenize(text), len(images), self.spec)
-        return mm, pixels
+        return self.inputs.prepare(prompt, images, apply_template)
 
     def request(self, prompt: Prompt, images: Sequence[ImageInput] = (), sampling: SamplingParams | None = None,
                 apply_template: bool = True) -> GenerationRequest:
