@@ -190,6 +190,8 @@ def test_bad_requests_are_rejected_clearly(vlm, requests_12):
         engine.add_request("x", r.prompt, [], GREEDY)
     with pytest.raises(ContextLengthError, match="does not fit the KV cache"):
         engine.add_request("y", r.prompt, r.image_embeds, GREEDY)
+    with pytest.raises(InputError, match="0 image hashes for 1 images"):
+        vlm.engine(EngineConfig(num_blocks=64)).add_request("h", r.prompt, r.image_embeds, GREEDY, ())
     big = vlm.engine(EngineConfig(num_blocks=64))
     big.add_request("z", r.prompt, r.image_embeds, GREEDY)
     with pytest.raises(InputError, match="request id 'z' is already in use"):

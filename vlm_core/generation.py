@@ -24,7 +24,8 @@ class GenerationRequest:
     prompt: MultimodalPrompt
     image_embeds: list[torch.Tensor]          # one [tokens_per_image, H] per prompt span
     params: SamplingParams = field(default_factory=SamplingParams)
-    image_hashes: tuple[str, ...] = ()        # content hash per image (prefix / encoder cache keys)
+    image_hashes: tuple[str, ...] | None = None   # content hash per image (prefix / encoder cache keys);
+                                                  # None: the engine hashes the embeddings
 
 
 @dataclass

@@ -110,6 +110,8 @@ class LLMEngine:
         if -(-(len(prompt) + 1) // self.config.block_size) > self.blocks.num_blocks:
             raise ContextLengthError(f"prompt of {len(prompt)} tokens does not fit the KV cache "
                                      f"({self.blocks.num_blocks} blocks of {self.config.block_size})")
+        if image_hashes is not None and len(image_hashes) != len(image_embeds):
+            raise InputError(f"{len(image_hashes)} image hashes for {len(image_embeds)} images")
         hashes = tuple(image_hashes) if image_hashes is not None else tuple(embedding_hash(e) for e in image_embeds)
         with self._lock:
             if request_id in self._seqs or any(p[0] == "add" and p[1].request_id == request_id for p in self._pending):
