@@ -25,6 +25,7 @@ class AppArgs(BaseModel):
     max_images: int = 8
     default_max_tokens: int = 64
     allowed_file_dirs: list[str] = Field(default_factory=list)
+    api_key: str | None = Field(None, description="when set, requests need 'Authorization: Bearer <key>'")
 
 
 def _cluster_has_gpus() -> bool:
@@ -49,4 +50,5 @@ def build_app(args: dict | None = None) -> serve.Application:
         ray_actor_options={"num_gpus": a.llm_gpus} if gpus else {"num_cpus": 0.5})
     ingress = serve.deployment(ServeIngress, name="Ingress")
     return ingress.bind(vision.bind(model_dir, a.dtype), llm.bind(model_dir, a.dtype, None, a.engine), model_dir,
-                        a.model_name, a.max_image_bytes, a.max_images, a.default_max_tokens, a.allowed_file_dirs)
+                        a.model_name, a.max_image_bytes, a.max_images, a.default_max_tokens, a.allowed_file_dirs,
+                        a.api_key)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import itertools
 import json
 import time
 import uuid
 from pathlib import Path
+from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,7 +28,8 @@ from vlm_core.errors import InputError, VLMError
 from vlm_core.inputs.image import load_image
 from vlm_core.inputs.prompt import PromptBuilder, pixel_hash
 
-from .protocol import ChatCompletionRequest
+from .protocol import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
+                       ChunkChoice, Delta, usage_of)
 
 app = FastAPI(title="vlm-serve")
 
@@ -60,7 +61,7 @@ async def _api_error(request: Request, exc: APIError):
 class Ingress:
     def __init__(self, vision, llm, model_dir: str, model_name: str = "vlm-serve-default",
                  max_image_bytes: int = 10 * 1024 * 1024, max_images: int = 8, default_max_tokens: int = 64,
-                 allowed_file_dirs: list[str] | None = None):
+                 allowed_file_dirs: list[str] | None = None, api_key: str | None = None):
         self.vision, self.llm = vision, llm
         self.inputs = PromptBuilder.from_pretrained(model_dir)
         self.model_name = model_name
@@ -68,7 +69,7 @@ class Ingress:
         self.default_max_tokens = default_max_tokens
         self.allowed_file_dirs = [Path(d).resolve() for d in (allowed_file_dirs or [])]
         self.created = int(time.time())
-        self._ids = itertools.count()
+        self.api_key = api_key
 
     # ---- request parsing --------------------------------------------------------------------
 
@@ -129,58 +130,81 @@ class Ingress:
         return {"status": "ok"}
 
     @app.get("/v1/models")
-    async def models(self):
+    async def models(self, request: Request):
+        self._authorize(request)
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
                                             "owned_by": "vlm-serve"}]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest):
-        prompt, pixels, sampling = self._prepare(body)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        hashes = [pixel_hash(p) for p in pixels]
-        embeds = self.vision.encode.remote(pixels, hashes) if len(hashes) else []
-        stream = self.llm.options(stream=True).generate.remote(
-            rid, list(prompt.token_ids), [(s.offset, s.length) for s in prompt.spans], embeds, hashes, sampling)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._sse(rid, stream, include_usage), media_type="text/event-stream")
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        self._authorize(request)
+        if not body.stream:
+            return await self.chat(body)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunks = self.chat_stream(body, include_usage)
+        first = await anext(chunks)   # errors before the first byte still get a status code
+
+        async def sse():
+            yield f"data: {first.model_dump_json(exclude_none=True)}\n\n"
+            try:
+                async for c in chunks:
+                    yield f"data: {c.model_dump_json(exclude_none=True)}\n\n"
+            except Exception as e:  # the replica failed mid-stream: end with an error event, never hang
+                yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'code': 500}})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    # ---- Python handle API (also what the HTTP routes use) -------------------------------------
+
+    async def chat(self, body: ChatCompletionRequest) -> ChatCompletion:
+        """One chat completion. From another Ray job:
+        `serve.get_app_handle("vlm").chat.remote(ChatCompletionRequest(...)).result()`."""
+        rid, stream = self._start(body)
         text, last = "", None
         async for out in stream:
             text += out["text"]
             last = out
-        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": last["finish_reason"]}],
-                "usage": _usage(last)}
+        return ChatCompletion(id=rid, created=int(time.time()), model=self.model_name,
+                              choices=[Choice(message=AssistantMessage(content=text),
+                                              finish_reason=last["finish_reason"])],
+                              usage=usage_of(last))
 
-    async def _sse(self, rid, stream, include_usage):
+    async def chat_stream(self, body: ChatCompletionRequest, include_usage: bool = True
+                          ) -> AsyncIterator[ChatCompletionChunk]:
+        """Streamed chat completion chunks (use `handle.options(stream=True).chat_stream.remote(...)`)."""
+        rid, stream = self._start(body)
         created = int(time.time())
 
-        def chunk(delta, finish=None, usage=None, choices=True):
-            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if choices else []}
-            if usage is not None:
-                body["usage"] = usage
-            return f"data: {json.dumps(body)}\n\n"
+        def chunk(delta: Delta, finish=None, usage=None, choices=True) -> ChatCompletionChunk:
+            return ChatCompletionChunk(id=rid, created=created, model=self.model_name, usage=usage,
+                                       choices=[ChunkChoice(delta=delta, finish_reason=finish)] if choices else [])
 
-        yield chunk({"role": "assistant", "content": ""})
+        yield chunk(Delta(role="assistant", content=""))
         last = None
-        try:
-            async for out in stream:
-                last = out
-                if out["text"] or out["finish_reason"]:
-                    yield chunk({"content": out["text"]} if out["text"] else {}, out["finish_reason"])
-        except Exception as e:  # the replica failed: end the stream with an error event, never hang
-            yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'code': 500}})}\n\n"
+        async for out in stream:
+            last = out
+            if out["text"] or out["finish_reason"]:
+                yield chunk(Delta(content=out["text"] or None), out["finish_reason"])
         if include_usage and last is not None:
-            yield chunk({}, usage=_usage(last), choices=False)
-        yield "data: [DONE]\n\n"
+            yield chunk(Delta(), usage=usage_of(last), choices=False)
 
+    def _start(self, body: ChatCompletionRequest):
+        prompt, pixels, sampling = self._prepare(body)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        hashes = [pixel_hash(p) for p in pixels]
+        embeds = self.vision.encode.remote(pixels, hashes) if hashes else []
+        stream = self.llm.options(stream=True).generate.remote(
+            rid, list(prompt.token_ids), [(s.offset, s.length) for s in prompt.spans], embeds, hashes, sampling)
+        return rid, stream
 
-def _usage(out: dict) -> dict:
-    return {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
-            "total_tokens": out["prompt_tokens"] + out["completion_tokens"],
-            "prompt_tokens_details": {"cached_tokens": out["cached_tokens"]}}
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        if auth != f"Bearer {self.api_key}":
+            raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                           "authentication_error")
 
 
 # Applied at import so every process that imports this module (driver and replicas) turns the

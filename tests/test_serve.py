@@ -13,6 +13,10 @@ from vlm_core.default_model.data import heldout_set
 pytestmark = pytest.mark.timeout(300)
 
 
+API_KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -39,7 +43,8 @@ def server():
     ray.init(num_cpus=2, include_dashboard=False, address="local", log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(app_cfg["args"]), name=app_cfg["name"], route_prefix="/", blocking=False)
+        serve.run(build_app({**app_cfg["args"], "api_key": API_KEY}), name=app_cfg["name"], route_prefix="/",
+                  blocking=False)
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -50,7 +55,7 @@ def server():
 def client(server):
     from openai import OpenAI
 
-    return OpenAI(base_url=server + "/v1", api_key="unused", timeout=60, max_retries=0)
+    return OpenAI(base_url=server + "/v1", api_key=API_KEY, timeout=60, max_retries=0)
 
 
 def ask(client, image, question, **kw):
@@ -92,7 +97,8 @@ def test_models_and_health(server):
     import httpx
 
     assert httpx.get(server + "/health").json() == {"status": "ok"}
-    assert httpx.get(server + "/v1/models").json()["data"][0]["id"] == "vlm-serve-default"
+    assert httpx.get(server + "/v1/models", headers=AUTH).json()["data"][0]["id"] == "vlm-serve-default"
+    assert httpx.get(server + "/v1/models").status_code == 401
 
 
 @pytest.mark.parametrize("body,status,message", [
@@ -114,7 +120,36 @@ def test_models_and_health(server):
 def test_bad_requests_get_openai_shaped_errors(server, body, status, message):
     import httpx
 
-    r = httpx.post(server + "/v1/chat/completions", json=body, timeout=60)
+    r = httpx.post(server + "/v1/chat/completions", json=body, headers=AUTH, timeout=60)
     assert r.status_code == status
     err = r.json()["error"]
     assert message in err["message"] and err["code"] == status and err["type"] == "invalid_request_error"
+
+
+def test_api_key_is_required(server):
+    import httpx
+
+    body = {"messages": [{"role": "user", "content": "How many shapes are there?"}]}
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.post(server + "/v1/chat/completions", json=body, headers=headers, timeout=60)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+
+
+def test_python_handle_api(server):
+    from ray import serve
+
+    from deployments.protocol import ChatCompletionRequest
+
+    scene, q, gold = heldout_set(1, seed=8)[0]
+    import base64 as b64
+    buf = io.BytesIO()
+    scene.image().save(buf, "PNG")
+    req = ChatCompletionRequest(temperature=0, messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64.b64encode(buf.getvalue()).decode()}},
+        {"type": "text", "text": q}]}])
+    handle = serve.get_app_handle("vlm")
+    out = handle.chat.remote(req).result(timeout_s=60)
+    assert out.choices[0].message.content.strip() == gold and out.usage.completion_tokens >= 1
+    chunks = list(handle.options(stream=True).chat_stream.remote(req))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip() == gold
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == out.usage.total_tokens
