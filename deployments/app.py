@@ -21,6 +21,8 @@ class AppArgs(BaseModel):
     vision_gpus: float = Field(0.25, ge=0, description="GPU fraction per VisionEncoder replica on GPU clusters")
     llm_gpus: float = Field(1.0, ge=0, description="GPU fraction per LLMServer replica on GPU clusters")
     engine: dict[str, Any] = Field(default_factory=dict, description="EngineConfig fields")
+    vision_max_batch_size: int = Field(8, ge=1, description="requests whose images share one tower forward")
+    vision_batch_wait_s: float = Field(0.01, ge=0, description="how long a vision batch waits to fill")
     max_image_bytes: int = 10 * 1024 * 1024
     max_images: int = 8
     default_max_tokens: int = 64
@@ -49,6 +51,6 @@ def build_app(args: dict | None = None) -> serve.Application:
     llm = serve.deployment(LLMServer, name="LLMServer").options(
         ray_actor_options={"num_gpus": a.llm_gpus} if gpus else {"num_cpus": 0.5})
     ingress = serve.deployment(ServeIngress, name="Ingress")
-    return ingress.bind(vision.bind(model_dir, a.dtype), llm.bind(model_dir, a.dtype, None, a.engine), model_dir,
+    return ingress.bind(vision.bind(model_dir, a.dtype, None, 512, a.vision_max_batch_size, a.vision_batch_wait_s), llm.bind(model_dir, a.dtype, None, a.engine), model_dir,
                         a.model_name, a.max_image_bytes, a.max_images, a.default_max_tokens, a.allowed_file_dirs,
                         a.api_key)

@@ -43,7 +43,7 @@ def server():
     ray.init(num_cpus=2, include_dashboard=False, address="local", log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({**app_cfg["args"], "api_key": API_KEY}), name=app_cfg["name"], route_prefix="/",
+        serve.run(build_app({**app_cfg["args"], "api_key": API_KEY, "vision_batch_wait_s": 0.05}), name=app_cfg["name"], route_prefix="/",
                   blocking=False)
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -153,3 +153,28 @@ def test_python_handle_api(server):
     chunks = list(handle.options(stream=True).chat_stream.remote(req))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip() == gold
     assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == out.usage.total_tokens
+
+
+def test_concurrent_image_requests_are_batched_and_metrics_count(server, client):
+    import concurrent.futures
+
+    from ray import serve
+
+    import random
+
+    from vlm_core.default_model.data import make_scene, sample_qa, split_ids
+
+    rng = random.Random(9)
+    scenes = [make_scene(i) for i in split_ids("heldout", 8, offset=5000)]   # pictures no other test sent
+    items = [(sc, *sample_qa(sc, rng)) for sc in scenes]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda it: ask(client, it[0].image(), it[1]).choices[0].message.content.strip(),
+                                items))
+    assert sum(a == gold for a, (_, _, gold) in zip(answers, items)) >= 7
+    ask(client, items[0][0].image(), "How many shapes are there?")   # same picture again: an encoder-cache hit
+    vision = serve.get_deployment_handle("VisionEncoder", "vlm").stats.remote().result(timeout_s=30)
+    llm = serve.get_deployment_handle("LLMServer", "vlm").stats.remote().result(timeout_s=30)
+    assert vision["largest_batch"] > 1      # images of concurrent requests shared a tower forward
+    assert vision["hits"] >= 1
+    assert llm["ttft_observations"] == llm["requests"] - llm["aborted"] >= 8
+    assert llm["running"] == 0 and llm["free_blocks"] == llm["num_blocks"]
