@@ -152,3 +152,14 @@ def test_im_start_end_wrapping_from_config(tmp_path, images):
     patch, _ = m.prepare("USER: <im_start>" + "<im_patch>" * n + "<im_end>\nWhat colour is the circle? ASSISTANT:",
                          images[:1], apply_template=False)
     assert patch.spans == mm.spans and len(patch) == len(mm)
+
+
+def test_negative_placeholder_id_is_never_looked_up():
+    """LLaVA's original IMAGE_TOKEN_INDEX (-200) lies outside the vocabulary."""
+    emb = torch.nn.Embedding(20, 4)
+    spec = PlaceholderSpec(image_token_id=-200, tokens_per_image=2)
+    mm = expand_placeholders([1, -200, 9], 1, spec)
+    assert mm.token_ids == (1, -200, -200, 9)
+    img = torch.ones(2, 4)
+    out = chunk_embeddings(emb, mm, [img], 0, len(mm))
+    assert torch.equal(out[1:3], img) and torch.equal(out[[0, 3]], emb(torch.tensor([1, 9])))
