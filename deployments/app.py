@@ -10,24 +10,49 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
+
+from vlm_core.inputs.image import MAX_IMAGE_PIXELS
 
 
 class AppArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     model_dir: str | None = Field(None, description="llava-hf checkpoint folder; default: the embedded AWQ model")
     model_name: str = "vlm-serve-default"
     dtype: str | None = None
     vision_gpus: float = Field(0.25, ge=0, description="GPU fraction per VisionEncoder replica on GPU clusters")
     llm_gpus: float = Field(1.0, ge=0, description="GPU fraction per LLMServer replica on GPU clusters")
     engine: dict[str, Any] = Field(default_factory=dict, description="EngineConfig fields")
-    vision_max_batch_size: int = Field(8, ge=1, description="requests whose images share one tower forward")
+    vision_max_batch_images: int = Field(32, ge=1, description="images (tiles) per tower forward, across requests")
     vision_batch_wait_s: float = Field(0.01, ge=0, description="how long a vision batch waits to fill")
-    max_image_bytes: int = 10 * 1024 * 1024
-    max_images: int = 8
-    default_max_tokens: int = 64
-    allowed_file_dirs: list[str] = Field(default_factory=list)
+    vision_cache_size: int = Field(512, ge=0, description="embeddings kept in each VisionEncoder's LRU cache")
+    max_images: int = Field(8, ge=0, description="images per request")
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1, description="encoded bytes per image (413 above)")
+    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1, description="pixels per image, checked before decoding (413)")
+    default_max_tokens: int = Field(64, ge=1)
+    allowed_file_dirs: list[str] = Field(default_factory=list, description="folders file:// image URLs may read")
+    allow_http_images: bool = Field(False, description="fetch http(s) image URLs")
+    http_timeout_s: float = Field(10.0, gt=0, description="deadline for one image fetch")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After of 503 answers when queues are full")
     api_key: str | None = Field(None, description="when set, requests need 'Authorization: Bearer <key>'")
+    deployment_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per-deployment serve options (e.g. {'LLMServer': {'max_queued_requests': 8}})"
+                                          " for Python callers of build_app; the yaml's `deployments` does this for serve run")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.vision_max_batch_images < self.max_images:
+            raise ValueError(f"vision_max_batch_images ({self.vision_max_batch_images}) must be at least "
+                             f"max_images ({self.max_images})")
+        unknown = set(self.deployment_options) - set(DEPLOYMENTS)
+        if unknown:
+            raise ValueError(f"deployment_options names unknown deployments {sorted(unknown)}; known: {DEPLOYMENTS}")
+        return self
+
+
+DEPLOYMENTS = ("Ingress", "VisionEncoder", "LLMServer")
 
 
 def _cluster_has_gpus() -> bool:
@@ -39,18 +64,26 @@ def _cluster_has_gpus() -> bool:
 def build_app(args: dict | None = None) -> serve.Application:
     from vlm_core.default_model import default_model_dir
 
-    from .ingress import ServeIngress
+    from .ingress import IngressOptions, ServeIngress
     from .llm import LLMServer
     from .vision import VisionEncoder
 
     a = AppArgs(**(args or {}))
     model_dir = a.model_dir or str(default_model_dir("awq"))
     gpus = _cluster_has_gpus()
-    vision = serve.deployment(VisionEncoder, name="VisionEncoder").options(
-        ray_actor_options={"num_gpus": a.vision_gpus} if gpus else {"num_cpus": 0.5})
-    llm = serve.deployment(LLMServer, name="LLMServer").options(
-        ray_actor_options={"num_gpus": a.llm_gpus} if gpus else {"num_cpus": 0.5})
-    ingress = serve.deployment(ServeIngress, name="Ingress")
-    return ingress.bind(vision.bind(model_dir, a.dtype, None, 512, a.vision_max_batch_size, a.vision_batch_wait_s), llm.bind(model_dir, a.dtype, None, a.engine), model_dir,
-                        a.model_name, a.max_image_bytes, a.max_images, a.default_max_tokens, a.allowed_file_dirs,
-                        a.api_key)
+
+    def deployment(cls, name: str, resources: dict | None):
+        opts = {"ray_actor_options": resources} if resources else {}
+        return serve.deployment(cls, name=name).options(**{**opts, **a.deployment_options.get(name, {})})
+
+    vision = deployment(VisionEncoder, "VisionEncoder", {"num_gpus": a.vision_gpus} if gpus else {"num_cpus": 0.5})
+    llm = deployment(LLMServer, "LLMServer", {"num_gpus": a.llm_gpus} if gpus else {"num_cpus": 0.5})
+    ingress = deployment(ServeIngress, "Ingress", None)
+    options = IngressOptions(
+        model_name=a.model_name, max_images=a.max_images, max_image_bytes=a.max_image_bytes,
+        max_image_pixels=a.max_image_pixels, default_max_tokens=a.default_max_tokens,
+        allowed_file_dirs=tuple(a.allowed_file_dirs), allow_http_images=a.allow_http_images,
+        http_timeout_s=a.http_timeout_s, api_key=a.api_key, retry_after_s=a.retry_after_s)
+    return ingress.bind(
+        vision.bind(model_dir, a.dtype, None, a.vision_cache_size, a.vision_max_batch_images, a.vision_batch_wait_s),
+        llm.bind(model_dir, a.dtype, None, a.engine), model_dir, options)

@@ -11,95 +11,94 @@ LLM replica without passing through the ingress.
 
 from __future__ import annotations
 
-import base64
-import binascii
+import asyncio
 import json
 import time
 import uuid
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 
-from vlm_core.errors import InputError, VLMError
-from vlm_core.inputs.image import load_image
+from vlm_core.errors import ImageTooLargeError, VLMError
+from vlm_core.inputs.image import MAX_IMAGE_PIXELS, load_image
 from vlm_core.inputs.prompt import PromptBuilder, pixel_hash
 
-from .protocol import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
-                       ChunkChoice, Delta, usage_of)
+from .media import ImagePolicy, read_image_url
+from .protocol import (APIError, AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
+                       Choice, ChunkChoice, Delta, usage_of)
 
 app = FastAPI(title="vlm-serve")
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type_, param
-
-
-def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                   headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": status}},
-                        status_code=status, headers=headers)
 
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError):
     first = exc.errors()[0] if exc.errors() else {}
     where = ".".join(str(p) for p in first.get("loc", ())[1:])
-    return error_response(400, f"{where}: {first.get('msg', 'invalid request')}" if where else str(exc), param=where)
+    e = APIError(400, f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", str(exc)),
+                 param=where or None)
+    return JSONResponse(e.body(), status_code=400)
 
 
 @app.exception_handler(APIError)
 async def _api_error(request: Request, exc: APIError):
-    return error_response(exc.status, exc.message, exc.type, exc.param)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+@dataclass(frozen=True)
+class IngressOptions:
+    model_name: str = "vlm-serve-default"
+    max_images: int = 8
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    default_max_tokens: int = 64
+    allowed_file_dirs: tuple[str, ...] = field(default_factory=tuple)
+    allow_http_images: bool = False
+    http_timeout_s: float = 10.0
+    api_key: str | None = None
+    retry_after_s: int = 1
+
+
+def api_error_of(e: BaseException, retry_after_s: int = 1) -> APIError:
+    """The client-facing error for an exception raised by a downstream deployment call."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, APIError):
+            return seen
+        if isinstance(seen, BackPressureError):
+            return APIError(503, "the server is at capacity; retry later", "server_overloaded",
+                            headers={"Retry-After": str(retry_after_s)})
+        if isinstance(seen, ImageTooLargeError):
+            return APIError(413, str(seen), param="image_url")
+        if isinstance(seen, VLMError):
+            return APIError(400, str(seen))
+        seen = getattr(seen, "cause", None) or seen.__cause__
+    return APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error")
 
 
 class Ingress:
-    def __init__(self, vision, llm, model_dir: str, model_name: str = "vlm-serve-default",
-                 max_image_bytes: int = 10 * 1024 * 1024, max_images: int = 8, default_max_tokens: int = 64,
-                 allowed_file_dirs: list[str] | None = None, api_key: str | None = None):
+    def __init__(self, vision, llm, model_dir: str, options: IngressOptions = IngressOptions()):
         self.vision, self.llm = vision, llm
         self.inputs = PromptBuilder.from_pretrained(model_dir)
-        self.model_name = model_name
-        self.max_image_bytes, self.max_images = max_image_bytes, max_images
-        self.default_max_tokens = default_max_tokens
-        self.allowed_file_dirs = [Path(d).resolve() for d in (allowed_file_dirs or [])]
+        self.options = o = options
+        self.model_name = o.model_name
+        self.max_model_len = self.inputs.config.text.max_position_embeddings
+        self.policy = ImagePolicy.create(o.max_image_bytes, o.allowed_file_dirs, o.allow_http_images, o.http_timeout_s)
         self.created = int(time.time())
-        self.api_key = api_key
+        self._http = None
 
     # ---- request parsing --------------------------------------------------------------------
 
-    def _image_bytes(self, url: str) -> bytes:
-        if url.startswith("data:"):
-            header, _, payload = url.partition(",")
-            if ";base64" not in header:
-                raise APIError(400, "image data URLs must be base64-encoded", param="image_url")
-            if len(payload) * 3 // 4 > self.max_image_bytes:
-                raise APIError(413, f"image is larger than {self.max_image_bytes} bytes", param="image_url")
-            try:
-                return base64.b64decode(payload, validate=True)
-            except (binascii.Error, ValueError):
-                raise APIError(400, "image data URL is not valid base64", param="image_url") from None
-        if url.startswith("file://"):
-            path = Path(url[len("file://"):]).resolve()
-            if not any(path.is_relative_to(d) for d in self.allowed_file_dirs):
-                raise APIError(400, "file:// image paths are only allowed under the configured folders",
-                               param="image_url")
-            if not path.is_file():
-                raise APIError(400, f"image file {path} does not exist", param="image_url")
-            if path.stat().st_size > self.max_image_bytes:
-                raise APIError(413, f"image is larger than {self.max_image_bytes} bytes", param="image_url")
-            return path.read_bytes()
-        if url.startswith(("http://", "https://")):
-            raise APIError(400, "fetching images over http(s) is disabled on this server", param="image_url")
-        raise APIError(400, "image_url must be a data: URL (or file:// where allowed)", param="image_url")
-
-    def _prepare(self, body: ChatCompletionRequest):
-        messages, images = [], []
+    async def _prepare(self, body: ChatCompletionRequest):
+        o = self.options
+        if body.model not in (None, self.model_name):
+            raise APIError(404, f"model {body.model!r} does not exist; this server serves {self.model_name!r}",
+                           param="model")
+        messages, urls = [], []
         for m in body.messages:
             if isinstance(m.content, str):
                 messages.append({"role": m.role, "content": m.content})
@@ -109,18 +108,31 @@ class Ingress:
                 if p.type == "text":
                     parts.append({"type": "text", "text": p.text})
                 else:
-                    images.append(self._image_bytes(p.image_url.url))
+                    urls.append(p.image_url.url)
                     parts.append({"type": "image"})
             messages.append({"role": m.role, "content": parts})
-        if len(images) > self.max_images:
-            raise APIError(400, f"at most {self.max_images} images per request", param="messages")
-        try:
-            sampling = body.sampling(self.default_max_tokens)
-            prompt, pixels = self.inputs.prepare(messages, [load_image(b) for b in images])
-        except InputError as e:
-            raise APIError(400, str(e)) from None
-        except VLMError as e:
-            raise APIError(400, str(e)) from None
+        if len(urls) > o.max_images:
+            raise APIError(400, f"{len(urls)} images in the request; at most {o.max_images} are allowed",
+                           param="messages")
+        if self.policy.allow_http and self._http is None:
+            import httpx
+
+            self._http = httpx.AsyncClient(follow_redirects=True, max_redirects=3)
+        datas = await asyncio.gather(*(read_image_url(u, self.policy, self._http) for u in urls))
+
+        def work():   # image decoding and tokenization, off the event loop
+            try:
+                sampling = body.sampling(o.default_max_tokens)
+                images = [load_image(b, o.max_image_pixels) for b in datas]
+                prompt, pixels = self.inputs.prepare(messages, images)
+                return prompt, pixels, sampling
+            except VLMError as e:
+                raise api_error_of(e) from None
+
+        prompt, pixels, sampling = await asyncio.to_thread(work)
+        if len(prompt) >= self.max_model_len:
+            raise APIError(400, f"the prompt has {len(prompt)} tokens; this model's context is "
+                                f"{self.max_model_len} tokens", param="messages")
         return prompt, pixels, sampling
 
     # ---- routes -----------------------------------------------------------------------------
@@ -142,15 +154,17 @@ class Ingress:
             return await self.chat(body)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = self.chat_stream(body, include_usage)
-        first = await anext(chunks)   # errors before the first byte still get a status code
+        first = await anext(chunks)   # the engine has accepted the request: errors so far get a status code
 
         async def sse():
-            yield f"data: {first.model_dump_json(exclude_none=True)}\n\n"
             try:
+                yield f"data: {first.model_dump_json(exclude_none=True)}\n\n"
                 async for c in chunks:
                     yield f"data: {c.model_dump_json(exclude_none=True)}\n\n"
-            except Exception as e:  # the replica failed mid-stream: end with an error event, never hang
-                yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'code': 500}})}\n\n"
+            except Exception as e:  # a replica failed mid-stream: end with an error event, never hang
+                yield f"data: {json.dumps(api_error_of(e).body())}\n\n"
+            finally:
+                await chunks.aclose()    # a disconnected client aborts its request in the engine
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream")
@@ -159,12 +173,20 @@ class Ingress:
 
     async def chat(self, body: ChatCompletionRequest) -> ChatCompletion:
         """One chat completion. From another Ray job:
-        `serve.get_app_handle("vlm").chat.remote(ChatCompletionRequest(...)).result()`."""
-        rid, stream = self._start(body)
-        text, last = "", None
-        async for out in stream:
-            text += out["text"]
-            last = out
+        `serve.get_app_handle("vlm").chat.remote(ChatCompletionRequest(...)).result()`.
+        Errors are raised as `APIError` (status, message, type, param)."""
+        rid, stream, out = await self._start(body)
+        text = ""
+        try:
+            while out is not None:
+                text += out["text"]
+                last = out
+                out = await anext(stream, None)
+        except BaseException as e:   # failed or cancelled mid-generation: stop the engine's work too
+            stream.cancel()
+            if isinstance(e, Exception):
+                raise api_error_of(e, self.options.retry_after_s) from None
+            raise
         return ChatCompletion(id=rid, created=int(time.time()), model=self.model_name,
                               choices=[Choice(message=AssistantMessage(content=text),
                                               finish_reason=last["finish_reason"])],
@@ -172,37 +194,72 @@ class Ingress:
 
     async def chat_stream(self, body: ChatCompletionRequest, include_usage: bool = True
                           ) -> AsyncIterator[ChatCompletionChunk]:
-        """Streamed chat completion chunks (use `handle.options(stream=True).chat_stream.remote(...)`)."""
-        rid, stream = self._start(body)
+        """Streamed chat completion chunks (use `handle.options(stream=True).chat_stream.remote(...)`).
+        Closing the stream early aborts the request in the engine."""
+        rid, stream, out = await self._start(body)
         created = int(time.time())
 
         def chunk(delta: Delta, finish=None, usage=None, choices=True) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=rid, created=created, model=self.model_name, usage=usage,
                                        choices=[ChunkChoice(delta=delta, finish_reason=finish)] if choices else [])
 
-        yield chunk(Delta(role="assistant", content=""))
         last = None
-        async for out in stream:
-            last = out
-            if out["text"] or out["finish_reason"]:
-                yield chunk(Delta(content=out["text"] or None), out["finish_reason"])
+        try:
+            yield chunk(Delta(role="assistant", content=""))
+            while out is not None:
+                last = out
+                if out["text"] or out["finish_reason"]:
+                    yield chunk(Delta(content=out["text"] or None), out["finish_reason"])
+                out = await anext(stream, None)
+        except Exception as e:
+            stream.cancel()
+            raise api_error_of(e, self.options.retry_after_s) from None
+        finally:
+            if out is not None:      # the consumer left early (closed, disconnected, cancelled)
+                stream.cancel()
         if include_usage and last is not None:
             yield chunk(Delta(), usage=usage_of(last), choices=False)
 
-    def _start(self, body: ChatCompletionRequest):
-        prompt, pixels, sampling = self._prepare(body)
+    async def _start(self, body: ChatCompletionRequest):
+        """Validate, send images to the vision deployment and the prompt to the LLM deployment;
+        returns once the engine has accepted the request (its first output in hand)."""
+        prompt, pixels, sampling = await self._prepare(body)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         hashes = [pixel_hash(p) for p in pixels]
-        embeds = self.vision.encode.remote(pixels, hashes) if hashes else []
+        # the vision call's response goes straight into the LLM call: the embeddings move
+        # vision replica -> object store -> LLM replica and never through this process
+        embeds = None
+        if hashes:
+            embeds = self.vision.encode.remote(pixels, hashes)
+            await self._wait_done(embeds)
         stream = self.llm.options(stream=True).generate.remote(
             rid, list(prompt.token_ids), [(s.offset, s.length) for s in prompt.spans], embeds, hashes, sampling)
-        return rid, stream
+        try:
+            first = await anext(stream)
+        except Exception as e:   # not admitted (queue full, invalid for the engine, replica gone)
+            raise api_error_of(e, self.options.retry_after_s) from None
+        return rid, stream, first
+
+    async def _wait_done(self, response) -> None:
+        """Wait until a deployment response is computed, without fetching its value here.
+
+        The LLM call is routed only then, so its queue limit (`max_queued_requests`) sees it as
+        queued the moment it is: Serve checks that limit when a call is made, and a call whose
+        argument is still being computed would not count yet.
+        """
+        import ray
+
+        try:
+            ref = await response._to_object_ref()
+            await asyncio.to_thread(ray.wait, [ref], fetch_local=False)
+        except Exception as e:
+            raise api_error_of(e, self.options.retry_after_s) from None
 
     def _authorize(self, request: Request) -> None:
-        if self.api_key is None:
+        key = self.options.api_key
+        if key is None:
             return
-        auth = request.headers.get("authorization", "")
-        if auth != f"Bearer {self.api_key}":
+        if request.headers.get("authorization", "") != f"Bearer {key}":
             raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
                            "authentication_error")
 

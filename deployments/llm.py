@@ -1,4 +1,7 @@
-"""LLMServer deployment: the continuous-batching engine behind a streaming handle method."""
+"""LLMServer deployment: the continuous-batching engine behind a streaming handle method.
+
+Only the decoder is loaded; image embeddings arrive from the VisionEncoder as msgpack buffers.
+"""
 
 from __future__ import annotations
 
@@ -11,29 +14,32 @@ from vlm_core.engine.sampling import SamplingParams
 from vlm_core.inputs.placeholders import ImageSpan, MultimodalPrompt
 from vlm_core.vlm import VLM
 
+from .metrics import metric
+from .wire import unpack_tensors
+
 
 class LLMServer:
     def __init__(self, model_dir: str, dtype: str | None = None, device: str | None = None,
                  engine: dict | None = None):
-        from ray.serve import metrics
-
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        vlm = VLM.from_pretrained(model_dir, dtype=dtype, device=device)
+        vlm = VLM.from_pretrained(model_dir, dtype=dtype, device=device, parts=("llm",))
         self.engine = AsyncLLMEngine(vlm.engine(EngineConfig(**(engine or {}))))
         latency = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30]
-        self.m_ttft = metrics.Histogram("vlm_time_to_first_token_s", "time to first token", latency)
-        self.m_tpot = metrics.Histogram("vlm_time_per_output_token_s", "time per output token after the first",
+        self.m_ttft = metric("Histogram", "vlm_time_to_first_token_s", "time to first token", latency)
+        self.m_tpot = metric("Histogram", "vlm_time_per_output_token_s", "time per output token after the first",
                                         latency)
-        self.m_running = metrics.Gauge("vlm_running_sequences", "sequences in the running batch")
-        self.m_waiting = metrics.Gauge("vlm_waiting_sequences", "sequences waiting for admission")
-        self.m_kv = metrics.Gauge("vlm_kv_cache_usage", "fraction of KV blocks in use")
-        self.m_requests = metrics.Counter("vlm_requests", "finished requests", tag_keys=("finish_reason",))
+        self.m_running = metric("Gauge", "vlm_running_sequences", "sequences in the running batch")
+        self.m_waiting = metric("Gauge", "vlm_waiting_sequences", "sequences waiting for admission")
+        self.m_kv = metric("Gauge", "vlm_kv_cache_usage", "fraction of KV blocks in use")
+        self.m_requests = metric("Counter", "vlm_requests", "finished requests", tag_keys=("finish_reason",))
         self.counts = {"requests": 0, "ttft_observations": 0, "tpot_observations": 0, "aborted": 0}
 
     async def generate(self, request_id: str, token_ids: list[int], spans: list[tuple[int, int]],
-                       image_embeds: list[torch.Tensor], image_hashes: list[str], sampling: SamplingParams):
-        """Stream output deltas as dicts; a cancelled stream aborts the request in the engine."""
+                       image_embeds: bytes | None, image_hashes: list[str], sampling: SamplingParams):
+        """Stream output deltas as dicts; a cancelled stream aborts the request in the engine.
+        `image_embeds`: the VisionEncoder's packed embeddings (None without images)."""
         prompt = MultimodalPrompt(tuple(token_ids), tuple(ImageSpan(o, n) for o, n in spans))
+        image_embeds = unpack_tensors(image_embeds) if image_embeds is not None else []
         start = last = time.perf_counter()
         first, finish = True, None
         try:

@@ -9,6 +9,22 @@ from pydantic import BaseModel, ConfigDict, Field
 from vlm_core.engine.sampling import SamplingParams
 
 
+class APIError(Exception):
+    """An error answered in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type_, param
+        self.headers = headers or {}
+
+    def __reduce__(self):   # crosses process boundaries (handle callers get it back as raised)
+        return type(self), (self.status, self.message, self.type, self.param, self.headers)
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
+
+
 class ImageURL(BaseModel):
     url: str = Field(description="data:image/...;base64,..., file:// under an allowed folder, or http(s) when enabled")
     detail: str | None = None
@@ -49,11 +65,13 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = Field(False, description="extension: keep generating past EOS up to max_tokens")
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return SamplingParams(max_new_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
-                              temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=tuple(stop))
+                              temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=tuple(stop),
+                              ignore_eos=self.ignore_eos)
 
 
 class Usage(BaseModel):

@@ -136,3 +136,50 @@ def test_legacy_rope_theta_and_rope_scaling_keys_parse():
 def test_loader_returns_model_on_requested_dtype(tiny_dir):
     m = load_llava_hf(tiny_dir, dtype="bfloat16")
     assert m.dtype == torch.bfloat16 and m.vision.dtype == torch.bfloat16
+
+
+def test_loading_one_side_reads_only_its_tensors(tiny_dir, vlm, images, monkeypatch):
+    import safetensors
+
+    from vlm_core.checkpoint import load_llava_hf as load
+
+    read = []
+    real = safetensors.safe_open
+
+    class Recording:
+        def __init__(self, *a, **kw):
+            self.inner = real(*a, **kw)
+
+        def __enter__(self):
+            self.st = self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def keys(self):
+            return self.st.keys()
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self.st.get_tensor(key)
+
+    monkeypatch.setattr(safetensors, "safe_open", Recording)
+    vision = load(tiny_dir, parts=("vision",))
+    assert vision.decoder is None and read and not any("language_model" in k or "lm_head" in k for k in read)
+    read.clear()
+    llm = load(tiny_dir, parts=("llm",))
+    assert llm.vision is None and llm.projector is None
+    assert read and not any("vision_tower" in k or "multi_modal_projector" in k for k in read)
+    monkeypatch.undo()
+
+    pixels = vlm.prepare("Describe.", images[:1])[1]
+    torch.testing.assert_close(vision.embed_images(pixels), vlm.model.embed_images(pixels), rtol=0, atol=0)
+    req = vlm.request("What colour is the circle?", images[:1])
+    from vlm_core.generation import prompt_logits
+
+    torch.testing.assert_close(prompt_logits(llm, [req])[0], vlm.prompt_logits([req])[0], rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="without its vision tower"):
+        llm.embed_images(pixels)
+    with pytest.raises(ValueError, match="subset"):
+        load(tiny_dir, parts=("decoder",))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Collection, Iterator
 
 import torch
 from torch import nn
@@ -101,7 +101,9 @@ def weight_files(model_dir: Path) -> list[Path]:
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
 
 
-def iter_weights(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_weights(files: list[Path], wanted: Callable[[str], bool] = lambda key: True
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs from the weight files; tensors whose name `wanted` rejects are not read."""
     from safetensors import SafetensorError, safe_open
 
     for f in files:
@@ -112,12 +114,13 @@ def iter_weights(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 raise CheckpointError(f"cannot read weights file {f}: {e}") from None
             if not isinstance(state, dict):
                 raise CheckpointError(f"weights file {f} does not hold a state dict")
-            yield from state.items()
+            yield from ((k, v) for k, v in state.items() if wanted(k))
             continue
         try:
             with safe_open(str(f), framework="pt") as st:
                 for key in st.keys():
-                    yield key, st.get_tensor(key)
+                    if wanted(key):
+                        yield key, st.get_tensor(key)
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"cannot read weights file {f}: {e}") from None
 
@@ -181,7 +184,8 @@ def _adapt_tower_prefix(name: str, expected: dict) -> str:
 
 
 def _is_tied(model: nn.Module, name: str) -> bool:
-    return name == "decoder.lm_head.weight" and model.decoder.config.tie_word_embeddings
+    decoder = getattr(model, "decoder", None)
+    return name == "decoder.lm_head.weight" and decoder is not None and decoder.config.tie_word_embeddings
 
 
 def read_quant_config(model_dir: Path, raw_config: dict) -> AWQConfig | None:
@@ -212,9 +216,22 @@ def convert_v2_state(state: dict[str, torch.Tensor], group_size: int) -> dict[st
     return out
 
 
+MODEL_PARTS = ("vision", "llm")
+_PART_PREFIXES = {"vision": ("vision.", "projector."), "llm": ("decoder.",)}
+
+
 def load_llava_hf(model_dir: str | Path, dtype: str | torch.dtype | None = None,
-                  device: str | torch.device = "cpu", linear: LinearFactory = dense_linear) -> LlavaModel:
-    """Load a llava-hf `LlavaForConditionalGeneration` checkpoint into our `LlavaModel`."""
+                  device: str | torch.device = "cpu", linear: LinearFactory = dense_linear,
+                  parts: Collection[str] = MODEL_PARTS) -> LlavaModel:
+    """Load a llava-hf `LlavaForConditionalGeneration` checkpoint into our `LlavaModel`.
+
+    `parts` chooses what is built and loaded: "vision" (tower + projector) and/or "llm" (the
+    decoder). A vision replica loads only the first, an LLM replica only the second; the
+    other part's tensors are never read.
+    """
+    parts = set(parts)
+    if not parts or parts - set(MODEL_PARTS):
+        raise ValueError(f"parts must be a non-empty subset of {MODEL_PARTS}, got {sorted(parts)}")
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"model directory {model_dir} does not exist")
@@ -226,22 +243,33 @@ def load_llava_hf(model_dir: str | Path, dtype: str | torch.dtype | None = None,
     files = weight_files(model_dir)
     dtype = parse_dtype(dtype, default_dtype(raw, device))
 
-    vision = VisionTower(config.vision).to(dtype)
-    with torch.device("meta"):
-        projector = build_projector(config.projector)
-        decoder = LlamaDecoder(config.text, linear)
+    vision = projector = decoder = None
+    if "vision" in parts:
+        vision = VisionTower(config.vision).to(dtype)
+        with torch.device("meta"):
+            projector = build_projector(config.projector)
+    if "llm" in parts:
+        with torch.device("meta"):
+            decoder = LlamaDecoder(config.text, linear)
     model = LlavaModel(config, vision, projector, decoder)
     kept = config.vision.layers_needed
     dropped = re.compile(r"^vision\.tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.")
+    not_built = tuple(p for part in MODEL_PARTS if part not in parts for p in _PART_PREFIXES[part])
 
     def skip(name: str) -> bool:
+        if name.startswith(not_built):
+            return True
         m = dropped.match(name)
         return m is not None and int(m.group(1)) >= kept
 
-    tensors = iter_weights(files)
+    def wanted(key: str) -> bool:
+        name = rename(key, LLAVA_HF_MAPPING)
+        return name is None or not skip(name)
+
+    tensors = iter_weights(files, wanted)
     if quant is not None and quant.version == "v2":
         tensors = iter(convert_v2_state(dict(tensors), quant.group_size).items())
     load_weights(model, tensors, LLAVA_HF_MAPPING, dtype, skip)
-    if config.text.tie_word_embeddings:
+    if decoder is not None and config.text.tie_word_embeddings:
         decoder.lm_head.weight = decoder.embed_tokens.weight
     return model.to(device).eval()

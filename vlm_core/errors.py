@@ -30,6 +30,10 @@ class ImageError(InputError):
     """An image cannot be read or decoded."""
 
 
+class ImageTooLargeError(ImageError):
+    """An image has more pixels than allowed (decompression-bomb guard; HTTP 413)."""
+
+
 class PlaceholderMismatchError(InputError):
     """The number of image placeholders in a prompt differs from the number of images."""
 

@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .checkpoint import load_llava_hf
+from .checkpoint import MODEL_PARTS, load_llava_hf
 from .engine.engine import EngineConfig, RequestOutput
 from .engine.sampling import SamplingParams
 from .generation import GenerationOutput, GenerationRequest, prompt_logits
@@ -45,8 +45,11 @@ class VLM:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, dtype: str | torch.dtype | None = None,
-                        device: str | torch.device = "cpu", engine_config: EngineConfig | None = None) -> "VLM":
-        model = load_llava_hf(model_dir, dtype=dtype, device=device)
+                        device: str | torch.device = "cpu", engine_config: EngineConfig | None = None,
+                        parts: Sequence[str] = MODEL_PARTS) -> "VLM":
+        """`parts=("llm",)` loads only the decoder (for a server whose image embeddings come from
+        a vision encoder elsewhere); image inputs then need precomputed embeddings."""
+        model = load_llava_hf(model_dir, dtype=dtype, device=device, parts=parts)
         return cls(model, PromptBuilder.from_pretrained(model_dir, model.config), engine_config)
 
     # ---- inputs -------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Union
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import CheckpointError, ImageError
+from ..errors import CheckpointError, ImageError, ImageTooLargeError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -26,8 +26,11 @@ ImageInput = Union[Image.Image, str, Path, bytes]
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 
 
-def load_image(src: ImageInput) -> Image.Image:
-    """A PIL RGB image from a PIL image, a file path or encoded bytes; `ImageError` otherwise."""
+def load_image(src: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """A PIL RGB image from a PIL image, a file path or encoded bytes; `ImageError` otherwise.
+
+    Encoded images larger than `max_pixels` are refused from their header, before decoding
+    (`ImageTooLargeError`)."""
     if isinstance(src, Image.Image):
         img = src
         name = "image"
@@ -43,12 +46,14 @@ def load_image(src: ImageInput) -> Image.Image:
             raise ImageError(f"unsupported image input of type {type(src).__name__}")
         try:
             img = Image.open(fp)
-            if img.width * img.height > MAX_IMAGE_PIXELS:
-                raise ImageError(f"{name} is {img.width}x{img.height}, above the {MAX_IMAGE_PIXELS} pixel limit")
+            if img.width * img.height > max_pixels:
+                raise ImageTooLargeError(f"{name} is {img.width}x{img.height}, above the {max_pixels} pixel limit")
             img.load()
         except ImageError:
             raise
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        except Image.DecompressionBombError as e:   # pillow's own guard fires at open beyond 2x its limit
+            raise ImageTooLargeError(f"{name} is too large: {e}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise ImageError(f"cannot read {name}: {e}") from None
     if img.width == 0 or img.height == 0:
         raise ImageError(f"{name} is empty ({img.width}x{img.height})")

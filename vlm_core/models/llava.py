@@ -24,7 +24,11 @@ from .vision import VisionTower
 
 
 class LlavaModel(nn.Module):
-    def __init__(self, config: VLMConfig, vision: VisionTower, projector: nn.Module, decoder: LlamaDecoder):
+    """`vision`/`projector` or `decoder` may be None when only one side was loaded
+    (`load_llava_hf(parts=...)`): a vision replica has no decoder, an LLM replica no tower."""
+
+    def __init__(self, config: VLMConfig, vision: VisionTower | None, projector: nn.Module | None,
+                 decoder: LlamaDecoder | None):
         super().__init__()
         self.config = config
         self.vision = vision
@@ -37,16 +41,31 @@ class LlavaModel(nn.Module):
         return cls(config, VisionTower(config.vision), build_projector(config.projector),
                    LlamaDecoder(config.text, linear))
 
+    def _reference_weight(self) -> torch.Tensor:
+        if self.decoder is not None:
+            return self.decoder.embed_tokens.weight
+        return next(self.projector.parameters())
+
     @property
     def dtype(self) -> torch.dtype:
-        return self.decoder.embed_tokens.weight.dtype
+        return self._reference_weight().dtype
 
     @property
     def device(self) -> torch.device:
-        return self.decoder.embed_tokens.weight.device
+        return self._reference_weight().device
+
+    @property
+    def has_vision(self) -> bool:
+        return self.vision is not None
+
+    @property
+    def has_llm(self) -> bool:
+        return self.decoder is not None
 
     @torch.inference_mode()
     def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.vision is None:
+            raise RuntimeError("this model was loaded without its vision tower (parts=('llm',))")
         feats = self.vision(pixel_values.to(self.device))         # [N, n_tok, C_v]
         return self.projector(feats.to(self.dtype))               # [N, n_tok, H]
 
