@@ -25,8 +25,13 @@ class AppArgs(BaseModel):
     vision_gpus: float = Field(0.25, ge=0, description="GPU fraction per VisionEncoder replica on GPU clusters")
     llm_gpus: float = Field(1.0, ge=0, description="GPU fraction per LLMServer replica on GPU clusters")
     engine: dict[str, Any] = Field(default_factory=dict, description="EngineConfig fields")
+    max_waiting_requests: int | None = Field(
+        256, ge=0, description="requests an LLMServer replica holds beyond engine.max_num_seqs before it answers 503;"
+                               " None: no limit")
+    stream_interval_s: float = Field(0.02, ge=0, description="tokens made within this long of the last streamed"
+                                                           " message are sent together (0: every step)")
     vision_max_batch_images: int = Field(32, ge=1, description="images (tiles) per tower forward, across requests")
-    vision_batch_wait_s: float = Field(0.01, ge=0, description="how long a vision batch waits to fill")
+    vision_batch_wait_s: float = Field(0.002, ge=0, description="how long a vision batch waits to fill")
     vision_cache_size: int = Field(512, ge=0, description="embeddings kept in each VisionEncoder's LRU cache")
     max_images: int = Field(8, ge=0, description="images per request")
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1, description="encoded bytes per image (413 above)")
@@ -53,6 +58,12 @@ class AppArgs(BaseModel):
 
 
 DEPLOYMENTS = ("Ingress", "VisionEncoder", "LLMServer")
+# Code defaults for Python callers of build_app (Serve's own default of 5 ongoing requests per
+# replica would starve a continuous-batching engine); serve_config.yaml states its own.
+# An LLMServer replica takes engine.max_num_seqs + max_waiting_requests and refuses the next one
+# itself (503), so its max_ongoing_requests must not be lower than that.
+DEFAULT_OPTIONS = {"Ingress": {"max_ongoing_requests": 512}, "VisionEncoder": {"max_ongoing_requests": 64},
+                   "LLMServer": {"max_ongoing_requests": 320}}
 
 
 def _cluster_has_gpus() -> bool:
@@ -73,7 +84,7 @@ def build_app(args: dict | None = None) -> serve.Application:
     gpus = _cluster_has_gpus()
 
     def deployment(cls, name: str, resources: dict | None):
-        opts = {"ray_actor_options": resources} if resources else {}
+        opts = {**DEFAULT_OPTIONS[name], **({"ray_actor_options": resources} if resources else {})}
         return serve.deployment(cls, name=name).options(**{**opts, **a.deployment_options.get(name, {})})
 
     vision = deployment(VisionEncoder, "VisionEncoder", {"num_gpus": a.vision_gpus} if gpus else {"num_cpus": 0.5})
@@ -86,4 +97,20 @@ def build_app(args: dict | None = None) -> serve.Application:
         http_timeout_s=a.http_timeout_s, api_key=a.api_key, retry_after_s=a.retry_after_s)
     return ingress.bind(
         vision.bind(model_dir, a.dtype, None, a.vision_cache_size, a.vision_max_batch_images, a.vision_batch_wait_s),
-        llm.bind(model_dir, a.dtype, None, a.engine), model_dir, options)
+        llm.bind(model_dir, a.dtype, None, a.engine, a.max_waiting_requests, a.stream_interval_s), model_dir,
+        options)
+
+
+def app_from_config(path: str, overrides: dict | None = None) -> tuple[str, str, serve.Application]:
+    """(name, route_prefix, application) of the first application in a Serve config file, with
+    its `args` (updated by `overrides`) and its `deployments` settings, as `serve run` deploys it."""
+    import yaml
+
+    with open(path) as f:
+        app = yaml.safe_load(f)["applications"][0]
+    args = {**(app.get("args") or {}), **(overrides or {})}
+    options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments") or []}
+    for name, extra in (args.pop("deployment_options", None) or {}).items():
+        options[name] = {**options.get(name, {}), **extra}
+    args["deployment_options"] = options
+    return app.get("name", "default"), app.get("route_prefix", "/"), build_app(args)

@@ -30,7 +30,7 @@ from vlm_core.inputs.prompt import PromptBuilder, pixel_hash
 
 from .media import ImagePolicy, read_image_url
 from .protocol import (APIError, AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-                       Choice, ChunkChoice, Delta, usage_of)
+                       Choice, ChunkChoice, Delta, ServerOverloadedError, usage_of)
 
 app = FastAPI(title="vlm-serve")
 
@@ -69,7 +69,7 @@ def api_error_of(e: BaseException, retry_after_s: int = 1) -> APIError:
     while seen is not None:
         if isinstance(seen, APIError):
             return seen
-        if isinstance(seen, BackPressureError):
+        if isinstance(seen, (BackPressureError, ServerOverloadedError)):
             return APIError(503, "the server is at capacity; retry later", "server_overloaded",
                             headers={"Retry-After": str(retry_after_s)})
         if isinstance(seen, ImageTooLargeError):

@@ -9,21 +9,30 @@ import time
 
 import torch
 
-from vlm_core.engine.engine import AsyncLLMEngine, EngineConfig
+from vlm_core.engine.engine import AsyncLLMEngine, EngineConfig, merge_outputs
 from vlm_core.engine.sampling import SamplingParams
 from vlm_core.inputs.placeholders import ImageSpan, MultimodalPrompt
 from vlm_core.vlm import VLM
 
 from .metrics import metric
+from .protocol import ServerOverloadedError
 from .wire import unpack_tensors
 
 
 class LLMServer:
     def __init__(self, model_dir: str, dtype: str | None = None, device: str | None = None,
-                 engine: dict | None = None):
+                 engine: dict | None = None, max_waiting_requests: int | None = None,
+                 stream_interval_s: float = 0.0):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         vlm = VLM.from_pretrained(model_dir, dtype=dtype, device=device, parts=("llm",))
-        self.engine = AsyncLLMEngine(vlm.engine(EngineConfig(**(engine or {}))))
+        config = EngineConfig(**(engine or {}))
+        self.engine = AsyncLLMEngine(vlm.engine(config))
+        # admitted requests beyond what one engine step runs are refused past this many
+        self.max_in_flight = None if max_waiting_requests is None else config.max_num_seqs + max_waiting_requests
+        self.in_flight = 0
+        # tokens produced within this long of the last message sent ride in the next one (fewer
+        # messages through the ingress and proxy; the first token and the last go at once)
+        self.stream_interval_s = stream_interval_s
         latency = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30]
         self.m_ttft = metric("Histogram", "vlm_time_to_first_token_s", "time to first token", latency)
         self.m_tpot = metric("Histogram", "vlm_time_per_output_token_s", "time per output token after the first",
@@ -32,16 +41,22 @@ class LLMServer:
         self.m_waiting = metric("Gauge", "vlm_waiting_sequences", "sequences waiting for admission")
         self.m_kv = metric("Gauge", "vlm_kv_cache_usage", "fraction of KV blocks in use")
         self.m_requests = metric("Counter", "vlm_requests", "finished requests", tag_keys=("finish_reason",))
-        self.counts = {"requests": 0, "ttft_observations": 0, "tpot_observations": 0, "aborted": 0}
+        self.counts = {"requests": 0, "ttft_observations": 0, "tpot_observations": 0, "aborted": 0,
+                       "refused": 0}
 
     async def generate(self, request_id: str, token_ids: list[int], spans: list[tuple[int, int]],
                        image_embeds: bytes | None, image_hashes: list[str], sampling: SamplingParams):
         """Stream output deltas as dicts; a cancelled stream aborts the request in the engine.
         `image_embeds`: the VisionEncoder's packed embeddings (None without images)."""
+        if self.max_in_flight is not None and self.in_flight >= self.max_in_flight:
+            self.counts["refused"] += 1
+            raise ServerOverloadedError(f"{self.in_flight} requests in flight; this replica takes "
+                                        f"{self.max_in_flight}")
         prompt = MultimodalPrompt(tuple(token_ids), tuple(ImageSpan(o, n) for o, n in spans))
         image_embeds = unpack_tensors(image_embeds) if image_embeds is not None else []
-        start = last = time.perf_counter()
-        first, finish = True, None
+        self.in_flight += 1
+        start = last = sent = time.perf_counter()
+        first, finish, held = True, None, None
         try:
             async for out in self.engine.generate(request_id, prompt, image_embeds, sampling, image_hashes):
                 now = time.perf_counter()
@@ -49,17 +64,21 @@ class LLMServer:
                     if first:
                         self.m_ttft.observe(now - start)
                         self.counts["ttft_observations"] += 1
-                        first = False
                     else:
                         self.m_tpot.observe((now - last) / len(out.token_ids))
                         self.counts["tpot_observations"] += 1
                     last = now
                 finish = out.finish_reason
-                self._gauges()
-                yield {"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
-                       "prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-                       "cached_tokens": out.cached_tokens}
+                held = out if held is None else merge_outputs(held, out)
+                if first or finish is not None or now - sent >= self.stream_interval_s:
+                    first, sent = False, now
+                    self._gauges()
+                    yield {"text": held.text, "token_ids": held.token_ids, "finish_reason": held.finish_reason,
+                           "prompt_tokens": held.prompt_tokens, "completion_tokens": held.completion_tokens,
+                           "cached_tokens": held.cached_tokens}
+                    held = None
         finally:
+            self.in_flight -= 1
             finish = finish or "abort"
             self.counts["requests"] += 1
             self.counts["aborted"] += finish == "abort"
@@ -76,7 +95,7 @@ class LLMServer:
         eng = self.engine.engine
         return {**self.counts, "running": len(eng.scheduler.running), "waiting": len(eng.scheduler.waiting),
                 "kv_usage": eng.blocks.usage, "free_blocks": eng.blocks.num_free_blocks,
-                "num_blocks": eng.blocks.num_blocks, "prefix_hit_blocks": eng.blocks.stats.prefix_hits,
+                "num_blocks": eng.blocks.num_blocks, "in_flight": self.in_flight, "prefix_hit_blocks": eng.blocks.stats.prefix_hits,
                 "preemptions": eng.scheduler.num_preemptions}
 
     def check_health(self) -> None:

@@ -25,6 +25,10 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
 
 
+class ServerOverloadedError(Exception):
+    """A replica refused a request because its queue is full (answered 503 + Retry-After)."""
+
+
 class ImageURL(BaseModel):
     url: str = Field(description="data:image/...;base64,..., file:// under an allowed folder, or http(s) when enabled")
     detail: str | None = None

@@ -27,7 +27,7 @@ def images_in(items: list[tuple[torch.Tensor, list[str]]]) -> int:
 
 class VisionEncoder:
     def __init__(self, model_dir: str, dtype: str | None = None, device: str | None = None, cache_size: int = 512,
-                 max_batch_images: int = 32, batch_wait_timeout_s: float = 0.01):
+                 max_batch_images: int = 32, batch_wait_timeout_s: float = 0.002):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_llava_hf(model_dir, dtype=dtype, device=device, parts=("vision",))
         self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -51,7 +51,7 @@ class VisionEncoder:
                              f"{self.max_batch_images}")
         return pack_tensors(await self._encode_batch((pixels, list(hashes))))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=images_in)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, batch_size_fn=images_in)
     async def _encode_batch(self, items: list[tuple[torch.Tensor, list[str]]]) -> list[list[torch.Tensor]]:
         return self.encode_items(items)
 

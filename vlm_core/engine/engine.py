@@ -60,6 +60,12 @@ class RequestOutput:
     cached_tokens: int           # prompt tokens served from the prefix cache
 
 
+def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """Two consecutive deltas of one request as one."""
+    return RequestOutput(a.request_id, a.text + b.text, a.token_ids + b.token_ids, b.finish_reason,
+                         b.prompt_tokens, b.completion_tokens, b.cached_tokens)
+
+
 def embedding_hash(t: torch.Tensor) -> str:
     return hashlib.blake2b(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes(), digest_size=16).hexdigest()
 
@@ -208,6 +214,13 @@ class AsyncLLMEngine:
         try:
             while True:
                 out = await queue.get()
+                # a consumer slower than the engine gets everything produced meanwhile as one delta
+                while not isinstance(out, BaseException) and out.finish_reason is None and not queue.empty():
+                    nxt = queue.get_nowait()
+                    if isinstance(nxt, BaseException):
+                        out = nxt
+                        break
+                    out = merge_outputs(out, nxt)
                 if isinstance(out, BaseException):
                     raise out
                 finished = out.finish_reason is not None

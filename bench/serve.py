@@ -1,0 +1,308 @@
+"""End-to-end serving benchmark: the Serve application over HTTP vs the in-process engine.
+
+    python bench/serve.py [--model DIR] [--concurrency 1 8 32] [--requests 48] [--max-tokens 32]
+                          [--out bench/results/serve-<device>.json]
+
+Both sides run the same requests (one distinct held-out picture + question each, greedy,
+`max_tokens` tokens with EOS ignored so every request produces the same number of tokens):
+
+- in-process: image preprocessing, the vision tower and `AsyncLLMEngine` in this process,
+  what `VLM` users get;
+- HTTP: `serve_config.yaml`'s application (its args and engine settings) on a local Ray
+  instance on loopback, streamed through the OpenAI endpoint with SSE.
+
+For each concurrency level (that many clients, each sending its next request when the last
+one finishes) it reports requests/s, end-to-end latency, time to first token (TTFT) and time
+per output token after the first (TPOT) at p50/p90, and Serve's p50 latency overhead. Writes
+the table, a JSON file and a PNG (with matplotlib, `pip install -e '.[bench]'`) beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Timing:
+    latency: float
+    ttft: float
+    tpot: float | None
+    tokens: int
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def workload(n: int, offset: int):
+    """n (PNG bytes, question) pairs from distinct held-out pictures."""
+    import random
+
+    from vlm_core.default_model.data import make_scene, sample_qa, split_ids
+
+    rng = random.Random(offset)
+    out = []
+    for i in split_ids("heldout", n, offset=offset):
+        scene = make_scene(i)
+        q, _ = sample_qa(scene, rng)
+        buf = io.BytesIO()
+        scene.image().save(buf, "PNG")
+        out.append((buf.getvalue(), q))
+    return out
+
+
+async def run_clients(concurrency: int, items, one) -> tuple[list[Timing], float]:
+    queue = list(items)
+    timings: list[Timing] = []
+
+    async def client():
+        while queue:
+            item = queue.pop()
+            timings.append(await one(item))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return timings, time.perf_counter() - start
+
+
+def timing(start: float, first: float | None, last: float, tokens: int) -> Timing:
+    first = first if first is not None else last
+    return Timing(last - start, first - start, (last - first) / (tokens - 1) if tokens > 1 else None, tokens)
+
+
+# ---- in-process -------------------------------------------------------------------------------
+
+class InProcess:
+    def __init__(self, model_dir: str, engine_args: dict, max_tokens: int):
+        from vlm_core.engine.engine import AsyncLLMEngine, EngineConfig
+        from vlm_core.engine.sampling import SamplingParams
+        from vlm_core.vlm import VLM
+
+        self.vlm = VLM.from_pretrained(model_dir)
+        self.engine = AsyncLLMEngine(self.vlm.engine(EngineConfig(**engine_args)))
+        self.params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+    async def one(self, item) -> Timing:
+        png, question = item
+        start = time.perf_counter()
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        # what the ingress and the vision replica do, off the event loop as there
+        req = await asyncio.to_thread(self.vlm.request, messages, [png], self.params)
+        first, tokens = None, 0
+        async for out in self.engine.generate(uuid.uuid4().hex, req.prompt, req.image_embeds, req.params,
+                                              req.image_hashes):
+            if out.token_ids and first is None:
+                first = time.perf_counter()
+            tokens += len(out.token_ids)
+        return timing(start, first, time.perf_counter(), tokens)
+
+
+# ---- HTTP -------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_serve(config: str, overrides: dict) -> str:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import serve
+
+    from deployments.app import app_from_config
+
+    port = free_port()
+    ray.init(include_dashboard=False, address="local", log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    name, prefix, app = app_from_config(config, overrides)
+    serve.run(app, name=name, route_prefix=prefix, blocking=False)
+    return f"http://127.0.0.1:{port}" + prefix.rstrip("/")
+
+
+class OverHTTP:
+    def __init__(self, base: str, model_name: str, max_tokens: int):
+        import httpx
+
+        self.url = base + "/v1/chat/completions"
+        self.model_name, self.max_tokens = model_name, max_tokens
+        self.http = httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=256))
+
+    async def one(self, item) -> Timing:
+        png, question = item
+        start = time.perf_counter()
+        body = {"model": self.model_name, "temperature": 0, "max_tokens": self.max_tokens, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True},
+                "messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}},
+                    {"type": "text", "text": question}]}]}
+        first, tokens = None, 0
+        async with self.http.stream("POST", self.url, json=body) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+            async for line in r.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise RuntimeError(chunk["error"]["message"])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content") is not None \
+                        and chunk["choices"][0]["delta"].get("role") is None:
+                    first = time.perf_counter()
+        return timing(start, first, time.perf_counter(), tokens)
+
+
+# ---- report -----------------------------------------------------------------------------------
+
+def summarize(timings: list[Timing], wall: float) -> dict:
+    tpots = [t.tpot for t in timings if t.tpot is not None]
+    return {"requests": len(timings), "wall_s": wall, "requests_per_s": len(timings) / wall,
+            "output_tokens_per_s": sum(t.tokens for t in timings) / wall,
+            "tokens_per_request": statistics.mean(t.tokens for t in timings),
+            **{f"latency_p{int(q * 100)}_ms": 1e3 * percentile([t.latency for t in timings], q) for q in (0.5, 0.9)},
+            **{f"ttft_p{int(q * 100)}_ms": 1e3 * percentile([t.ttft for t in timings], q) for q in (0.5, 0.9)},
+            **{f"tpot_p{int(q * 100)}_ms": 1e3 * percentile(tpots, q) for q in (0.5, 0.9)}}
+
+
+def table(rows: list[dict]) -> str:
+    cols = ["mode", "conc", "req/s", "lat p50", "lat p90", "TTFT p50", "TTFT p90", "TPOT p50", "TPOT p90"]
+    lines = [" | ".join(f"{c:>9}" for c in cols)]
+    for r in rows:
+        vals = [r["mode"], r["concurrency"], f"{r['requests_per_s']:.2f}"] + [
+            f"{r[k]:.1f}" for k in ("latency_p50_ms", "latency_p90_ms", "ttft_p50_ms", "ttft_p90_ms",
+                                    "tpot_p50_ms", "tpot_p90_ms")]
+        lines.append(" | ".join(f"{v:>9}" for v in vals))
+    return "\n".join(lines) + "\n(times in ms)"
+
+
+def plot(rows: list[dict], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for mode, style in (("in-process", "o-"), ("http", "s--")):
+        rs = [r for r in rows if r["mode"] == mode]
+        conc = [r["concurrency"] for r in rs]
+        axes[0].plot(conc, [r["requests_per_s"] for r in rs], style, label=mode)
+        axes[1].plot(conc, [r["ttft_p50_ms"] for r in rs], style, label=mode)
+        axes[2].plot(conc, [r["tpot_p50_ms"] for r in rs], style, label=mode)
+    for ax, name in zip(axes, ("requests/s", "TTFT p50 (ms)", "TPOT p50 (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main() -> None:
+    import yaml
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="checkpoint folder (default: the config's model_dir or the embedded AWQ model)")
+    ap.add_argument("--config", default=str(ROOT / "serve_config.yaml"))
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--out", help="JSON path (default bench/results/serve-<device>.json)")
+    a = ap.parse_args()
+
+    from vlm_core.default_model import default_model_dir
+
+    app = yaml.safe_load(Path(a.config).read_text())["applications"][0]
+    app_args = dict(app.get("args") or {})
+    if a.model:
+        app_args["model_dir"] = a.model
+    model_dir = app_args.get("model_dir") or str(default_model_dir("awq"))
+    overrides = {"model_dir": app_args.get("model_dir") or model_dir}
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu-{os.cpu_count()}cores"
+    levels = sorted(set(a.concurrency))
+    items = {c: workload(a.requests, offset=20000 + 1000 * c) for c in levels}
+    warm = workload(4, offset=90000)
+    rows = []
+
+    async def measure(mode: str, runner) -> None:
+        await run_clients(2, warm, runner.one)
+        for c in levels:
+            timings, wall = await run_clients(c, items[c], runner.one)
+            assert all(t.tokens == a.max_tokens for t in timings), "every request must give max_tokens tokens"
+            rows.append({"mode": mode, "concurrency": c, **summarize(timings, wall)})
+            print(f"  {mode:>10} concurrency {c:>3}: {rows[-1]['requests_per_s']:.2f} req/s", flush=True)
+
+    print("in-process engine ...", flush=True)
+    asyncio.run(measure("in-process", InProcess(model_dir, app_args.get("engine") or {}, a.max_tokens)))
+    print("Serve over HTTP ...", flush=True)
+    base = start_serve(a.config, overrides)
+    try:
+        async def over_http():
+            runner = OverHTTP(base, app_args.get("model_name", "vlm-serve-default"), a.max_tokens)
+            try:
+                await measure("http", runner)
+            finally:
+                await runner.http.aclose()
+
+        asyncio.run(over_http())
+    finally:
+        from ray import serve
+
+        import ray
+
+        serve.shutdown()
+        ray.shutdown()
+
+    overhead = {}
+    for c in levels:
+        local, http = (next(r for r in rows if r["mode"] == m and r["concurrency"] == c) for m in ("in-process", "http"))
+        overhead[str(c)] = {"latency_p50_ms": http["latency_p50_ms"] - local["latency_p50_ms"],
+                            "ttft_p50_ms": http["ttft_p50_ms"] - local["ttft_p50_ms"]}
+    print(table(rows))
+    print("Serve overhead, p50 latency (ms): " + ", ".join(
+        f"concurrency {c}: {o['latency_p50_ms']:+.1f}" for c, o in overhead.items()))
+    out = Path(a.out or ROOT / "bench" / "results" / f"serve-{device.replace(' ', '_')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"device": device, "platform": platform.platform(), "torch": torch.__version__,
+              "model_dir": str(model_dir), "max_tokens": a.max_tokens, "requests_per_level": a.requests,
+              "engine": app_args.get("engine") or {}, "rows": rows, "serve_overhead": overhead,
+              "command": "python bench/serve.py " + " ".join(sys.argv[1:])}
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    png = out.with_suffix(".png")
+    drew = plot(rows, png, f"vlm-serve: Serve over HTTP vs in-process engine ({device})")
+    print(f"wrote {out}" + (f" and {png}" if drew else " (no PNG: pip install matplotlib)"))
+
+
+if __name__ == "__main__":
+    main()
