@@ -273,3 +273,127 @@ def load_llava_hf(model_dir: str | Path, dtype: str | torch.dtype | None = None,
     if decoder is not None and config.text.tie_word_embeddings:
         decoder.lm_head.weight = decoder.embed_tokens.weight
     return model.to(device).eval()
+
+
+# ---- VILA-1.5 / NVILA folder layout ------------------------------------------------------------
+# <folder>/config.json (top level: image mode, S2 scales, media encoders), llm/ (a transformers
+# LlamaForCausalLM / Qwen2ForCausalLM folder with the tokenizer; 16-bit or AWQ), vision_tower/
+# (SiglipVisionModel / CLIPVisionModel + preprocessor_config.json), mm_projector/ (config.json
+# with mm_projector_type, weights `layers.N.*`). Tensors are read with their subfolder as a
+# prefix so one table maps them all.
+VILA_SUBFOLDERS = ("llm", "vision_tower", "mm_projector")
+VILA_MAPPING: tuple[tuple[str, Rename], ...] = (
+    (r"^llm/(?:model\.)?lm_head\.", "decoder.lm_head."),
+    (r"^llm/model\.", "decoder."),
+    (r"^vision_tower/(?:vision_model\.)?", "vision.tower."),
+    (r"^mm_projector/layers\.(weight|bias)$", r"projector.0.\1"),     # `linear`: layers is the Linear itself
+    (r"^mm_projector/layers\.", "projector."),
+)
+_VILA_PARTS = {"vision": ("vision_tower", "mm_projector"), "llm": ("llm",)}
+
+
+def is_vila_folder(model_dir: str | Path) -> bool:
+    d = Path(model_dir)
+    return all((d / sub).is_dir() for sub in VILA_SUBFOLDERS)
+
+
+def read_vila_config(model_dir: Path):
+    from .config import VilaConfig
+
+    raw = {name: read_json(model_dir / name / "config.json") for name in VILA_SUBFOLDERS}
+    top = read_json(model_dir / "config.json")
+    config = VilaConfig.from_folder_configs(top, raw["llm"], raw["vision_tower"], raw["mm_projector"])
+    return config, top, raw
+
+
+def load_vila(model_dir: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
+              parts: Collection[str] = MODEL_PARTS):
+    """Load a VILA-1.5 / NVILA folder into our `VilaModel` (`parts` as for `load_llava_hf`)."""
+    from .models.qwen2 import build_decoder
+    from .models.vila import VilaModel
+
+    parts = set(parts)
+    if not parts or parts - set(MODEL_PARTS):
+        raise ValueError(f"parts must be a non-empty subset of {MODEL_PARTS}, got {sorted(parts)}")
+    model_dir = Path(model_dir)
+    if not is_vila_folder(model_dir):
+        raise CheckpointError(f"{model_dir} is not a VILA folder (needs {', '.join(VILA_SUBFOLDERS)} subfolders)")
+    config, top, raw = read_vila_config(model_dir)
+    quant = read_quant_config(model_dir / "llm", raw["llm"])
+    linear = awq_linear_factory(quant) if quant is not None else dense_linear
+    dtype = parse_dtype(dtype, default_dtype(raw["llm"], device))
+
+    vision = projector = decoder = None
+    if "vision" in parts:
+        vision = VisionTower(config.vision).to(dtype)
+        with torch.device("meta"):
+            projector = build_projector(config.projector)
+    if "llm" in parts:
+        with torch.device("meta"):
+            decoder = build_decoder(config.text, linear)
+    model = VilaModel(config, vision, projector, decoder)
+    kept = config.vision.layers_needed
+    dropped = re.compile(r"^vision\.tower\.(?:vision_model\.)?(?:encoder\.layers\.(\d+)\.|head\.)")
+
+    def skip(name: str) -> bool:
+        m = dropped.match(name)
+        return m is not None and (m.group(1) is None or int(m.group(1)) >= kept)
+
+    def tensors():
+        for part in sorted(parts):
+            for sub in _VILA_PARTS[part]:
+                it = iter_weights(weight_files(model_dir / sub))
+                if sub == "llm" and quant is not None and quant.version == "v2":
+                    it = iter(convert_v2_state(dict(it), quant.group_size).items())
+                for key, t in it:
+                    yield f"{sub}/{key}", t
+
+    load_weights(model, tensors(), VILA_MAPPING, dtype, skip)
+    if decoder is not None and config.text.tie_word_embeddings:
+        decoder.lm_head.weight = decoder.embed_tokens.weight
+    return model.to(device).eval(), top, raw
+
+
+def save_vila(model, tokenizer, image_processor_config, out_dir: str | Path, top: dict, raw: dict) -> Path:
+    """Write a `VilaModel` back in the folder layout it loads from (16-bit or AWQ tensors as held).
+
+    The vision tower holds only the layers the selected feature needs; its config keeps the
+    original depth, so the folder loads back here with identical outputs.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    for sub in VILA_SUBFOLDERS:
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    tied = model.config.text.tie_word_embeddings
+    groups: dict[str, dict[str, torch.Tensor]] = {sub: {} for sub in VILA_SUBFOLDERS}
+    for name, t in state.items():
+        if name.startswith("decoder."):
+            rest = name[len("decoder."):]
+            if rest.startswith("lm_head."):
+                if tied:
+                    continue
+                groups["llm"][rest] = t
+            else:
+                groups["llm"]["model." + rest] = t
+        elif name.startswith("vision.tower."):
+            groups["vision_tower"][name[len("vision.tower."):]] = t
+        elif name.startswith("projector."):
+            rest = name[len("projector."):]
+            if model.config.projector.type == "linear":
+                rest = rest.removeprefix("0.")
+            groups["mm_projector"]["layers." + rest] = t
+    for sub, tensors in groups.items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(out / sub / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (out / sub / "config.json").write_text(json.dumps(raw[sub], indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(top, indent=2) + "\n")
+    tokenizer.save_pretrained(str(out / "llm"))
+    c = image_processor_config
+    (out / "vision_tower" / "preprocessor_config.json").write_text(json.dumps({
+        "size": {"height": c.crop_size, "width": c.crop_size} if c.square_resize else {"shortest_edge": c.shortest_edge},
+        **({} if c.square_resize else {"crop_size": {"height": c.crop_size, "width": c.crop_size},
+                                        "do_center_crop": True}),
+        "image_mean": list(c.mean), "image_std": list(c.std)}, indent=2) + "\n")
+    return out

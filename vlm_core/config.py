@@ -15,6 +15,8 @@ from typing import Any
 from .errors import ConfigError, UnknownProjectorError
 
 ROPE_TYPES = ("default", "linear", "llama3")
+TEXT_MODEL_TYPES = ("llama", "qwen2")
+VISION_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model")
 SELECT_STRATEGIES = ("default", "full")
 _MLP_PROJECTOR = re.compile(r"^mlp(\d+)x_gelu$")
 
@@ -60,6 +62,15 @@ class TextConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
+    @property
+    def qkv_bias(self) -> bool:
+        """Qwen2 biases its q/k/v projections (not o); LLaMA's `attention_bias` covers all four."""
+        return self.attention_bias or self.model_type == "qwen2"
+
+    @property
+    def o_bias(self) -> bool:
+        return self.attention_bias and self.model_type != "qwen2"
+
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads", "head_dim"):
@@ -74,8 +85,10 @@ class TextConfig:
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "TextConfig":
         model_type = d.get("model_type", "llama")
-        if model_type not in ("llama",):
-            raise ConfigError(f"text model_type {model_type!r} is not supported by this loader (expected 'llama')")
+        if model_type not in TEXT_MODEL_TYPES:
+            raise ConfigError(f"text model_type {model_type!r} is not supported (expected one of {TEXT_MODEL_TYPES})")
+        if model_type == "qwen2" and d.get("use_sliding_window"):
+            raise ConfigError("Qwen2 with use_sliding_window is not supported")
         try:
             heads = int(d["num_attention_heads"])
             hidden = int(d["hidden_size"])
@@ -128,23 +141,38 @@ def _parse_rope(d: dict[str, Any]) -> RopeConfig:
     return RopeConfig(**kw)
 
 
+DOWNSAMPLE_PROJECTORS = {"mlp_downsample": 2, "mlp_downsample_2x2_fix": 2, "mlp_downsample_3x3_fix": 3}
+
+
 @dataclass(frozen=True)
 class ProjectorConfig:
-    type: str              # "linear" | "mlp{N}x_gelu"
+    type: str              # "linear" | "mlp{N}x_gelu" | "mlp_downsample" | "mlp_downsample_{2x2,3x3}_fix"
     in_features: int
     out_features: int
     bias: bool = True
 
     def __post_init__(self):
-        if self.type != "linear" and not _MLP_PROJECTOR.match(self.type):
+        if self.type not in ("linear", *DOWNSAMPLE_PROJECTORS) and not _MLP_PROJECTOR.match(self.type):
             raise UnknownProjectorError(
-                f"unknown projector type {self.type!r}; supported: 'linear', 'mlp2x_gelu' (or mlpNx_gelu)")
+                f"unknown projector type {self.type!r}; supported: 'linear', 'mlp2x_gelu' (or mlpNx_gelu), "
+                f"{', '.join(repr(t) for t in DOWNSAMPLE_PROJECTORS)}")
+
+    @property
+    def downsample(self) -> int:
+        """Side of the token blocks merged into one (1: none)."""
+        return DOWNSAMPLE_PROJECTORS.get(self.type, 1)
+
+    def tokens_out(self, grid: int) -> int:
+        """Tokens out for a square grid x grid of tokens in (the grid is zero-padded to the block size)."""
+        return (-(-grid // self.downsample)) ** 2
 
     @property
     def mlp_depth(self) -> int:
-        """Number of linear layers."""
+        """Number of linear layers of a linear / mlpNx_gelu projector."""
         if self.type == "linear":
             return 1
+        if self.type in DOWNSAMPLE_PROJECTORS:
+            raise ValueError(f"{self.type} is not a plain MLP")
         return int(_MLP_PROJECTOR.match(self.type).group(1))
 
 
@@ -298,3 +326,102 @@ class AWQConfig:
         return {"quant_method": "awq", "bits": self.bits, "group_size": self.group_size,
                 "zero_point": self.zero_point, "version": self.version,
                 "modules_to_not_convert": list(self.modules_to_not_convert)}
+
+
+IMAGE_MODES = ("resize", "pad", "dynamic", "dynamic_s2")
+_SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}
+
+
+def _scales(v) -> tuple[int, ...]:
+    if v is None:
+        return ()
+    if isinstance(v, str):
+        return tuple(int(x) for x in v.split(",") if x.strip())
+    return tuple(int(x) for x in v)
+
+
+def _end_tokens(encoder: Any, default: str | None = "\n") -> str | None:
+    """`end_tokens` of a VILA `image_encoder` / `video_encoder` entry (a dict or its JSON)."""
+    if isinstance(encoder, str):
+        import json
+
+        try:
+            encoder = json.loads(encoder)
+        except ValueError:
+            raise ConfigError(f"media encoder config is not JSON: {encoder!r}") from None
+    if not isinstance(encoder, dict):
+        return default
+    return encoder.get("end_tokens", default)
+
+
+@dataclass(frozen=True)
+class VilaConfig:
+    """VILA-1.5 / NVILA: a folder with `llm/`, `vision_tower/`, `mm_projector/` and a top-level
+    config.json naming how images are cut (`image_aspect_ratio`) and, for NVILA, the S2 scales."""
+    text: TextConfig
+    vision: VisionConfig
+    projector: ProjectorConfig
+    image_mode: str = "resize"
+    s2_scales: tuple[int, ...] = ()           # non-empty: dynamic S2
+    s2_output_scale_idx: int = 0
+    max_tiles: int = 12
+    image_token: str = "<image>"
+    video_token: str = "<vila/video>"
+    image_end_tokens: str | None = "\n"
+    video_end_tokens: str | None = "\n"
+    num_video_frames: int = 8
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        if self.image_mode not in IMAGE_MODES:
+            raise ConfigError(f"image_aspect_ratio {self.image_mode!r} is not one of {IMAGE_MODES}")
+        if self.s2_scales:
+            if sorted(self.s2_scales) != list(self.s2_scales) or any(s % self.s2_scales[0] for s in self.s2_scales):
+                raise ConfigError(f"s2_scales {self.s2_scales} must ascend in multiples of the first")
+            if self.s2_scales[0] != self.vision.image_size:
+                raise ConfigError(f"the first S2 scale ({self.s2_scales[0]}) must equal the tower's image size "
+                                  f"({self.vision.image_size})")
+        if self.num_video_frames < 1:
+            raise ConfigError("num_video_frames must be at least 1")
+
+    @property
+    def grid(self) -> int:
+        return self.vision.image_size // self.vision.patch_size
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """LLM tokens per tile-sized block after the projector."""
+        return self.projector.tokens_out(self.grid)
+
+    @classmethod
+    def from_folder_configs(cls, top: dict[str, Any], llm: dict[str, Any], tower: dict[str, Any],
+                            projector: dict[str, Any]) -> "VilaConfig":
+        text = TextConfig.from_hf(llm)
+        vtype = tower.get("model_type", "siglip_vision_model")
+        if vtype not in VISION_MODEL_TYPES:
+            raise ConfigError(f"vision tower model_type {vtype!r} is not supported; supported: {VISION_MODEL_TYPES}")
+        feature = top.get("mm_vision_select_feature", "patch")
+        if feature not in _SELECT_FEATURE:
+            raise ConfigError(f"mm_vision_select_feature {feature!r} is not one of {tuple(_SELECT_FEATURE)}")
+        mode = top.get("image_aspect_ratio") or "resize"
+        scales = _scales(top.get("s2_scales")) if (top.get("dynamic_s2") or mode == "dynamic_s2") else ()
+        try:
+            vision = VisionConfig(
+                hf_config=dict(tower), image_size=int(tower.get("image_size", 384)),
+                patch_size=int(tower.get("patch_size", 14)), hidden_size=int(tower["hidden_size"]),
+                num_layers=int(tower["num_hidden_layers"]),
+                feature_layers=(int(top.get("mm_vision_select_layer", -2)),),
+                select_strategy=_SELECT_FEATURE[feature])
+            ptype = projector.get("mm_projector_type", top.get("mm_projector_type", "mlp2x_gelu"))
+            proj = ProjectorConfig(type=ptype, in_features=vision.hidden_size * max(1, len(scales)),
+                                   out_features=text.hidden_size)
+            return cls(text=text, vision=vision, projector=proj, image_mode=mode, s2_scales=scales,
+                       s2_output_scale_idx=int(top.get("s2_resize_output_to_scale_idx", 0)),
+                       max_tiles=int(top.get("max_tiles", 12)),
+                       image_end_tokens=_end_tokens(top.get("image_encoder")),
+                       video_end_tokens=_end_tokens(top.get("video_encoder")),
+                       num_video_frames=int(top.get("num_video_frames", 8)), raw=dict(top))
+        except KeyError as e:
+            raise ConfigError(f"vision tower config is missing {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"VILA config has a malformed value: {e}") from None

@@ -37,22 +37,26 @@ LLAVA_HF_CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(vocab_size: int = 384, chat_template: str | None = None):
-    """Byte-level BPE trained on a small corpus, wrapped in `PreTrainedTokenizerFast`; adds BOS."""
+def build_tokenizer(vocab_size: int = 384, chat_template: str | None = None, extra_special: tuple[str, ...] = (),
+                    add_bos: bool = True):
+    """Byte-level BPE trained on a small corpus, wrapped in `PreTrainedTokenizerFast`; adds BOS
+    unless `add_bos` is False (Qwen2-style)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+    specials = SPECIAL_TOKENS + [t for t in extra_special if t not in SPECIAL_TOKENS]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS * 4, trainer)
-    bos = SPECIAL_TOKENS.index("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", bos)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>", extra_special_tokens=SPECIAL_TOKENS[4:])
+    bos = specials.index("<s>")
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", bos)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>" if add_bos else None, eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>", extra_special_tokens=specials[4:])
     if chat_template:
         fast.chat_template = chat_template
     return fast

@@ -11,6 +11,11 @@ cache) created on first use from `engine_config`.
 
 `prompt` is either a user question (wrapped in the chat template, images placed before the
 text unless the text holds `<image>` itself) or a list of chat messages.
+
+VILA-1.5 / NVILA folders (`llm/`, `vision_tower/`, `mm_projector/`) load the same way; their
+media come as a dict of lists through `generate_content` / `stream_content`:
+
+    vlm.generate_content("Describe the video.", {"video": [frame0, frame1, ...]})
 """
 
 from __future__ import annotations
@@ -21,24 +26,26 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .checkpoint import MODEL_PARTS, load_llava_hf
+from .checkpoint import MODEL_PARTS, is_vila_folder, load_llava_hf, load_vila, save_vila
 from .engine.engine import EngineConfig, RequestOutput
 from .engine.sampling import SamplingParams
 from .generation import GenerationOutput, GenerationRequest, prompt_logits
 from .inputs.image import ImageInput
 from .inputs.placeholders import MultimodalPrompt
-from .inputs.prompt import Prompt, PromptBuilder, pixel_hash
+from .inputs.prompt import Prompt, PromptBuilder
 from .models.llava import LlavaModel
 
 
 class VLM:
-    def __init__(self, model: LlavaModel, inputs: PromptBuilder, engine_config: EngineConfig | None = None):
+    def __init__(self, model: LlavaModel, inputs: PromptBuilder, engine_config: EngineConfig | None = None,
+                 folder_configs: tuple[dict, dict] | None = None):
         self.model = model
         self.inputs = inputs
         self.tokenizer = inputs.tokenizer
         self.image_processor = inputs.image_processor
-        self.spec = inputs.spec
+        self.spec = getattr(inputs, "spec", None)
         self.eos_token_ids = inputs.eos_token_ids
+        self._folder_configs = folder_configs     # VILA: (top-level config, subfolder configs) for saving
         self.engine_config = engine_config or EngineConfig()
         self._engine = None
         self._ids = itertools.count()
@@ -49,8 +56,21 @@ class VLM:
                         parts: Sequence[str] = MODEL_PARTS) -> "VLM":
         """`parts=("llm",)` loads only the decoder (for a server whose image embeddings come from
         a vision encoder elsewhere); image inputs then need precomputed embeddings."""
+        if is_vila_folder(model_dir):
+            from .inputs.vila_prompt import VilaPromptBuilder
+
+            model, top, raw = load_vila(model_dir, dtype=dtype, device=device, parts=parts)
+            return cls(model, VilaPromptBuilder.from_pretrained(model_dir, model.config), engine_config, (top, raw))
         model = load_llava_hf(model_dir, dtype=dtype, device=device, parts=parts)
         return cls(model, PromptBuilder.from_pretrained(model_dir, model.config), engine_config)
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Write a VILA / NVILA model back in its folder layout."""
+        if self._folder_configs is None:
+            raise NotImplementedError("save_pretrained writes VILA-family folders; llava-hf models save "
+                                      "through transformers")
+        top, raw = self._folder_configs
+        return save_vila(self.model, self.tokenizer, self.image_processor.cfg, out_dir, top, raw)
 
     # ---- inputs -------------------------------------------------------------------------
 
@@ -60,10 +80,26 @@ class VLM:
         return self.inputs.prepare(prompt, images, apply_template)
 
     def request(self, prompt: Prompt, images: Sequence[ImageInput] = (), sampling: SamplingParams | None = None,
-                apply_template: bool = True) -> GenerationRequest:
-        mm, pixels = self.prepare(prompt, images, apply_template)
-        embeds = list(self.model.embed_images(pixels)) if len(images) else []
-        return GenerationRequest(mm, embeds, sampling or SamplingParams(), tuple(pixel_hash(p) for p in pixels))
+                apply_template: bool = True, media: dict | None = None) -> GenerationRequest:
+        """A request with its media encoded; `media` ({"image": [...], "video": [[frames]]}) or `images`."""
+        if media is None:
+            media = {"image": list(images)} if len(images) else {}
+        elif len(images):
+            raise ValueError("give images either in `images` or in `media`, not both")
+        mm, items = self.inputs.prepare_media(prompt, media, apply_template)
+        embeds = self.model.embed_media(items)
+        return GenerationRequest(mm, embeds, sampling or SamplingParams(), tuple(it.hash for it in items))
+
+    def generate_content(self, prompt: Prompt, media: dict | None = None,
+                         sampling: SamplingParams | None = None) -> GenerationOutput:
+        """Generation over a dict of media lists (the VILA / NVILA interface; LLaVA takes images)."""
+        return self.generate_requests([self.request(prompt, sampling=sampling, media=media or {})])[0]
+
+    def stream_content(self, prompt: Prompt, media: dict | None = None,
+                       sampling: SamplingParams | None = None) -> Iterator[str]:
+        for _, out in self.run([self.request(prompt, sampling=sampling, media=media or {})]):
+            if out.text:
+                yield out.text
 
     # ---- generation (through the continuous-batching engine) ------------------------------------
 
@@ -129,13 +165,13 @@ class VLM:
         if len(images) != len(prompts):
             raise ValueError("images must hold one list per prompt")
         params = sampling if isinstance(sampling, (list, tuple)) else [sampling or SamplingParams()] * len(prompts)
-        prepared = [self.prepare(p, im, apply_template) for p, im in zip(prompts, images)]
-        all_pixels = [px for _, px in prepared if px.shape[0]]
-        embeds = list(self.model.embed_images(torch.cat(all_pixels))) if all_pixels else []
+        prepared = [self.inputs.prepare_media(p, {"image": list(im)} if len(im) else {}, apply_template)
+                    for p, im in zip(prompts, images)]
+        embeds = self.model.embed_media([it for _, items in prepared for it in items])
         requests, k = [], 0
-        for (mm, px), sp in zip(prepared, params):
-            requests.append(GenerationRequest(mm, embeds[k:k + px.shape[0]], sp, tuple(pixel_hash(p) for p in px)))
-            k += px.shape[0]
+        for (mm, items), sp in zip(prepared, params):
+            requests.append(GenerationRequest(mm, embeds[k:k + len(items)], sp, tuple(it.hash for it in items)))
+            k += len(items)
         return self.generate_requests(requests)
 
     def prompt_logits(self, requests: Sequence[GenerationRequest], chunk_size: int | None = None) -> list[torch.Tensor]:

@@ -67,6 +67,7 @@ class ImageProcessorConfig:
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     pad_to_square: bool = False
+    square_resize: bool = False      # resize straight to crop x crop (SigLIP), no shortest-edge + crop
 
     @classmethod
     def from_preprocessor_json(cls, d: dict, pad_to_square: bool = False) -> "ImageProcessorConfig":
@@ -74,12 +75,13 @@ class ImageProcessorConfig:
         try:
             size = d.get("size", 224)
             edge = size.get("shortest_edge", size.get("height")) if isinstance(size, dict) else size
-            crop = d.get("crop_size", edge)
+            square = isinstance(size, dict) and "height" in size and not d.get("do_center_crop", False)
+            crop = d.get("crop_size", edge) if not square else edge
             crop = crop.get("height", crop.get("shortest_edge")) if isinstance(crop, dict) else crop
             return cls(shortest_edge=int(edge), crop_size=int(crop),
                        mean=tuple(float(x) for x in d.get("image_mean", CLIP_MEAN)),
                        std=tuple(float(x) for x in d.get("image_std", CLIP_STD)),
-                       pad_to_square=pad_to_square)
+                       pad_to_square=pad_to_square, square_resize=square)
         except (TypeError, ValueError, AttributeError) as e:
             raise CheckpointError(f"preprocessor_config.json has a malformed value: {e}") from None
 
@@ -111,6 +113,11 @@ class ImageProcessor:
         cfg = self.cfg
         if cfg.pad_to_square:
             img = expand_to_square(img, tuple(int(x * 255) for x in cfg.mean))
+        if cfg.square_resize:
+            c = cfg.crop_size
+            if img.size != (c, c):
+                img = img.resize((c, c), resample=Image.Resampling.BICUBIC)
+            return self._normalize(img, c)
         w, h = img.size
         short, long = (w, h) if w <= h else (h, w)
         new_short, new_long = cfg.shortest_edge, int(cfg.shortest_edge * long / short)
@@ -122,6 +129,9 @@ class ImageProcessor:
             raise ImageError(f"image resized to {new_w}x{new_h} is smaller than the {c}x{c} crop")
         top, left = (new_h - c) // 2, (new_w - c) // 2
         img = img.crop((left, top, left + c, top + c))
+        return self._normalize(img, c)
+
+    def _normalize(self, img: Image.Image, c: int) -> torch.Tensor:
         x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(c, c, 3)
         x = x.permute(2, 0, 1).float() / 255.0
         return (x - self._mean) / self._std

@@ -13,7 +13,8 @@ from typing import Sequence
 import torch
 
 from ..config import VLMConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InputError
+from .media import MediaItem
 from .image import CLIP_MEAN, CLIP_STD, ImageInput, ImageProcessor, ImageProcessorConfig
 from .placeholders import MultimodalPrompt, PlaceholderSpec, expand_placeholders
 from .template import IMAGE_PLACEHOLDER, Message, render_chat, user_turn
@@ -96,3 +97,12 @@ class PromptBuilder:
         if not isinstance(text, str):
             raise TypeError("apply_template=False needs the prompt as a string")
         return expand_placeholders(self.tokenize(text), len(images), self.spec), pixels
+
+    def prepare_media(self, prompt: Prompt, media: dict | None = None, apply_template: bool = True
+                      ) -> tuple[MultimodalPrompt, list[MediaItem]]:
+        """`prepare` over a media dict; LLaVA takes images only, one tile each."""
+        media = dict(media or {})
+        if set(media) - {"image"}:
+            raise InputError(f"this LLaVA model takes images only, got {sorted(set(media) - {'image'})}")
+        mm, pixels = self.prepare(prompt, list(media.get("image") or []), apply_template)
+        return mm, [MediaItem(p[None]) for p in pixels]

@@ -30,11 +30,45 @@ LLAVA_15_TEMPLATE = (
     "{%- if add_generation_prompt -%}ASSISTANT:{%- endif -%}"
 )
 
+# Templates over string contents (media tokens already inline), for VILA-family tokenizers that
+# carry no template of their own.
+# ChatML (Qwen2 / NVILA): "<|im_start|>system\n...<|im_end|>\n<|im_start|>user\n...<|im_end|>\n..."
+CHATML_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# LLaMA-3 (VILA-1.5 8B)
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+# Vicuna v1 (VILA-1.5 3B/7B/13B)
+VICUNA_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}"
+    "{% else %}{{ 'A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user\\'s questions.' }}"
+    "{% endif %}"
+    "{% for message in messages if message['role'] != 'system' %}"
+    "{% if message['role'] == 'user' %}{{ ' USER: ' + message['content'] }}"
+    "{% else %}{{ ' ASSISTANT: ' + message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ ' ASSISTANT:' }}{% endif %}"
+)
+
 Message = dict[str, Any]
 
 
-def normalize_messages(messages: Sequence[Message]) -> list[Message]:
-    """Validate roles and turn every content into a list of typed parts."""
+def normalize_messages(messages: Sequence[Message], allow_video: bool = False) -> list[Message]:
+    """Validate roles and turn every content into a list of typed parts (text, image, and video
+    where the model takes videos)."""
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
@@ -52,8 +86,10 @@ def normalize_messages(messages: Sequence[Message]) -> list[Message]:
                     parts.append({"type": "text", "text": p["text"]})
                 elif kind in ("image", "image_url"):
                     parts.append({"type": "image"})
+                elif allow_video and kind == "video":
+                    parts.append({"type": "video"})
                 else:
-                    raise InputError(f"message {i} has a content part that is neither text nor image: {p!r}")
+                    raise InputError(f"message {i} has a content part that is neither text nor {'image nor video' if allow_video else 'image'}: {p!r}")
         else:
             raise InputError(f"message {i} content must be a string or a list of parts")
         out.append({"role": m["role"], "content": parts})

@@ -26,11 +26,11 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.scale = cfg.head_dim ** -0.5
         q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        b = cfg.attention_bias
+        b = cfg.qkv_bias
         self.q_proj = linear(cfg.hidden_size, q_out, b, f"{prefix}.q_proj")
         self.k_proj = linear(cfg.hidden_size, kv_out, b, f"{prefix}.k_proj")
         self.v_proj = linear(cfg.hidden_size, kv_out, b, f"{prefix}.v_proj")
-        self.o_proj = linear(q_out, cfg.hidden_size, b, f"{prefix}.o_proj")
+        self.o_proj = linear(q_out, cfg.hidden_size, cfg.o_bias, f"{prefix}.o_proj")
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVView) -> torch.Tensor:
         t = x.shape[0]

@@ -69,6 +69,12 @@ class LlavaModel(nn.Module):
         feats = self.vision(pixel_values.to(self.device))         # [N, n_tok, C_v]
         return self.projector(feats.to(self.dtype))               # [N, n_tok, H]
 
+    def embed_media(self, items) -> list[torch.Tensor]:
+        """One embedding [tokens_per_image, H] per one-tile `MediaItem`, in one tower forward."""
+        if not items:
+            return []
+        return list(self.embed_images(torch.cat([it.pixels for it in items])))
+
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.decoder.embed_tokens(ids)
 

@@ -14,13 +14,19 @@ from ..errors import ConfigError
 
 
 def build_hf_tower(cfg: VisionConfig) -> nn.Module:
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+    """transformers' CLIP or SigLIP vision model (SigLIP without its pooling head, which LLaVA-style
+    feature selection never uses)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
-    if cfg.model_type != "clip_vision_model":
+    fields = {k: v for k, v in cfg.hf_config.items() if k not in ("model_type", "architectures", "_name_or_path")}
+    if cfg.model_type == "clip_vision_model":
+        hf_cfg, cls = CLIPVisionConfig(**fields), CLIPVisionModel
+    elif cfg.model_type == "siglip_vision_model":
+        hf_cfg, cls = SiglipVisionConfig(**{**fields, "vision_use_head": False}), SiglipVisionModel
+    else:
         raise ConfigError(f"vision tower type {cfg.model_type!r} is not supported")
-    hf_cfg = CLIPVisionConfig(**{k: v for k, v in cfg.hf_config.items() if k != "model_type"})
     hf_cfg._attn_implementation = "sdpa"
-    return CLIPVisionModel(hf_cfg)
+    return cls(hf_cfg)
 
 
 class VisionTower(nn.Module):

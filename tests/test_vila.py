@@ -1,0 +1,253 @@
+"""VILA-1.5 and NVILA: chessboard split/merge, downsample projectors, tiling, dynamic S2 against a
+reference assembled here, folder loading / saving, video, and generation through the engine."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from vlm_core.engine.engine import EngineConfig
+from vlm_core.engine.sampling import SamplingParams
+from vlm_core.inputs.tiling import closest_grid, candidate_grids, dynamic_s2_tiles, dynamic_tiles
+from vlm_core.models.projector import SquareDownsample
+from vlm_core.models.s2 import merge_chessboard, split_chessboard
+from vlm_core.tiny_vila import build_tiny_vila
+from vlm_core.vlm import VLM
+
+pytestmark = pytest.mark.timeout(300)
+
+
+# ---- pure functions -----------------------------------------------------------------------------
+
+def split_loops(x, rows, cols):
+    h, w = x.shape[2] // rows, x.shape[3] // cols
+    return torch.cat([x[:, :, i * h:(i + 1) * h, j * w:(j + 1) * w] for i in range(rows) for j in range(cols)])
+
+
+def merge_loops(x, rows, cols):
+    n, c, h, w = x.shape
+    b = n // (rows * cols)
+    out = torch.zeros(b, c, h * rows, w * cols)
+    for i, j, k in itertools.product(range(rows), range(cols), range(b)):
+        out[k, :, i * h:(i + 1) * h, j * w:(j + 1) * w] = x[(i * cols + j) * b + k]
+    return out
+
+
+@pytest.mark.parametrize("b,c,h,w,rows,cols", [(1, 3, 6, 6, 2, 3), (2, 4, 12, 8, 3, 2), (3, 1, 5, 7, 1, 1),
+                                               (1, 2, 9, 12, 3, 4), (2, 5, 4, 4, 4, 4)])
+def test_split_and_merge_chessboard_are_inverse_and_equal_loops(b, c, h, w, rows, cols):
+    x = torch.randn(b, c, h * (rows if h % rows else 1), w * (cols if w % cols else 1))
+    s = split_chessboard(x, rows, cols)
+    assert torch.equal(s, split_loops(x, rows, cols))
+    assert torch.equal(merge_chessboard(s, rows, cols), x)
+    assert torch.equal(merge_chessboard(s, rows, cols), merge_loops(s, rows, cols))
+    tokens = s.flatten(2).transpose(1, 2) if s.shape[2] == s.shape[3] else None   # the [n, h*w, C] form
+    if tokens is not None:
+        assert torch.equal(merge_chessboard(tokens, rows, cols), x)
+
+
+@pytest.mark.parametrize("g,k", [(4, 2), (5, 2), (6, 3), (4, 3), (7, 3)])
+def test_square_downsample_equals_loops(g, k):
+    x = torch.randn(2, g * g, 3)
+    y = SquareDownsample(k)(x)
+    n = -(-g // k)
+    assert y.shape == (2, n * n, k * k * 3)
+    for b, i, j, p, q in itertools.product(range(2), range(n), range(n), range(k), range(k)):
+        r, c = i * k + p, j * k + q
+        want = x[b, r * g + c] if r < g and c < g else torch.zeros(3)
+        assert torch.equal(y[b, i * n + j, (p * k + q) * 3:(p * k + q + 1) * 3], want)
+
+
+def test_tile_grids_follow_the_aspect_ratio():
+    # 2:1 picture, scales 1x/2x/3x: the last scale needs 9..12 tiles; 5x2 (2.5) is closest to 2
+    assert closest_grid(200, 100, candidate_grids(9, 12), 56) == (5, 2)
+    tiles, block = dynamic_s2_tiles(Image.new("RGB", (200, 100)), (56, 112, 168), 56, 12)
+    assert block == (2, 5) and len(tiles) == 1 + 4 + 10 and all(t.size == (56, 56) for t in tiles)
+    tiles = dynamic_tiles(Image.new("RGB", (300, 100)), 56, max_tiles=6)
+    assert len(tiles) == 3 + 1          # a 3x1 grid and the thumbnail
+    assert len(dynamic_tiles(Image.new("RGB", (60, 60)), 56, max_tiles=6)) == 1
+
+
+# ---- tiny folders ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vila")
+    return {f: build_tiny_vila(root / f, f, seed=1) for f in ("vila15", "nvila")}
+
+
+@pytest.fixture(scope="module")
+def models(folders):
+    return {f: VLM.from_pretrained(d) for f, d in folders.items()}
+
+
+def picture(w=150, h=90, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
+
+
+def test_folder_llm_and_tower_equal_transformers(folders, models):
+    from transformers import AutoModelForCausalLM, SiglipVisionModel
+
+    for fam, d in folders.items():
+        vlm = models[fam]
+        hf = AutoModelForCausalLM.from_pretrained(str(d / "llm")).eval()
+        ids = torch.randint(5, 300, (40,), generator=torch.Generator().manual_seed(0))
+        from vlm_core.generation import GenerationRequest
+
+        req = GenerationRequest(vlm.inputs.prepare_media(vlm.tokenizer.decode(ids), {}, apply_template=False)[0],
+                                [], SamplingParams())
+        ref_ids = torch.tensor(req.prompt.token_ids)
+        with torch.no_grad():
+            ref = hf(ref_ids[None]).logits[0]
+        assert (vlm.prompt_logits([req])[0] - ref).abs().max() <= 1e-4
+        tower = SiglipVisionModel.from_pretrained(str(d / "vision_tower")).eval()
+        px = torch.randn(2, 3, vlm.model.config.vision.image_size, vlm.model.config.vision.image_size)
+        with torch.no_grad():
+            want = tower(px, output_hidden_states=True).hidden_states[-2]
+        torch.testing.assert_close(vlm.model.vision(px), want, rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_s2_embedding_equals_a_reference_built_from_the_modules(models):
+    vlm = models["nvila"]
+    model, cfg = vlm.model, vlm.model.config
+    img = picture(150, 90)
+    _, items = vlm.inputs.prepare_media("Describe.", {"image": [img]})
+    (item,) = items
+    got = model.embed_media(items)[0]
+
+    # reference: tiles cut here, one tower call per tile, feature maps placed by loops
+    size, scales = cfg.vision.image_size, cfg.s2_scales
+    rows_last, cols_last = item.block_size
+    grids = [(s // scales[0], s // scales[0]) for s in scales[:-1]] + [(rows_last, cols_last)]
+    g = cfg.grid
+    maps = []
+    for rows, cols in grids:
+        big = img.resize((cols * size, rows * size), resample=Image.Resampling.BICUBIC)
+        fmap = torch.zeros(1, cfg.vision.hidden_size, rows * g, cols * g)
+        for r, c in itertools.product(range(rows), range(cols)):
+            tile = big.crop((c * size, r * size, (c + 1) * size, (r + 1) * size))
+            px = vlm.image_processor.one(tile)[None]
+            with torch.no_grad():
+                f = model.vision(px)[0]                                   # [g*g, C]
+            fmap[0, :, r * g:(r + 1) * g, c * g:(c + 1) * g] = f.T.reshape(-1, g, g)
+        maps.append(fmap)
+    out_size = maps[-1].shape[-2:]                                        # resize to the last scale
+    merged = torch.cat([F.interpolate(m, size=out_size, mode="area") for m in maps], dim=1)
+    n = cfg.projector.tokens_out(g)
+    side = int(n ** 0.5)
+    out = torch.zeros(rows_last * side, cols_last * side, cfg.text.hidden_size)
+    for r, c in itertools.product(range(rows_last), range(cols_last)):
+        block = merged[0, :, r * g:(r + 1) * g, c * g:(c + 1) * g].reshape(merged.shape[1], -1).T[None]
+        with torch.no_grad():
+            proj = model.projector(block)[0]                              # [side*side, H]
+        out[r * side:(r + 1) * side, c * side:(c + 1) * side] = proj.reshape(side, side, -1)
+    ref = out.reshape(-1, cfg.text.hidden_size)
+    assert got.shape == ref.shape == (rows_last * cols_last * n, cfg.text.hidden_size)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_media_tokens_match_embeddings_and_generation_runs(models):
+    for vlm in models.values():
+        mm, items = vlm.inputs.prepare_media([{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": "What colour is the circle?"}]}], {"image": [picture()]})
+        embeds = vlm.model.embed_media(items)
+        assert [s.length for s in mm.spans] == [e.shape[0] for e in embeds]
+        nl = vlm.tokenizer("\n", add_special_tokens=False)["input_ids"]
+        for s in mm.spans:   # each image run is followed by its end token ("\n")
+            assert list(mm.token_ids[s.end:s.end + len(nl)]) == nl
+        out = vlm.generate_content("What colour is the circle?", {"image": [picture()]},
+                                   SamplingParams(max_new_tokens=8, ignore_eos=True))
+        assert len(out.token_ids) == 8
+        streamed = "".join(vlm.stream_content("What colour is the circle?", {"image": [picture()]},
+                                              SamplingParams(max_new_tokens=8, ignore_eos=True)))
+        assert streamed == out.text
+
+
+def test_save_and_load_round_trip_keeps_logits(models, tmp_path):
+    for fam, vlm in models.items():
+        vlm.save_pretrained(tmp_path / fam)
+        again = VLM.from_pretrained(tmp_path / fam)
+        media = {"image": [picture(120, 100, seed=3)]}
+        a = vlm.prompt_logits([vlm.request("Describe the image.", media=media)])[0]
+        b = again.prompt_logits([again.request("Describe the image.", media=media)])[0]
+        assert torch.equal(a, b)
+
+
+def test_video_of_8_frames_and_frame_limit(models):
+    vlm = models["nvila"]
+    frames = [picture(80, 60, seed=i) for i in range(8)]
+    mm, items = vlm.inputs.prepare_media("What happens?", {"video": [frames]})
+    tpt = vlm.model.config.tokens_per_tile
+    nl = vlm.tokenizer("\n", add_special_tokens=False)["input_ids"]
+    assert len(items) == 8 and all(it.kind == "video" for it in items)
+    assert [s.length for s in mm.spans] == [tpt] * 8
+    assert all(mm.spans[i + 1].offset == mm.spans[i].end + len(nl) for i in range(7))
+    text_only, _ = vlm.inputs.prepare_media("What happens?", {})
+    assert len(mm) == len(text_only) + 1 * 0 + 8 * (tpt + len(nl))   # the video token becomes 8 frames
+    out = vlm.generate_content("What happens?", {"video": [frames]}, SamplingParams(max_new_tokens=4, ignore_eos=True))
+    assert len(out.token_ids) == 4
+    _, items = vlm.inputs.prepare_media("What happens?", {"video": [frames + frames[:4]]})
+    assert len(items) == 8                                                # 12 frames sampled to the limit
+
+
+def test_vila_requests_batch_in_the_engine_like_alone(models):
+    for vlm in models.values():
+        reqs = [vlm.request(q, sampling=SamplingParams(max_new_tokens=6, ignore_eos=True), media=m)
+                for q, m in [("Describe.", {"image": [picture(seed=1)]}), ("Hello there", {}),
+                             ("Count the shapes.", {"image": [picture(64, 200, seed=2)]})]]
+        alone = [vlm.generate_requests([r], vlm.engine(EngineConfig(max_num_batched_tokens=32)))[0].token_ids
+                 for r in reqs]
+        together = vlm.generate_requests(reqs, vlm.engine(EngineConfig(max_num_batched_tokens=32)))
+        assert [o.token_ids for o in together] == alone
+
+
+def test_dynamic_tiling_mode(tmp_path):
+    d = build_tiny_vila(tmp_path / "dyn", "vila15", image_mode="dynamic")
+    vlm = VLM.from_pretrained(d)
+    mm, items = vlm.inputs.prepare_media("Describe.", {"image": [picture(210, 70)]})
+    assert len(items) == 3 + 1 and len(mm.spans) == 4                   # 3x1 tiles and a thumbnail
+    nl = vlm.tokenizer("\n", add_special_tokens=False)["input_ids"]
+    for s in mm.spans[:-1]:   # "<image>\n" per tile: the end token, then the separator line
+        assert list(mm.token_ids[s.end:s.end + 2 * len(nl)]) == nl + nl
+    out = vlm.generate_content("Describe.", {"image": [picture(210, 70)]}, SamplingParams(max_new_tokens=3))
+    assert 1 <= len(out.token_ids) <= 3
+
+
+def test_awq_llm_in_the_folder_loads_and_matches_its_dequantized_twin(folders, tmp_path):
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from vlm_core.quant.awq import QuantizeOptions, quantize_linears
+    from vlm_core.quant.awq_linear import AWQLinear
+    from vlm_core.quant.pack import dequantize_awq
+
+    src = folders["nvila"]
+    dst = tmp_path / "nvila-awq"
+    shutil.copytree(src, dst)
+    dense = VLM.from_pretrained(src)
+    packed = quantize_linears(dense.model.decoder, QuantizeOptions(group_size=32))
+    state = load_file(str(src / "llm" / "model.safetensors"))
+    for name, tensors in packed.items():
+        del state[f"model.{name}.weight"]
+        state.update({f"model.{name}.{k}": v for k, v in tensors.items()})
+    save_file(state, str(dst / "llm" / "model.safetensors"))
+    cfg = json.loads((dst / "llm" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
+                                  "version": "gemm"}
+    (dst / "llm" / "config.json").write_text(json.dumps(cfg))
+
+    q = VLM.from_pretrained(dst)
+    assert isinstance(q.model.decoder.layers[0].self_attn.q_proj, AWQLinear)
+    with torch.no_grad():   # the twin: the dense model with the dequantized weights
+        for name, t in packed.items():
+            fc = dense.model.decoder.get_submodule(name)
+            fc.weight.copy_(dequantize_awq(t["qweight"], t["qzeros"], t["scales"].float(), 32).t())
+    media = {"image": [picture(100, 140, seed=5)]}
+    a = q.prompt_logits([q.request("Describe the image.", media=media)])[0]
+    b = dense.prompt_logits([dense.request("Describe the image.", media=media)])[0]
+    assert (a - b).abs().max() <= 1e-4

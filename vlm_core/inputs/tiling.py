@@ -1,0 +1,59 @@
+"""Image tiling for NVILA: dynamic S2 multi-scale tiles, and dynamic tiles plus a thumbnail.
+
+Both pick a tile grid (cols, rows) whose aspect ratio is closest to the image's, among grids
+with a tile count in [min_tiles, max_tiles]; ties go to the larger grid when the image has
+more than half its pixels. Tiles are cut row-major from the image resized to the grid.
+"""
+
+from __future__ import annotations
+
+from PIL import Image
+
+
+def candidate_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
+    """(cols, rows) grids with min_tiles <= cols * rows <= max_tiles, fewest tiles first."""
+    grids = {(c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1)
+             if min_tiles <= c * r <= max_tiles}
+    return sorted(grids, key=lambda g: (g[0] * g[1], g))
+
+
+def closest_grid(width: int, height: int, grids: list[tuple[int, int]], tile: int) -> tuple[int, int]:
+    aspect = width / height
+    best, best_diff = (1, 1), float("inf")
+    for cols, rows in grids:
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and width * height > 0.5 * tile * tile * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def cut_tiles(img: Image.Image, cols: int, rows: int, tile: int) -> list[Image.Image]:
+    """Resize to (cols * tile, rows * tile) and cut row-major tiles."""
+    resized = img.resize((cols * tile, rows * tile), resample=Image.Resampling.BICUBIC)
+    return [resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(cols)]
+
+
+def dynamic_s2_tiles(img: Image.Image, scales: tuple[int, ...], tile: int, max_tiles: int = 12
+                     ) -> tuple[list[Image.Image], tuple[int, int]]:
+    """Tiles of every scale (square grids of scale // scales[0] per side, then an aspect-ratio grid
+    for the last scale) and the last scale's block size (rows, cols)."""
+    tiles: list[Image.Image] = []
+    for s in scales[:-1]:
+        n = s // scales[0]
+        tiles += cut_tiles(img, n, n, tile)
+    min_tiles = (scales[-1] // scales[0]) ** 2
+    cols, rows = closest_grid(img.width, img.height, candidate_grids(min_tiles, max(max_tiles, min_tiles)), tile)
+    tiles += cut_tiles(img, cols, rows, tile)
+    return tiles, (rows, cols)
+
+
+def dynamic_tiles(img: Image.Image, tile: int, max_tiles: int = 12, min_tiles: int = 1,
+                  thumbnail: bool = True) -> list[Image.Image]:
+    """Aspect-ratio grid tiles, then a whole-image thumbnail when there is more than one tile."""
+    cols, rows = closest_grid(img.width, img.height, candidate_grids(min_tiles, max_tiles), tile)
+    tiles = cut_tiles(img, cols, rows, tile)
+    if thumbnail and len(tiles) > 1:
+        tiles.append(img.resize((tile, tile), resample=Image.Resampling.BICUBIC))
+    return tiles
