@@ -35,10 +35,10 @@ def make_pair(rope, heads=4, kv_heads=2, tie=False, seed=0):
     return hf, ours
 
 
-def run_ours(model, ids, chunk=None):
-    """Logits [T, V] for one sequence, prefilled in chunks."""
+def run_ours(model, ids, chunk=None, spare=0, return_cache=False):
+    """Logits [T, V] for one sequence, prefilled in chunks (and the cache, `spare` slots left)."""
     cfg = model.config
-    cache = ContiguousKVCache(cfg.num_layers, 1, len(ids), cfg.num_kv_heads, cfg.head_dim, torch.float32)
+    cache = ContiguousKVCache(cfg.num_layers, 1, len(ids) + spare, cfg.num_kv_heads, cfg.head_dim, torch.float32)
     out, start = [], 0
     chunk = chunk or len(ids)
     with torch.no_grad():
@@ -47,7 +47,7 @@ def run_ours(model, ids, chunk=None):
             h = model(ids[start:start + n], torch.arange(start, start + n), cache.view([SeqChunk(0, start, n)]))
             out.append(model.compute_logits(h))
             start += n
-    return torch.cat(out)
+    return (torch.cat(out), cache) if return_cache else torch.cat(out)
 
 
 @pytest.mark.parametrize("rope", list(ROPES))

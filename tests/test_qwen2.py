@@ -6,8 +6,10 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from vlm_core.config import TextConfig
 from vlm_core.errors import ConfigError
-from vlm_core.models.attention import ContiguousKVCache, SeqChunk
+from vlm_core.models.attention import SeqChunk
 from vlm_core.models.qwen2 import Qwen2Decoder, build_decoder
+
+from test_llama_decoder import run_ours   # noqa: E402  (tests/ is on sys.path)
 
 
 def make_pair(tie, seed=0):
@@ -34,19 +36,6 @@ def make_pair(tie, seed=0):
     return hf, ours
 
 
-def logits_of(model, ids, chunk):
-    cfg = model.config
-    cache = ContiguousKVCache(cfg.num_layers, 1, len(ids) + 16, cfg.num_kv_heads, cfg.head_dim, torch.float32)
-    out, start = [], 0
-    with torch.no_grad():
-        while start < len(ids):
-            n = min(chunk, len(ids) - start)
-            h = model(ids[start:start + n], torch.arange(start, start + n), cache.view([SeqChunk(0, start, n)]))
-            out.append(model.compute_logits(h))
-            start += n
-    return torch.cat(out), cache
-
-
 @pytest.mark.parametrize("tie", [False, True])
 @pytest.mark.parametrize("chunk", [7, 1000])
 def test_logits_equal_hf(tie, chunk):
@@ -54,7 +43,7 @@ def test_logits_equal_hf(tie, chunk):
     ids = torch.randint(0, 97, (60,), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = hf(ids[None]).logits[0]
-    got, _ = logits_of(ours, ids, chunk)
+    got = run_ours(ours, ids, chunk)
     assert (got - ref).abs().max().item() <= 1e-4
 
 
@@ -63,7 +52,7 @@ def test_16_greedy_tokens_equal_hf_generate():
     ids = torch.randint(0, 97, (12,), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = hf.generate(ids[None], max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 12:]
-    logits, cache = logits_of(ours, ids, 1000)
+    logits, cache = run_ours(ours, ids, spare=16, return_cache=True)
     seq = list(ids)
     nxt = int(logits[-1].argmax())
     out = []

@@ -23,7 +23,7 @@ from torch import nn
 from .config import AWQConfig, VLMConfig
 from .errors import CheckpointError
 from .models.layers import dense_linear, LinearFactory
-from .models.llama import LlamaDecoder
+from .models.qwen2 import build_decoder
 from .models.llava import LlavaModel
 from .models.projector import build_projector
 from .models.vision import VisionTower
@@ -220,6 +220,33 @@ MODEL_PARTS = ("vision", "llm")
 _PART_PREFIXES = {"vision": ("vision.", "projector."), "llm": ("decoder.",)}
 
 
+def _check_parts(parts: Collection[str]) -> set[str]:
+    parts = set(parts)
+    if not parts or parts - set(MODEL_PARTS):
+        raise ValueError(f"parts must be a non-empty subset of {MODEL_PARTS}, got {sorted(parts)}")
+    return parts
+
+
+def _build_parts(cls, config, parts: set[str], dtype: torch.dtype, linear: LinearFactory):
+    """The composed model with only `parts` built: the tower in `dtype` (transformers module,
+    loaded in place), projector and decoder on the meta device (their tensors are assigned)."""
+    vision = projector = decoder = None
+    if "vision" in parts:
+        vision = VisionTower(config.vision).to(dtype)
+        with torch.device("meta"):
+            projector = build_projector(config.projector)
+    if "llm" in parts:
+        with torch.device("meta"):
+            decoder = build_decoder(config.text, linear)
+    return cls(config, vision, projector, decoder)
+
+
+def _tie_head(model) -> None:
+    decoder = model.decoder
+    if decoder is not None and decoder.config.tie_word_embeddings:
+        decoder.lm_head.weight = decoder.embed_tokens.weight
+
+
 def load_llava_hf(model_dir: str | Path, dtype: str | torch.dtype | None = None,
                   device: str | torch.device = "cpu", linear: LinearFactory = dense_linear,
                   parts: Collection[str] = MODEL_PARTS) -> LlavaModel:
@@ -229,9 +256,7 @@ def load_llava_hf(model_dir: str | Path, dtype: str | torch.dtype | None = None,
     decoder). A vision replica loads only the first, an LLM replica only the second; the
     other part's tensors are never read.
     """
-    parts = set(parts)
-    if not parts or parts - set(MODEL_PARTS):
-        raise ValueError(f"parts must be a non-empty subset of {MODEL_PARTS}, got {sorted(parts)}")
+    parts = _check_parts(parts)
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"model directory {model_dir} does not exist")
@@ -243,15 +268,7 @@ def load_llava_hf(model_dir: str | Path, dtype: str | torch.dtype | None = None,
     files = weight_files(model_dir)
     dtype = parse_dtype(dtype, default_dtype(raw, device))
 
-    vision = projector = decoder = None
-    if "vision" in parts:
-        vision = VisionTower(config.vision).to(dtype)
-        with torch.device("meta"):
-            projector = build_projector(config.projector)
-    if "llm" in parts:
-        with torch.device("meta"):
-            decoder = LlamaDecoder(config.text, linear)
-    model = LlavaModel(config, vision, projector, decoder)
+    model = _build_parts(LlavaModel, config, parts, dtype, linear)
     kept = config.vision.layers_needed
     dropped = re.compile(r"^vision\.tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.")
     not_built = tuple(p for part in MODEL_PARTS if part not in parts for p in _PART_PREFIXES[part])
@@ -270,8 +287,7 @@ def load_llava_hf(model_dir: str | Path, dtype: str | torch.dtype | None = None,
     if quant is not None and quant.version == "v2":
         tensors = iter(convert_v2_state(dict(tensors), quant.group_size).items())
     load_weights(model, tensors, LLAVA_HF_MAPPING, dtype, skip)
-    if decoder is not None and config.text.tie_word_embeddings:
-        decoder.lm_head.weight = decoder.embed_tokens.weight
+    _tie_head(model)
     return model.to(device).eval()
 
 
@@ -309,12 +325,9 @@ def read_vila_config(model_dir: Path):
 def load_vila(model_dir: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
               parts: Collection[str] = MODEL_PARTS):
     """Load a VILA-1.5 / NVILA folder into our `VilaModel` (`parts` as for `load_llava_hf`)."""
-    from .models.qwen2 import build_decoder
     from .models.vila import VilaModel
 
-    parts = set(parts)
-    if not parts or parts - set(MODEL_PARTS):
-        raise ValueError(f"parts must be a non-empty subset of {MODEL_PARTS}, got {sorted(parts)}")
+    parts = _check_parts(parts)
     model_dir = Path(model_dir)
     if not is_vila_folder(model_dir):
         raise CheckpointError(f"{model_dir} is not a VILA folder (needs {', '.join(VILA_SUBFOLDERS)} subfolders)")
@@ -323,15 +336,7 @@ def load_vila(model_dir: str | Path, dtype: str | torch.dtype | None = None, dev
     linear = awq_linear_factory(quant) if quant is not None else dense_linear
     dtype = parse_dtype(dtype, default_dtype(raw["llm"], device))
 
-    vision = projector = decoder = None
-    if "vision" in parts:
-        vision = VisionTower(config.vision).to(dtype)
-        with torch.device("meta"):
-            projector = build_projector(config.projector)
-    if "llm" in parts:
-        with torch.device("meta"):
-            decoder = build_decoder(config.text, linear)
-    model = VilaModel(config, vision, projector, decoder)
+    model = _build_parts(VilaModel, config, parts, dtype, linear)
     kept = config.vision.layers_needed
     dropped = re.compile(r"^vision\.tower\.(?:vision_model\.)?(?:encoder\.layers\.(\d+)\.|head\.)")
 
@@ -349,8 +354,7 @@ def load_vila(model_dir: str | Path, dtype: str | torch.dtype | None = None, dev
                     yield f"{sub}/{key}", t
 
     load_weights(model, tensors(), VILA_MAPPING, dtype, skip)
-    if decoder is not None and config.text.tie_word_embeddings:
-        decoder.lm_head.weight = decoder.embed_tokens.weight
+    _tie_head(model)
     return model.to(device).eval(), top, raw
 
 

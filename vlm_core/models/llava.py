@@ -23,23 +23,16 @@ from .projector import build_projector
 from .vision import VisionTower
 
 
-class LlavaModel(nn.Module):
-    """`vision`/`projector` or `decoder` may be None when only one side was loaded
-    (`load_llava_hf(parts=...)`): a vision replica has no decoder, an LLM replica no tower."""
+class ComposedVLM(nn.Module):
+    """Tower + projector + decoder. `vision`/`projector` or `decoder` may be None when only one
+    side was loaded (`parts=`): a vision replica has no decoder, an LLM replica no tower."""
 
-    def __init__(self, config: VLMConfig, vision: VisionTower | None, projector: nn.Module | None,
-                 decoder: LlamaDecoder | None):
+    def __init__(self, config, vision: VisionTower | None, projector: nn.Module | None, decoder: nn.Module | None):
         super().__init__()
         self.config = config
         self.vision = vision
         self.projector = projector
         self.decoder = decoder
-
-    @classmethod
-    def build(cls, config: VLMConfig, linear: LinearFactory = dense_linear) -> "LlavaModel":
-        """Randomly initialised model (weights come from a checkpoint loader in practice)."""
-        return cls(config, VisionTower(config.vision), build_projector(config.projector),
-                   LlamaDecoder(config.text, linear))
 
     def _reference_weight(self) -> torch.Tensor:
         if self.decoder is not None:
@@ -62,18 +55,9 @@ class LlavaModel(nn.Module):
     def has_llm(self) -> bool:
         return self.decoder is not None
 
-    @torch.inference_mode()
-    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def _check_vision(self) -> None:
         if self.vision is None:
             raise RuntimeError("this model was loaded without its vision tower (parts=('llm',))")
-        feats = self.vision(pixel_values.to(self.device))         # [N, n_tok, C_v]
-        return self.projector(feats.to(self.dtype))               # [N, n_tok, H]
-
-    def embed_media(self, items) -> list[torch.Tensor]:
-        """One embedding [tokens_per_image, H] per one-tile `MediaItem`, in one tower forward."""
-        if not items:
-            return []
-        return list(self.embed_images(torch.cat([it.pixels for it in items])))
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.decoder.embed_tokens(ids)
@@ -84,3 +68,25 @@ class LlavaModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.decoder.compute_logits(hidden)
+
+
+class LlavaModel(ComposedVLM):
+    config: VLMConfig
+
+    @classmethod
+    def build(cls, config: VLMConfig, linear: LinearFactory = dense_linear) -> "LlavaModel":
+        """Randomly initialised model (weights come from a checkpoint loader in practice)."""
+        return cls(config, VisionTower(config.vision), build_projector(config.projector),
+                   LlamaDecoder(config.text, linear))
+
+    @torch.inference_mode()
+    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        self._check_vision()
+        feats = self.vision(pixel_values.to(self.device))         # [N, n_tok, C_v]
+        return self.projector(feats.to(self.dtype))               # [N, n_tok, H]
+
+    def embed_media(self, items) -> list[torch.Tensor]:
+        """One embedding [tokens_per_image, H] per one-tile `MediaItem`, in one tower forward."""
+        if not items:
+            return []
+        return list(self.embed_images(torch.cat([it.pixels for it in items])))

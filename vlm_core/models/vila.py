@@ -13,52 +13,31 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torch import nn
 
 from ..config import VilaConfig
 from ..inputs.media import MediaItem
-from .attention import KVView
 from .layers import LinearFactory, dense_linear
+from .llava import ComposedVLM
 from .projector import build_projector
 from .qwen2 import build_decoder
 from .s2 import merge_scales, project_blocks
 from .vision import VisionTower
 
 
-class VilaModel(nn.Module):
-    def __init__(self, config: VilaConfig, vision: VisionTower | None, projector: nn.Module | None,
-                 decoder: nn.Module | None):
-        super().__init__()
-        self.config = config
-        self.vision = vision
-        self.projector = projector
-        self.decoder = decoder
+class VilaModel(ComposedVLM):
+    config: VilaConfig
 
     @classmethod
     def build(cls, config: VilaConfig, linear: LinearFactory = dense_linear) -> "VilaModel":
         return cls(config, VisionTower(config.vision), build_projector(config.projector),
                    build_decoder(config.text, linear))
 
-    def _reference_weight(self) -> torch.Tensor:
-        if self.decoder is not None:
-            return self.decoder.embed_tokens.weight
-        return next(self.projector.parameters())
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._reference_weight().dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._reference_weight().device
-
     @torch.inference_mode()
     def embed_media(self, items: Sequence[MediaItem]) -> list[torch.Tensor]:
         """One tower forward over every tile of every item; per-item projection."""
         if not items:
             return []
-        if self.vision is None:
-            raise RuntimeError("this model was loaded without its vision tower")
+        self._check_vision()
         tiles = torch.cat([it.pixels for it in items]).to(self.device)
         feats = self.vision(tiles).to(self.dtype)                      # [T, g*g, C]
         cfg, out, start = self.config, [], 0
@@ -71,13 +50,3 @@ class VilaModel(nn.Module):
             else:
                 out.append(self.projector(f).flatten(0, 1))
         return out
-
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.decoder.embed_tokens(ids)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVView,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        return self.decoder(input_ids, positions, kv, inputs_embeds)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.decoder.compute_logits(hidden)
