@@ -251,3 +251,52 @@ def test_awq_llm_in_the_folder_loads_and_matches_its_dequantized_twin(folders, t
     a = q.prompt_logits([q.request("Describe the image.", media=media)])[0]
     b = dense.prompt_logits([dense.request("Describe the image.", media=media)])[0]
     assert (a - b).abs().max() <= 1e-4
+
+
+def test_tsp_video_pooling_averages_frame_embeddings(folders, models, tmp_path):
+    import json
+    import shutil
+
+    dst = tmp_path / "nvila-tsp"
+    shutil.copytree(folders["nvila"], dst)
+    top = json.loads((dst / "config.json").read_text())
+    top["video_encoder"] = json.dumps({"_target_": "llava.model.encoders.TSPVideoEncoder",
+                                       "pool_sizes": [[4, 1, 1], [8, 2, 2]], "sep_tokens": "\n"})
+    (dst / "config.json").write_text(json.dumps(top))
+    tsp, basic = VLM.from_pretrained(dst), models["nvila"]
+    frames = [picture(80, 60, seed=i) for i in range(8)]
+    mm, items = tsp.inputs.prepare_media("What happens?", {"video": [frames]})
+    tpt = tsp.model.config.tokens_per_tile                        # 2x2 tokens per frame here
+    assert [s.length for s in mm.spans] == [tpt, tpt, 1]          # 8 frames / 4, then 8 frames / 8 at 2x2
+    got = tsp.model.embed_media(items)
+    _, frame_items = basic.inputs.prepare_media("What happens?", {"video": [frames]})
+    per_frame = torch.stack(basic.model.embed_media(frame_items))   # [8, tpt, H]
+    torch.testing.assert_close(got[0], per_frame[:4].mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], per_frame[4:].mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[2], per_frame.mean(dim=(0, 1))[None], rtol=1e-5, atol=1e-5)
+    nl = tsp.tokenizer("\n", add_special_tokens=False)["input_ids"]
+    assert list(mm.token_ids[mm.spans[1].end:mm.spans[2].offset]) == nl + nl   # end token, then the separator
+    with pytest.raises(Exception, match="groups of 4"):
+        tsp.inputs.prepare_media("What happens?", {"video": [frames[:6]]})
+    assert len(tsp.generate_content("What happens?", {"video": [frames]},
+                                    SamplingParams(max_new_tokens=3, ignore_eos=True)).token_ids) == 3
+
+
+@pytest.mark.parametrize("projector", ["linear", "mlp2x_gelu", "mlp_downsample_2x2_fix"])
+def test_other_projectors_load_run_and_round_trip(tmp_path, projector):
+    from safetensors import safe_open
+
+    d = build_tiny_vila(tmp_path / projector, "vila15", projector=projector)
+    vlm = VLM.from_pretrained(d)
+    with safe_open(str(d / "mm_projector" / "model.safetensors"), "pt") as st:
+        keys = set(st.keys())
+    assert ("layers.weight" in keys) == (projector == "linear")
+    media = {"image": [picture(90, 70, seed=4)]}
+    mm, items = vlm.inputs.prepare_media("Describe.", media)
+    assert mm.spans[0].length == vlm.model.embed_media(items)[0].shape[0]
+    vlm.save_pretrained(tmp_path / "copy")
+    again = VLM.from_pretrained(tmp_path / "copy")
+    with safe_open(str(tmp_path / "copy" / "mm_projector" / "model.safetensors"), "pt") as st:
+        assert set(st.keys()) == keys
+    a = vlm.prompt_logits([vlm.request("Describe.", media=media)])[0]
+    assert torch.equal(a, again.prompt_logits([again.request("Describe.", media=media)])[0])

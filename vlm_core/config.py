@@ -340,8 +340,8 @@ def _scales(v) -> tuple[int, ...]:
     return tuple(int(x) for x in v)
 
 
-def _end_tokens(encoder: Any, default: str | None = "\n") -> str | None:
-    """`end_tokens` of a VILA `image_encoder` / `video_encoder` entry (a dict or its JSON)."""
+def _encoder_entry(encoder: Any) -> dict:
+    """A VILA `image_encoder` / `video_encoder` entry (a dict or its JSON)."""
     if isinstance(encoder, str):
         import json
 
@@ -349,9 +349,7 @@ def _end_tokens(encoder: Any, default: str | None = "\n") -> str | None:
             encoder = json.loads(encoder)
         except ValueError:
             raise ConfigError(f"media encoder config is not JSON: {encoder!r}") from None
-    if not isinstance(encoder, dict):
-        return default
-    return encoder.get("end_tokens", default)
+    return encoder if isinstance(encoder, dict) else {}
 
 
 @dataclass(frozen=True)
@@ -369,6 +367,8 @@ class VilaConfig:
     video_token: str = "<vila/video>"
     image_end_tokens: str | None = "\n"
     video_end_tokens: str | None = "\n"
+    video_sep_tokens: str | None = None
+    video_pool_sizes: tuple[tuple[int, int, int], ...] = ()   # TSP video encoder; () = frame by frame
     num_video_frames: int = 8
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -383,6 +383,9 @@ class VilaConfig:
                                   f"({self.vision.image_size})")
         if self.num_video_frames < 1:
             raise ConfigError("num_video_frames must be at least 1")
+        for pool in self.video_pool_sizes:
+            if len(pool) != 3 or min(pool) < 1:
+                raise ConfigError(f"video pool sizes are (frames, rows, cols) of positive ints, got {pool}")
 
     @property
     def grid(self) -> int:
@@ -405,6 +408,7 @@ class VilaConfig:
             raise ConfigError(f"mm_vision_select_feature {feature!r} is not one of {tuple(_SELECT_FEATURE)}")
         mode = top.get("image_aspect_ratio") or "resize"
         scales = _scales(top.get("s2_scales")) if (top.get("dynamic_s2") or mode == "dynamic_s2") else ()
+        image_enc, video_enc = _encoder_entry(top.get("image_encoder")), _encoder_entry(top.get("video_encoder"))
         try:
             vision = VisionConfig(
                 hf_config=dict(tower), image_size=int(tower.get("image_size", 384)),
@@ -418,8 +422,10 @@ class VilaConfig:
             return cls(text=text, vision=vision, projector=proj, image_mode=mode, s2_scales=scales,
                        s2_output_scale_idx=int(top.get("s2_resize_output_to_scale_idx", 0)),
                        max_tiles=int(top.get("max_tiles", 12)),
-                       image_end_tokens=_end_tokens(top.get("image_encoder")),
-                       video_end_tokens=_end_tokens(top.get("video_encoder")),
+                       image_end_tokens=image_enc.get("end_tokens", "\n"),
+                       video_end_tokens=video_enc.get("end_tokens", "\n"),
+                       video_sep_tokens=video_enc.get("sep_tokens"),
+                       video_pool_sizes=tuple(tuple(int(v) for v in p) for p in video_enc.get("pool_sizes") or ()),
                        num_video_frames=int(top.get("num_video_frames", 8)), raw=dict(top))
         except KeyError as e:
             raise ConfigError(f"vision tower config is missing {e.args[0]!r}") from None

@@ -53,6 +53,7 @@ class VilaPromptBuilder:
         self.image_token_id = self._special_id(config.image_token)
         self.video_token_id = self._special_id(config.video_token, required=False)
         self.end_ids = {"image": self._ids(config.image_end_tokens), "video": self._ids(config.video_end_tokens)}
+        self.sep_ids = self._ids(config.video_sep_tokens)
         self.template = getattr(tokenizer, "chat_template", None) or default_template(config)
         eos = set(config.text.eos_token_ids)
         if tokenizer.eos_token_id is not None:
@@ -108,15 +109,32 @@ class VilaPromptBuilder:
         size = self.config.vision.image_size
         return img.resize((size, size), resample=3) if img.size != (size, size) else img
 
-    def video_items(self, frames: Sequence[ImageInput]) -> list[MediaItem]:
+    def video_items(self, frames: Sequence[ImageInput]) -> list[list[MediaItem]]:
+        """A video's spans, grouped per pool size (one group, frame by frame, without pooling)."""
         if not frames:
             raise InputError("a video needs at least one frame")
         picked = sample_frames(frames, self.config.num_video_frames)
-        return [MediaItem(self._tile_pixels([self._single(load_image(f))]), None, "video") for f in picked]
+        pixels = self._tile_pixels([self._single(load_image(f)) for f in picked])
+        if not self.config.video_pool_sizes:
+            return [[MediaItem(px[None], None, "video") for px in pixels]]
+        groups = []
+        for pool in self.config.video_pool_sizes:
+            if len(picked) % pool[0]:
+                raise InputError(f"this model pools video frames in groups of {pool[0]}; the video has "
+                                 f"{len(picked)} frames")
+            groups.append([MediaItem(pixels[i:i + pool[0]], None, "video", tuple(pool))
+                           for i in range(0, len(picked), pool[0])])
+        return groups
 
     def media_tokens(self, item: MediaItem) -> int:
         """Length of the item's embedding (what `VilaModel.embed_media` returns for it)."""
         cfg = self.config
+        if item.kind == "video":
+            n = cfg.tokens_per_tile
+            if item.pool is None:
+                return n
+            side = int(round(n ** 0.5))
+            return (side // item.pool[1]) * (side // item.pool[2])
         if not cfg.s2_scales:
             return item.pixels.shape[0] * cfg.tokens_per_tile
         if item.block_size is None:
@@ -178,15 +196,17 @@ class VilaPromptBuilder:
         img_iter, vid_iter = iter(image_items), iter(video_items)
         for tid in ids:
             if tid == self.image_token_id:
-                group, kind = [next(img_iter)], "image"
+                groups, kind, sep = [[next(img_iter)]], "image", []
             elif tid == self.video_token_id:
-                group, kind = next(vid_iter), "video"
+                groups, kind, sep = next(vid_iter), "video", self.sep_ids
             else:
                 out_ids.append(tid)
                 continue
-            for item in group:
-                n = self.media_tokens(item)
-                spans.append(ImageSpan(len(out_ids), n))
-                out_ids += [tid] * n + self.end_ids[kind]
-                items.append(item)
+            for group in groups:
+                for item in group:
+                    n = self.media_tokens(item)
+                    spans.append(ImageSpan(len(out_ids), n))
+                    out_ids += [tid] * n + self.end_ids[kind]
+                    items.append(item)
+                out_ids += sep
         return MultimodalPrompt(tuple(out_ids), tuple(spans)), items

@@ -40,13 +40,33 @@ class VilaModel(ComposedVLM):
         self._check_vision()
         tiles = torch.cat([it.pixels for it in items]).to(self.device)
         feats = self.vision(tiles).to(self.dtype)                      # [T, g*g, C]
-        cfg, out, start = self.config, [], 0
+        out, start = [], 0
         for it in items:
             f = feats[start:start + it.pixels.shape[0]]
             start += it.pixels.shape[0]
-            if cfg.s2_scales:
-                merged, grid = merge_scales(f, cfg.s2_scales, it.block_size, cfg.s2_output_scale_idx)
-                out.append(project_blocks(merged, grid, self.projector))
+            if it.kind == "video":   # frames one by one, then the pool (if any) over them
+                frames = torch.stack([self._project(f[i:i + 1], None) for i in range(f.shape[0])])
+                out.append(pool_frames(frames, it.pool) if it.pool else frames.flatten(0, 1))
             else:
-                out.append(self.projector(f).flatten(0, 1))
+                out.append(self._project(f, it.block_size))
         return out
+
+    def _project(self, f: torch.Tensor, block_size) -> torch.Tensor:
+        """Tile features [n, g*g, C] of one image -> [tokens, H]."""
+        cfg = self.config
+        if cfg.s2_scales:
+            merged, grid = merge_scales(f, cfg.s2_scales, block_size, cfg.s2_output_scale_idx)
+            return project_blocks(merged, grid, self.projector)
+        return self.projector(f).flatten(0, 1)
+
+
+def pool_frames(frames: torch.Tensor, pool: tuple[int, int, int]) -> torch.Tensor:
+    """[t, n, H] frame tokens (n a square grid) -> mean over (frames, rows, cols) blocks, [t'*n', H]
+    (NVILA's TSP video pooling; t and the grid side must divide by the pool)."""
+    t, n, h = frames.shape
+    side = int(round(n ** 0.5))
+    pt, pr, pc = pool
+    if t % pt or side % pr or side % pc:
+        raise ValueError(f"{t} frames of {side}x{side} tokens do not pool by {pool}")
+    x = frames.view(t // pt, pt, side // pr, pr, side // pc, pc, h).mean(dim=(1, 3, 5))
+    return x.reshape(-1, h)
