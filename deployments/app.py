@@ -24,6 +24,10 @@ class AppArgs(BaseModel):
     dtype: str | None = None
     vision_gpus: float = Field(0.25, ge=0, description="GPU fraction per VisionEncoder replica on GPU clusters")
     llm_gpus: float = Field(1.0, ge=0, description="GPU fraction per LLMServer replica on GPU clusters")
+    vision_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per VisionEncoder replica (pins it to nodes that "
+                                          "offer them, e.g. {'vision': 1})")
+    llm_resources: dict[str, float] = Field(default_factory=dict, description="the same for LLMServer replicas")
     engine: dict[str, Any] = Field(default_factory=dict, description="EngineConfig fields")
     max_waiting_requests: int | None = Field(
         256, ge=0, description="requests an LLMServer replica holds beyond engine.max_num_seqs before it answers 503;"
@@ -87,8 +91,14 @@ def build_app(args: dict | None = None) -> serve.Application:
         opts = {**DEFAULT_OPTIONS[name], **({"ray_actor_options": resources} if resources else {})}
         return serve.deployment(cls, name=name).options(**{**opts, **a.deployment_options.get(name, {})})
 
-    vision = deployment(VisionEncoder, "VisionEncoder", {"num_gpus": a.vision_gpus} if gpus else {"num_cpus": 0.5})
-    llm = deployment(LLMServer, "LLMServer", {"num_gpus": a.llm_gpus} if gpus else {"num_cpus": 0.5})
+    def actor_options(gpu_fraction: float, custom: dict[str, float]) -> dict:
+        opts: dict[str, Any] = {"num_gpus": gpu_fraction} if gpus else {"num_cpus": 0.5}
+        if custom:
+            opts["resources"] = dict(custom)
+        return opts
+
+    vision = deployment(VisionEncoder, "VisionEncoder", actor_options(a.vision_gpus, a.vision_resources))
+    llm = deployment(LLMServer, "LLMServer", actor_options(a.llm_gpus, a.llm_resources))
     ingress = deployment(ServeIngress, "Ingress", None)
     options = IngressOptions(
         model_name=a.model_name, max_images=a.max_images, max_image_bytes=a.max_image_bytes,

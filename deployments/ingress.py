@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from vlm_core.errors import ImageTooLargeError, VLMError
@@ -72,6 +73,9 @@ def api_error_of(e: BaseException, retry_after_s: int = 1) -> APIError:
         if isinstance(seen, (BackPressureError, ServerOverloadedError)):
             return APIError(503, "the server is at capacity; retry later", "server_overloaded",
                             headers={"Retry-After": str(retry_after_s)})
+        if isinstance(seen, RayActorError):   # a replica died with this request in flight
+            return APIError(503, f"a serving replica failed during the request; retry ({type(seen).__name__})",
+                            "server_error", headers={"Retry-After": str(retry_after_s)})
         if isinstance(seen, ImageTooLargeError):
             return APIError(413, str(seen), param="image_url")
         if isinstance(seen, VLMError):

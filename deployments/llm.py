@@ -5,6 +5,7 @@ Only the decoder is loaded; image embeddings arrive from the VisionEncoder as ms
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -93,7 +94,7 @@ class LLMServer:
 
     def stats(self) -> dict:
         eng = self.engine.engine
-        return {**self.counts, "running": len(eng.scheduler.running), "waiting": len(eng.scheduler.waiting),
+        return {"pid": os.getpid(), **self.counts, "running": len(eng.scheduler.running), "waiting": len(eng.scheduler.waiting),
                 "kv_usage": eng.blocks.usage, "free_blocks": eng.blocks.num_free_blocks,
                 "num_blocks": eng.blocks.num_blocks, "in_flight": self.in_flight, "prefix_hit_blocks": eng.blocks.stats.prefix_hits,
                 "preemptions": eng.scheduler.num_preemptions}

@@ -10,6 +10,7 @@ msgpack buffer (`deployments.wire`).
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 
 import torch
@@ -90,7 +91,7 @@ class VisionEncoder:
         return out
 
     def stats(self) -> dict:
-        return {"hits": self.hits, "misses": self.misses, "batches": len(self.batch_sizes),
+        return {"pid": os.getpid(), "hits": self.hits, "misses": self.misses, "batches": len(self.batch_sizes),
                 "images_encoded": sum(self.batch_sizes), "largest_batch": max(self.batch_sizes, default=0),
                 "largest_request_batch": self.largest_request_batch, "max_batch_images": self.max_batch_images}
 

@@ -1,0 +1,275 @@
+"""The application on a 3-node Ray cluster on this machine (head, a `vision` node, an `llm` node):
+placement by custom resources, per-stage autoscaling, replica failures, and a short soak.
+
+VLM_SOAK_S sets the soak length (default 60 s in CI)."""
+
+import base64
+import concurrent.futures
+import io
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from vlm_core.default_model.data import heldout_set
+
+pytestmark = pytest.mark.timeout(600)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster"))
+
+FAST = {"upscale_delay_s": 1, "downscale_delay_s": 3, "metrics_interval_s": 0.5, "look_back_period_s": 2}
+OVERRIDES = {
+    # vision calls wait 0.3 s for their batch to fill, so image-heavy load keeps the encoder busy
+    "vision_batch_wait_s": 0.3,
+    "deployment_options": {
+        "Ingress": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
+        "VisionEncoder": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
+                                                 **FAST}},
+        "LLMServer": {"autoscaling_config": {"min_replicas": 2, "max_replicas": 3,
+                                             "target_ongoing_requests": 1000, **FAST}},
+    },
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png(img) -> str:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+SCENES = heldout_set(40, seed=77)
+URLS = [png(s.image()) for s, _, _ in SCENES]
+
+
+def body(i, **kw):
+    return {"temperature": 0, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": URLS[i % len(URLS)]}},
+        {"type": "text", "text": SCENES[i % len(SCENES)][1]}]}], **kw}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from local import LocalCluster
+
+    c = LocalCluster(vision_nodes=1, llm_nodes=1, dashboard_port=free_port())
+    try:
+        c.connect()
+        c.url = c.deploy(free_port(), OVERRIDES)
+        wait_for(lambda: counts(c) == {"Ingress": 1, "VisionEncoder": 1, "LLMServer": 2}, 120)
+        yield c
+    finally:
+        c.shutdown()
+
+
+def counts(c) -> dict[str, int]:
+    """RUNNING replicas per deployment (Serve's own view; replicas being stopped do not count)."""
+    from ray import serve
+
+    deps = serve.status().applications["vlm"].deployments
+    return {name: d.replica_states.get("RUNNING", 0) for name, d in deps.items()}
+
+
+def serving_pid(deployment: str) -> int:
+    """The pid of a replica that is taking requests (asked through the deployment's handle)."""
+    from ray import serve
+
+    return serve.get_deployment_handle(deployment, "vlm").stats.remote().result(timeout_s=30)["pid"]
+
+
+def wait_for(cond, timeout_s, every=0.5):
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        time.sleep(every)
+
+
+def post(c, b, timeout=120):
+    import httpx
+
+    return httpx.post(c.url + "/v1/chat/completions", json=b, timeout=timeout)
+
+
+def stream(c, b, started: threading.Event | None = None, timeout=120):
+    """('ok', tokens) or ('error', message) for one streamed request; never hangs past `timeout`."""
+    import httpx
+
+    text_chunks, usage = 0, None
+    with httpx.stream("POST", c.url + "/v1/chat/completions", json={**b, "stream": True,
+                      "stream_options": {"include_usage": True}}, timeout=timeout) as r:
+        if r.status_code != 200:
+            return "error", f"HTTP {r.status_code}"
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                return "error", chunk["error"]["message"]
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                text_chunks += 1
+                if started is not None:
+                    started.set()
+    return ("ok", usage["completion_tokens"]) if usage else ("error", "stream ended without usage")
+
+
+def test_replicas_run_on_their_node_kinds_and_requests_cross_nodes(cluster):
+    reps = cluster.replicas()
+    assert {cluster.node_kind(a.node_id) for a in reps["VisionEncoder"]} == {"vision"}
+    assert {cluster.node_kind(a.node_id) for a in reps["LLMServer"]} == {"llm"}
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: post(cluster, body(i)).json()["choices"][0]["message"]["content"], range(8)))
+    assert sum(a.strip() == SCENES[i][2] for i, a in enumerate(answers)) >= 7
+
+
+def test_vision_scales_out_under_image_load_and_back_in(cluster):
+    stop = threading.Event()
+    samples: list[dict[str, int]] = []
+
+    def client(k):
+        i = k
+        while not stop.is_set():
+            post(cluster, body(i, max_tokens=1))
+            i += 16
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(client, k) for k in range(16)]
+        try:
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                samples.append(counts(cluster))
+                if samples[-1]["VisionEncoder"] == 2:
+                    break
+                time.sleep(1)
+        finally:
+            stop.set()
+        for f in futures:
+            f.result()
+    assert max(s["VisionEncoder"] for s in samples) == 2, samples       # the image stage scaled out
+    assert all(s["LLMServer"] == 2 for s in samples), samples             # the LLM stage did not
+    wait_for(lambda: counts(cluster)["VisionEncoder"] == 1, 90)           # and back in when load stops
+    assert counts(cluster)["LLMServer"] == 2
+
+
+def kill_one(deployment) -> int:
+    pid = serving_pid(deployment)
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def test_killing_an_llm_replica_fails_only_its_requests(cluster):
+    wait_for(lambda: counts(cluster)["LLMServer"] == 2, 60)
+    started = [threading.Event() for _ in range(8)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(stream, cluster, body(i, max_tokens=200, ignore_eos=True), started[i])
+                   for i in range(8)]
+        for e in started:
+            assert e.wait(60)
+        victim = kill_one("LLMServer")
+        outcomes = [f.result(timeout=120) for f in futures]
+    errors = [m for kind, m in outcomes if kind == "error"]
+    done = [n for kind, n in outcomes if kind == "ok"]
+    assert errors and done, outcomes                   # the other replica's requests were untouched
+    assert all(n == 200 for n in done)
+    assert all("replica failed" in m for m in errors), errors
+    def replaced():   # two live LLMServer processes again, neither of them the killed one
+        pids = {a.pid for a in cluster.replicas().get("LLMServer", [])}
+        return len(pids) == 2 and victim not in pids and counts(cluster)["LLMServer"] == 2
+
+    wait_for(replaced, 120)
+    for i in range(4):                                 # Serve replaced it; new requests succeed
+        r = post(cluster, body(i))
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"].strip() == SCENES[i][2]
+
+
+def test_killing_the_vision_replica_fails_cleanly_and_recovers(cluster):
+    wait_for(lambda: counts(cluster)["VisionEncoder"] == 1, 60)
+    before = {a.pid for a in cluster.replicas()["VisionEncoder"]}
+    stop = threading.Event()
+
+    def client(k):   # image requests back to back: the encoder always holds some in its batch window
+        got, i = [], k
+        while not stop.is_set():
+            got.append(post(cluster, body(i, max_tokens=4)))
+            i += 8
+        return got
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(client, k) for k in range(8)]
+        time.sleep(2)
+        kill_one("VisionEncoder")
+        time.sleep(1)
+        stop.set()
+        answers = [r for f in futures for r in f.result(timeout=180)]
+    codes = [r.status_code for r in answers]
+    assert set(codes) <= {200, 503}, codes
+    assert 503 in codes and 200 in codes, codes
+    for r in answers:
+        if r.status_code == 503:
+            assert r.json()["error"]["type"] == "server_error" and "Retry-After" in r.headers
+    wait_for(lambda: counts(cluster)["VisionEncoder"] == 1 and
+             not {a.pid for a in cluster.replicas().get("VisionEncoder", [])} & before, 120)   # a new process
+    for i in range(4):
+        r = post(cluster, body(i + 10))
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"].strip() == SCENES[i + 10][2]
+
+
+def test_soak_mixed_load(cluster):
+    import psutil
+
+    soak_s = float(os.environ.get("VLM_SOAK_S", "60"))
+    stop = threading.Event()
+    results: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def record(key):
+        with lock:
+            results[key] = results.get(key, 0) + 1
+
+    def client(k):
+        i = k
+        while not stop.is_set():
+            kind = i % 4
+            if kind == 0:      # image, streamed
+                outcome, _ = stream(cluster, body(i, max_tokens=16))
+                record("ok" if outcome == "ok" else "stream_error")
+            elif kind == 1:    # text only
+                r = post(cluster, {"messages": [{"role": "user", "content": "How many shapes are there?"}],
+                                   "max_tokens": 8})
+                record("ok" if r.status_code == 200 else f"http_{r.status_code}")
+            else:              # image, whole answer
+                r = post(cluster, body(i, max_tokens=8 + i % 24, ignore_eos=bool(i % 2)))
+                record("ok" if r.status_code == 200 else f"http_{r.status_code}")
+            i += 12
+
+    def rss() -> dict[int, int]:
+        return {a.pid: psutil.Process(a.pid).memory_info().rss
+                for actors in cluster.replicas().values() for a in actors}
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        futures = [pool.submit(client, k) for k in range(12)]
+        time.sleep(min(15, soak_s / 4))                # warm up: caches and allocators settle
+        start_rss = rss()
+        time.sleep(soak_s)
+        end_rss = rss()
+        stop.set()
+        for f in futures:
+            f.result()
+    growth = {pid: end_rss[pid] / start_rss[pid] - 1 for pid in start_rss if pid in end_rss}
+    print(f"\nsoak {soak_s:.0f} s: {results}; replica RSS growth "
+          + ", ".join(f"{g * 100:+.1f}%" for g in growth.values()))
+    assert set(results) == {"ok"} and results["ok"] > 50, results       # zero errors
+    assert len(growth) == len(start_rss)                                 # no replica was replaced meanwhile
+    assert max(growth.values()) <= 0.10, growth
