@@ -226,6 +226,39 @@ def test_killing_the_vision_replica_fails_cleanly_and_recovers(cluster):
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"].strip() == SCENES[i + 10][2]
 
 
+def test_config_update_under_load_drops_nothing(cluster):
+    """`serve deploy` of a changed config (here: a new default_max_tokens) rolls every replica
+    while clients keep sending; none of their requests fails."""
+    from ray import serve
+
+    from deployments.app import app_from_config
+    from local import CONFIG
+
+    stop = threading.Event()
+
+    def client(k):
+        got, i = [], k
+        while not stop.is_set():
+            got.append(post(cluster, body(i, max_tokens=4)).status_code)
+            i += 6
+        return got
+
+    before = {a.pid for actors in cluster.replicas().values() for a in actors}
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(client, k) for k in range(6)]
+        time.sleep(2)
+        name, prefix, app = app_from_config(str(CONFIG), {**OVERRIDES, "default_max_tokens": 48})
+        serve.run(app, name=name, route_prefix=prefix)          # returns once the new version runs
+        time.sleep(2)
+        stop.set()
+        codes = [c for f in futures for c in f.result(timeout=180)]
+    assert codes and set(codes) == {200}, codes
+    after = {a.pid for actors in cluster.replicas().values() for a in actors}
+    assert not before & after                                   # every replica is a new process
+    r = post(cluster, {"messages": [{"role": "user", "content": "Describe the image."}], "ignore_eos": True})
+    assert r.json()["usage"]["completion_tokens"] == 48         # the new default is in force
+
+
 def test_soak_mixed_load(cluster):
     import psutil
 
