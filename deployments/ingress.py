@@ -4,7 +4,7 @@ POST /v1/chat/completions   (stream or not; `usage` always in the final response
 GET  /v1/models, GET /health
 
 The ingress validates the request, decodes images, applies the chat template and tokenizes
-(no model weights here), sends the pixels to the VisionEncoder and passes that call's response
+(no model weights here), sends the media items to the VisionEncoder and passes that call's response
 straight into the LLMServer call, so the embeddings travel vision replica -> object store ->
 LLM replica without passing through the ingress.
 """
@@ -27,7 +27,7 @@ from ray.serve.exceptions import BackPressureError
 
 from vlm_core.errors import ImageTooLargeError, VLMError
 from vlm_core.inputs.image import MAX_IMAGE_PIXELS, load_image
-from vlm_core.inputs.prompt import PromptBuilder, pixel_hash
+from vlm_core.inputs.prompt import prompt_builder
 
 from .media import ImagePolicy, read_image_url
 from .protocol import (APIError, AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
@@ -87,7 +87,7 @@ def api_error_of(e: BaseException, retry_after_s: int = 1) -> APIError:
 class Ingress:
     def __init__(self, vision, llm, model_dir: str, options: IngressOptions = IngressOptions()):
         self.vision, self.llm = vision, llm
-        self.inputs = PromptBuilder.from_pretrained(model_dir)
+        self.inputs = prompt_builder(model_dir)      # LLaVA or VILA-family prompts; no weights
         self.options = o = options
         self.model_name = o.model_name
         self.max_model_len = self.inputs.config.text.max_position_embeddings
@@ -128,16 +128,16 @@ class Ingress:
             try:
                 sampling = body.sampling(o.default_max_tokens)
                 images = [load_image(b, o.max_image_pixels) for b in datas]
-                prompt, pixels = self.inputs.prepare(messages, images)
-                return prompt, pixels, sampling
+                prompt, items = self.inputs.prepare_media(messages, {"image": images} if images else {})
+                return prompt, items, sampling
             except VLMError as e:
                 raise api_error_of(e) from None
 
-        prompt, pixels, sampling = await asyncio.to_thread(work)
+        prompt, items, sampling = await asyncio.to_thread(work)
         if len(prompt) >= self.max_model_len:
             raise APIError(400, f"the prompt has {len(prompt)} tokens; this model's context is "
                                 f"{self.max_model_len} tokens", param="messages")
-        return prompt, pixels, sampling
+        return prompt, items, sampling
 
     # ---- routes -----------------------------------------------------------------------------
 
@@ -227,14 +227,14 @@ class Ingress:
     async def _start(self, body: ChatCompletionRequest):
         """Validate, send images to the vision deployment and the prompt to the LLM deployment;
         returns once the engine has accepted the request (its first output in hand)."""
-        prompt, pixels, sampling = await self._prepare(body)
+        prompt, items, sampling = await self._prepare(body)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        hashes = [pixel_hash(p) for p in pixels]
+        hashes = [it.hash for it in items]
         # the vision call's response goes straight into the LLM call: the embeddings move
         # vision replica -> object store -> LLM replica and never through this process
         embeds = None
         if hashes:
-            embeds = self.vision.encode.remote(pixels, hashes)
+            embeds = self.vision.encode.remote(items, hashes)
             await self._wait_done(embeds)
         stream = self.llm.options(stream=True).generate.remote(
             rid, list(prompt.token_ids), [(s.offset, s.length) for s in prompt.spans], embeds, hashes, sampling)

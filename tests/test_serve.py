@@ -382,3 +382,46 @@ def test_full_queues_answer_503_with_retry_after(overload_app):
             assert r.json()["usage"]["completion_tokens"] == 150
     ok = post({"messages": image_message(scene.image(), q), "temperature": 0})   # room again
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"].strip() == gold
+
+
+@pytest.fixture(scope="module")
+def nvila_app(server, tmp_path_factory):
+    """A tiny NVILA folder (Qwen2 + SigLIP + dynamic S2) served beside the default model."""
+    from ray import serve
+
+    from deployments.app import build_app
+    from vlm_core.tiny_vila import build_tiny_vila
+
+    folder = build_tiny_vila(tmp_path_factory.mktemp("nvila") / "tiny-nvila", "nvila", seed=2)
+    serve.run(build_app({"model_dir": str(folder), "model_name": "tiny-nvila", "api_key": API_KEY}),
+              name="nvila", route_prefix="/nvila", blocking=False)
+    yield server + "/nvila", folder
+    serve.delete("nvila")
+
+
+def test_nvila_served_over_http_equals_in_process(nvila_app, monkeypatch):
+    from openai import OpenAI
+    from PIL import Image
+
+    from vlm_core.engine.sampling import SamplingParams
+    from vlm_core.vlm import VLM
+
+    url, folder = nvila_app
+    client = OpenAI(base_url=url + "/v1", api_key=API_KEY, timeout=120, max_retries=0)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    vlm = VLM.from_pretrained(folder)
+    g = __import__("torch").Generator().manual_seed(0)
+    for w, h in ((150, 90), (64, 64)):     # a dynamic-S2 grid of 3x4 tiles, and a square picture
+        arr = (__import__("torch").rand(h, w, 3, generator=g) * 255).to(__import__("torch").uint8).numpy()
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, "PNG")
+        png = buf.getvalue()
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
+        ref = vlm.generate_content(messages, {"image": [png]}, SamplingParams(max_new_tokens=12, ignore_eos=True))
+        r = client.chat.completions.create(
+            model="tiny-nvila", temperature=0, max_tokens=12, extra_body={"ignore_eos": True},
+            messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}},
+                {"type": "text", "text": "Describe the image."}]}])
+        assert r.choices[0].message.content == ref.text
+        assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens == ref.prompt_tokens

@@ -8,6 +8,7 @@ import torch
 from deployments.vision import VisionEncoder
 from vlm_core.default_model import default_model_dir
 from vlm_core.default_model.data import heldout_set
+from vlm_core.inputs.media import MediaItem
 from vlm_core.inputs.prompt import PromptBuilder, pixel_hash
 from vlm_core.vlm import VLM
 
@@ -21,7 +22,12 @@ def pixels():
 
 
 def items_of(requests):
-    return [(p, [pixel_hash(x) for x in p]) for p in requests]
+    """(media items, hashes) per request; a request is a [N, 3, S, S] stack of one-tile images."""
+    out = []
+    for p in requests:
+        items = [MediaItem(x[None]) for x in p]
+        out.append((items, [it.hash for it in items]))
+    return out
 
 
 def test_batch_step_matches_the_model_and_caches_by_content(pixels):
@@ -50,5 +56,7 @@ def test_batch_step_matches_the_model_and_caches_by_content(pixels):
 def test_requests_beyond_the_image_budget_are_refused(pixels):
     enc = VisionEncoder(str(default_model_dir("awq")), device="cpu", max_batch_images=3)
     p = torch.cat(pixels[:4])
+    (items, hashes), = items_of([p])
+    assert hashes == [pixel_hash(x) for x in p]       # a one-tile item hashes as its pixels
     with pytest.raises(ValueError, match="at most 3"):
-        asyncio.run(enc.encode(p, [pixel_hash(x) for x in p]))
+        asyncio.run(enc.encode(items, hashes))

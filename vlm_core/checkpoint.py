@@ -401,3 +401,11 @@ def save_vila(model, tokenizer, image_processor_config, out_dir: str | Path, top
                                         "do_center_crop": True}),
         "image_mean": list(c.mean), "image_std": list(c.std)}, indent=2) + "\n")
     return out
+
+
+def load_model(model_dir: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
+               parts: Collection[str] = MODEL_PARTS):
+    """A llava-hf checkpoint or a VILA-family folder, whichever `model_dir` holds."""
+    if is_vila_folder(model_dir):
+        return load_vila(model_dir, dtype=dtype, device=device, parts=parts)[0]
+    return load_llava_hf(model_dir, dtype=dtype, device=device, parts=parts)

@@ -106,3 +106,14 @@ class PromptBuilder:
             raise InputError(f"this LLaVA model takes images only, got {sorted(set(media) - {'image'})}")
         mm, pixels = self.prepare(prompt, list(media.get("image") or []), apply_template)
         return mm, [MediaItem(p[None]) for p in pixels]
+
+
+def prompt_builder(model_dir: str | Path):
+    """The prompt builder for a llava-hf checkpoint or a VILA-family folder (no weights loaded)."""
+    from ..checkpoint import is_vila_folder, read_vila_config
+
+    if is_vila_folder(model_dir):
+        from .vila_prompt import VilaPromptBuilder
+
+        return VilaPromptBuilder.from_pretrained(model_dir, read_vila_config(Path(model_dir))[0])
+    return PromptBuilder.from_pretrained(model_dir)
