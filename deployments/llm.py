@@ -31,6 +31,7 @@ class LLMServer:
         # admitted requests beyond what one engine step runs are refused past this many
         self.max_in_flight = None if max_waiting_requests is None else config.max_num_seqs + max_waiting_requests
         self.in_flight = 0
+        self.active: set[str] = set()         # request ids being generated here
         # tokens produced within this long of the last message sent ride in the next one (fewer
         # messages through the ingress and proxy; the first token and the last go at once)
         self.stream_interval_s = stream_interval_s
@@ -56,6 +57,7 @@ class LLMServer:
         prompt = MultimodalPrompt(tuple(token_ids), tuple(ImageSpan(o, n) for o, n in spans))
         image_embeds = unpack_tensors(image_embeds) if image_embeds is not None else []
         self.in_flight += 1
+        self.active.add(request_id)
         start = last = sent = time.perf_counter()
         first, finish, held = True, None, None
         try:
@@ -80,6 +82,7 @@ class LLMServer:
                     held = None
         finally:
             self.in_flight -= 1
+            self.active.discard(request_id)
             finish = finish or "abort"
             self.counts["requests"] += 1
             self.counts["aborted"] += finish == "abort"
@@ -96,7 +99,7 @@ class LLMServer:
         eng = self.engine.engine
         return {"pid": os.getpid(), **self.counts, "running": len(eng.scheduler.running), "waiting": len(eng.scheduler.waiting),
                 "kv_usage": eng.blocks.usage, "free_blocks": eng.blocks.num_free_blocks,
-                "num_blocks": eng.blocks.num_blocks, "in_flight": self.in_flight, "prefix_hit_blocks": eng.blocks.stats.prefix_hits,
+                "num_blocks": eng.blocks.num_blocks, "in_flight": self.in_flight, "active": sorted(self.active), "prefix_hit_blocks": eng.blocks.stats.prefix_hits,
                 "preemptions": eng.scheduler.num_preemptions}
 
     def check_health(self) -> None:

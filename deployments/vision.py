@@ -41,6 +41,7 @@ class VisionEncoder:
         self._encode_batch.set_max_batch_size(max_batch_images)
         self._encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.hits = self.misses = 0
+        self.in_flight = 0                     # encode calls waiting for or inside a batch
         self.batch_sizes: list[int] = []      # items encoded per tower forward
         self.largest_request_batch = 0         # requests served by one batch (cache hits included)
         self.m_batch = metric("Histogram", "vlm_encoder_batch_images", "media items encoded per tower forward",
@@ -55,7 +56,11 @@ class VisionEncoder:
         if tiles > self.max_batch_images:
             raise ValueError(f"{tiles} image tiles in one request; this encoder batches at most "
                              f"{self.max_batch_images}")
-        return pack_tensors(await self._encode_batch((list(items), list(hashes))))
+        self.in_flight += 1
+        try:
+            return pack_tensors(await self._encode_batch((list(items), list(hashes))))
+        finally:
+            self.in_flight -= 1
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, batch_size_fn=tiles_in)
     async def _encode_batch(self, requests: list[Request]) -> list[list[torch.Tensor]]:
@@ -95,7 +100,7 @@ class VisionEncoder:
         return out
 
     def stats(self) -> dict:
-        return {"pid": os.getpid(), "hits": self.hits, "misses": self.misses, "batches": len(self.batch_sizes),
+        return {"pid": os.getpid(), "in_flight": self.in_flight, "hits": self.hits, "misses": self.misses, "batches": len(self.batch_sizes),
                 "images_encoded": sum(self.batch_sizes), "largest_batch": max(self.batch_sizes, default=0),
                 "largest_request_batch": self.largest_request_batch, "max_batch_images": self.max_batch_images}
 

@@ -102,27 +102,30 @@ def post(c, b, timeout=120):
 
 
 def stream(c, b, started: threading.Event | None = None, timeout=120):
-    """('ok', tokens) or ('error', message) for one streamed request; never hangs past `timeout`."""
+    """('ok', tokens, id) or ('error', message, id) for one streamed request; never hangs past `timeout`."""
     import httpx
 
     text_chunks, usage = 0, None
+    ids = []
     with httpx.stream("POST", c.url + "/v1/chat/completions", json={**b, "stream": True,
                       "stream_options": {"include_usage": True}}, timeout=timeout) as r:
         if r.status_code != 200:
-            return "error", f"HTTP {r.status_code}"
+            return "error", f"HTTP {r.status_code}", None
         for line in r.iter_lines():
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line[6:])
             if "error" in chunk:
-                return "error", chunk["error"]["message"]
+                return "error", chunk["error"]["message"], ids[0] if ids else None
+            ids.append(chunk.get("id"))
             if chunk.get("usage"):
                 usage = chunk["usage"]
             elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 text_chunks += 1
                 if started is not None:
                     started.set()
-    return ("ok", usage["completion_tokens"]) if usage else ("error", "stream ended without usage")
+    rid = ids[0] if ids else None
+    return ("ok", usage["completion_tokens"], rid) if usage else ("error", "stream ended without usage", rid)
 
 
 def test_replicas_run_on_their_node_kinds_and_requests_cross_nodes(cluster):
@@ -177,13 +180,23 @@ def test_killing_an_llm_replica_fails_only_its_requests(cluster):
                    for i in range(8)]
         for e in started:
             assert e.wait(60)
-        victim = kill_one("LLMServer")
+        # one replica tells which requests it is generating; Ray's state API gives the other's pid
+        from ray import serve
+
+        st = serve.get_deployment_handle("LLMServer", "vlm").stats.remote().result(timeout_s=30)
+        pids = {a.pid for a in cluster.replicas()["LLMServer"]}
+        assert len(pids) == 2 and st["pid"] in pids and st["in_flight"] == len(st["active"])
+        asked = set(st["active"])
+        victim = st["pid"] if asked else (pids - {st["pid"]}).pop()
+        os.kill(victim, signal.SIGKILL)
         outcomes = [f.result(timeout=120) for f in futures]
-    errors = [m for kind, m in outcomes if kind == "error"]
-    done = [n for kind, n in outcomes if kind == "ok"]
-    assert errors and done, outcomes                   # the other replica's requests were untouched
-    assert all(n == 200 for n in done)
-    assert all("replica failed" in m for m in errors), errors
+    everyone = {rid for _, _, rid in outcomes}
+    failed = {rid for kind, _, rid in outcomes if kind == "error"}
+    on_victim = asked if victim == st["pid"] else everyone - asked
+    assert len(everyone) == 8 and failed == on_victim and failed      # exactly the killed replica's requests
+    assert all(n == 200 for kind, n, _ in outcomes if kind == "ok")
+    assert all("replica failed" in m for kind, m, _ in outcomes if kind == "error")
+
     def replaced():   # two live LLMServer processes again, neither of them the killed one
         pids = {a.pid for a in cluster.replicas().get("LLMServer", [])}
         return len(pids) == 2 and victim not in pids and counts(cluster)["LLMServer"] == 2
@@ -206,10 +219,19 @@ def test_killing_the_vision_replica_fails_cleanly_and_recovers(cluster):
             i += 8
         return got
 
+    from ray import serve
+
+    handle = serve.get_deployment_handle("VisionEncoder", "vlm")
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(client, k) for k in range(8)]
-        time.sleep(2)
-        kill_one("VisionEncoder")
+        deadline = time.monotonic() + 30
+        while True:   # kill it while requests sit in its 0.3 s batch window
+            st = handle.stats.remote().result(timeout_s=30)
+            if st["in_flight"] >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        assert st["in_flight"] >= 2
+        os.kill(st["pid"], signal.SIGKILL)
         time.sleep(1)
         stop.set()
         answers = [r for f in futures for r in f.result(timeout=180)]
@@ -276,7 +298,7 @@ def test_soak_mixed_load(cluster):
         while not stop.is_set():
             kind = i % 4
             if kind == 0:      # image, streamed
-                outcome, _ = stream(cluster, body(i, max_tokens=16))
+                outcome, _, _ = stream(cluster, body(i, max_tokens=16))
                 record("ok" if outcome == "ok" else "stream_error")
             elif kind == 1:    # text only
                 r = post(cluster, {"messages": [{"role": "user", "content": "How many shapes are there?"}],
