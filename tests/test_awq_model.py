@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from vlm_core.quant.awq import QuantizeOptions, block_output_error
 from vlm_core.quant.awq_linear import AWQLinear
-from vlm_core.quant.pack import dequantize_awq, pack_v2, unpack_awq, v2_zeros_width
+from vlm_core.quant.pack import dequantize_awq
+from vlm_core.checkpoint import to_v2_state
 from vlm_core.quantize import main as quantize_main
 from vlm_core.quantize import quantize_checkpoint, text_samples
 from vlm_core.tiny import COLOURS, SHAPES, build_tiny_llava
@@ -109,24 +110,7 @@ def test_llm_awq_v2_checkpoint_converts_at_load(awq_dir, tmp_path, images):
     cfg = json.loads((v2 / "config.json").read_text())
     cfg["quantization_config"]["version"] = "v2"
     (v2 / "config.json").write_text(json.dumps(cfg))
-    state = load_file(str(awq_dir / "model.safetensors"))
-    out = {}
-    for key, t in state.items():
-        if key.endswith(".qweight"):
-            base = key[: -len("qweight")]
-            q = unpack_awq(t)                                     # [K, N]
-            z = unpack_awq(state[base + "qzeros"]).float()        # [G, N]
-            s = state[base + "scales"]                            # [G, N] fp16
-            k, n = q.shape
-            rows = v2_zeros_width(k, GROUP)
-            s_pad = torch.zeros(rows, n, dtype=torch.float16)
-            sz_pad = torch.zeros(rows, n, dtype=torch.float16)
-            s_pad[: s.shape[0]] = s
-            sz_pad[: s.shape[0]] = -(s.float() * z).half()
-            out[key] = pack_v2(q.t().contiguous())
-            out[base + "scales"], out[base + "scaled_zeros"] = s_pad, sz_pad
-        elif not key.endswith((".qzeros", ".scales")):
-            out[key] = t
+    out = to_v2_state(load_file(str(awq_dir / "model.safetensors")), GROUP)
     torch.save(out, v2 / "llava-tiny-w4-g32-v2.pt")
     a, b = VLM.from_pretrained(awq_dir), VLM.from_pretrained(v2)
     req = a.request("What colour is the circle?", images[:1])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kernels.w4a16 import dequantize_reference
-from vlm_core.quant.pack import (dequantize_awq, pack_awq, pack_v2, unpack_awq, unpack_v2, v2_to_awq,
+from vlm_core.quant.pack import (awq_to_v2, dequantize_awq, pack_awq, pack_v2, unpack_awq, unpack_v2, v2_to_awq,
                                  v2_zeros_width)
 
 
@@ -83,6 +83,10 @@ def test_v2_roundtrip_and_conversion_to_awq():
     # v2's definition w = q*s + scaled_zero equals AutoAWQ's (q - z)*s after conversion
     v2_w = q.t().float() * s.float().repeat_interleave(g, 0) + sz_pad[: k // g].float().repeat_interleave(g, 0)
     assert torch.allclose(dequantize_awq(qw, qz, scales, g), v2_w, atol=1e-3)
+    # and back: AutoAWQ -> v2 gives the tensors built by hand above
+    back = awq_to_v2(qw, qz, scales, g)
+    for got, want in zip(back, (pack_v2(q), s_pad, sz_pad)):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("k,g,rows", [(4096, 128, 32), (11008, 128, 88), (4096, 64, 64), (4096, 32, 128)])

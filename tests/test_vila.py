@@ -216,21 +216,23 @@ def test_dynamic_tiling_mode(tmp_path):
     assert 1 <= len(out.token_ids) <= 3
 
 
-def test_awq_llm_in_the_folder_loads_and_matches_its_dequantized_twin(folders, tmp_path):
+@pytest.fixture(scope="module")
+def nvila_awq(folders, tmp_path_factory):
+    """The tiny NVILA with its LLM quantized (AutoAWQ tensors in llm/), and the packed tensors."""
     import json
     import shutil
 
     from safetensors.torch import load_file, save_file
 
     from vlm_core.quant.awq import QuantizeOptions, quantize_linears
-    from vlm_core.quant.awq_linear import AWQLinear
-    from vlm_core.quant.pack import dequantize_awq
 
     src = folders["nvila"]
-    dst = tmp_path / "nvila-awq"
+    dst = tmp_path_factory.mktemp("awq") / "nvila-awq"
     shutil.copytree(src, dst)
     dense = VLM.from_pretrained(src)
     packed = quantize_linears(dense.model.decoder, QuantizeOptions(group_size=32))
+    for tensors in packed.values():          # fp16 scales, as AutoAWQ and llm-awq store them
+        tensors["scales"] = tensors["scales"].half()
     state = load_file(str(src / "llm" / "model.safetensors"))
     for name, tensors in packed.items():
         del state[f"model.{name}.weight"]
@@ -240,7 +242,15 @@ def test_awq_llm_in_the_folder_loads_and_matches_its_dequantized_twin(folders, t
     cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
                                   "version": "gemm"}
     (dst / "llm" / "config.json").write_text(json.dumps(cfg))
+    return dst, packed
 
+
+def test_awq_llm_in_the_folder_loads_and_matches_its_dequantized_twin(folders, nvila_awq):
+    from vlm_core.quant.awq_linear import AWQLinear
+    from vlm_core.quant.pack import dequantize_awq
+
+    dst, packed = nvila_awq
+    dense = VLM.from_pretrained(folders["nvila"])
     q = VLM.from_pretrained(dst)
     assert isinstance(q.model.decoder.layers[0].self_attn.q_proj, AWQLinear)
     with torch.no_grad():   # the twin: the dense model with the dequantized weights
@@ -251,6 +261,41 @@ def test_awq_llm_in_the_folder_loads_and_matches_its_dequantized_twin(folders, t
     a = q.prompt_logits([q.request("Describe the image.", media=media)])[0]
     b = dense.prompt_logits([dense.request("Describe the image.", media=media)])[0]
     assert (a - b).abs().max() <= 1e-4
+
+
+def test_tinychat_v2_export_in_llm_folder_loads_like_autoawq(nvila_awq, tmp_path):
+    """TinyChat's VILA AWQ layout: llm/ holds `<name>-w4-g32-awq-v2.pt` (llm-awq v2 tensors) and a
+    config.json without `quantization_config`; bits and group size come from the file name."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from vlm_core.checkpoint import to_v2_state
+    from vlm_core.errors import CheckpointError
+    from vlm_core.quant.awq_linear import AWQLinear
+
+    src, _ = nvila_awq
+    dst = tmp_path / "nvila-tinychat"
+    shutil.copytree(src, dst)
+    state = to_v2_state(load_file(str(dst / "llm" / "model.safetensors")), 32)
+    assert state["model.layers.0.self_attn.q_proj.qweight"].dtype == torch.int16 and not any(
+        k.endswith(".qzeros") for k in state)
+    (dst / "llm" / "model.safetensors").unlink()
+    torch.save(state, dst / "llm" / "nvila-tiny-w4-g32-awq-v2.pt")
+    cfg = json.loads((dst / "llm" / "config.json").read_text())
+    del cfg["quantization_config"]
+    (dst / "llm" / "config.json").write_text(json.dumps(cfg))
+
+    a, b = VLM.from_pretrained(src), VLM.from_pretrained(dst)
+    assert isinstance(b.model.decoder.layers[1].mlp.down_proj, AWQLinear)
+    media = {"image": [picture(100, 140, seed=6)]}
+    la = a.prompt_logits([a.request("Describe the image.", media=media)])[0]
+    lb = b.prompt_logits([b.request("Describe the image.", media=media)])[0]
+    assert (la - lb).abs().max() <= 1e-5
+    (dst / "llm" / "nvila-tiny-w4-g32-awq-v2.pt").rename(dst / "llm" / "nvila-tiny-w4-g32-awq.pt")
+    with pytest.raises(CheckpointError, match="not a v2 one"):
+        VLM.from_pretrained(dst)
 
 
 def test_tsp_video_pooling_averages_frame_embeddings(folders, models, tmp_path):

@@ -28,7 +28,7 @@ from .models.llava import LlavaModel
 from .models.projector import build_projector
 from .models.vision import VisionTower
 from .quant.awq_linear import awq_linear_factory
-from .quant.pack import v2_to_awq
+from .quant.pack import awq_to_v2, v2_to_awq
 
 Rename = str | Callable[[re.Match], str]
 
@@ -188,12 +188,40 @@ def _is_tied(model: nn.Module, name: str) -> bool:
     return name == "decoder.lm_head.weight" and decoder is not None and decoder.config.tie_word_embeddings
 
 
+# llm-awq / TinyChat name their exports `<model>-w4-g128-awq-v2.pt`; that name is the only record
+# of the bit width and group size when the folder's config.json has no `quantization_config`.
+_V2_EXPORT_NAME = re.compile(r"-w(\d+)-g(\d+)-awq(-v2)?\.pt$")
+
+
 def read_quant_config(model_dir: Path, raw_config: dict) -> AWQConfig | None:
-    """`quantization_config` in config.json, else AutoAWQ's `quant_config.json`, else None."""
+    """`quantization_config` in config.json, else AutoAWQ's `quant_config.json`, else what the name
+    of a lone llm-awq export (`*-w4-g128-awq-v2.pt`, no safetensors beside it) says, else None."""
     d = raw_config.get("quantization_config")
     if d is None and (model_dir / "quant_config.json").is_file():
         d = read_json(model_dir / "quant_config.json")
+    if d is None and not any(model_dir.glob("*.safetensors")):
+        pts = sorted(model_dir.glob("*.pt"))
+        m = _V2_EXPORT_NAME.search(pts[0].name) if len(pts) == 1 else None
+        if m is not None:
+            if m.group(3) is None:
+                raise CheckpointError(f"{pts[0].name} is named as an llm-awq export but not a v2 one (those end "
+                                      f"in -v2.pt, the only llm-awq layout read here); re-export it with "
+                                      f"llm-awq's v2 packing or as AutoAWQ safetensors")
+            d = {"quant_method": "awq", "bits": int(m.group(1)), "group_size": int(m.group(2)), "version": "v2"}
     return AWQConfig.from_dict(d) if d is not None else None
+
+
+def to_v2_state(state: dict[str, torch.Tensor], group_size: int) -> dict[str, torch.Tensor]:
+    """Rewrite AutoAWQ linears as llm-awq v2 tensors (what TinyChat's `-awq-v2.pt` exports hold)."""
+    out = {}
+    for key, t in state.items():
+        if key.endswith(".qweight"):
+            prefix = key[: -len("qweight")]
+            out[key], out[prefix + "scales"], out[prefix + "scaled_zeros"] = awq_to_v2(
+                t, state[prefix + "qzeros"], state[prefix + "scales"], group_size)
+        elif not (key.endswith((".qzeros", ".scales")) and key.rsplit(".", 1)[0] + ".qweight" in state):
+            out[key] = t
+    return out
 
 
 def convert_v2_state(state: dict[str, torch.Tensor], group_size: int) -> dict[str, torch.Tensor]:

@@ -117,3 +117,18 @@ def v2_to_awq(qweight: torch.Tensor, scales: torch.Tensor, scaled_zeros: torch.T
         raise CheckpointError("v2 scaled_zeros do not correspond to 4-bit zero points")
     intweight = unpack_v2(qweight).t().contiguous()                                   # [K, N]
     return pack_awq(intweight), pack_awq(z.to(torch.int32)), s.contiguous()
+
+
+def awq_to_v2(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """AutoAWQ tensors -> llm-awq v2 (qweight int16 [N/4, K], scales and scaled_zeros fp16 padded
+    to `v2_zeros_width` rows); the inverse of `v2_to_awq`."""
+    q = unpack_awq(qweight)                                   # [K, N]
+    k, n = q.shape
+    z = unpack_awq(qzeros).float()                            # [K/g, N]
+    rows = v2_zeros_width(k, group_size)
+    s_pad = torch.zeros(rows, n, dtype=torch.float16)
+    sz_pad = torch.zeros(rows, n, dtype=torch.float16)
+    s_pad[: scales.shape[0]] = scales.to(torch.float16)
+    sz_pad[: scales.shape[0]] = -(scales.float() * z).half()
+    return pack_v2(q.t().contiguous()), s_pad, sz_pad
