@@ -345,3 +345,111 @@ def test_other_projectors_load_run_and_round_trip(tmp_path, projector):
         assert set(st.keys()) == keys
     a = vlm.prompt_logits([vlm.request("Describe.", media=media)])[0]
     assert torch.equal(a, again.prompt_logits([again.request("Describe.", media=media)])[0])
+
+
+# ---- VILA-1.5-S2 (static S2) and CLIP towers ----------------------------------------------------
+
+@pytest.mark.parametrize("output_idx", [0, -1])
+def test_static_s2_embedding_equals_a_reference_from_transformers_modules(tmp_path, output_idx):
+    """VILA-1.5-S2: transformers' processor at the largest scale, torch bicubic to each scale,
+    tiles cut by loops, transformers' tower per tile, maps placed by loops, area-resized to the
+    output scale, concatenated, then the projector over the whole map."""
+    import json
+
+    from transformers import SiglipImageProcessor, SiglipVisionModel
+
+    d = build_tiny_vila(tmp_path / "s2", "vila15", s2=True, seed=3)
+    top = json.loads((d / "config.json").read_text())
+    top["s2_resize_output_to_scale_idx"] = output_idx
+    (d / "config.json").write_text(json.dumps(top))
+    vlm = VLM.from_pretrained(d)
+    cfg = vlm.model.config
+    assert cfg.s2_scales == (70, 140, 210) and not cfg.s2_dynamic
+    img = picture(150, 90, seed=7)
+    mm, items = vlm.inputs.prepare_media("Describe.", {"image": [img]})
+    (item,) = items
+    assert item.pixels.shape == (1 + 4 + 9, 3, 70, 70)
+    got = vlm.model.embed_media(items)[0]
+
+    proc = SiglipImageProcessor.from_pretrained(str(d / "vision_tower"))
+    x = proc(images=img, size={"height": 210, "width": 210}, return_tensors="pt").pixel_values   # [1, 3, 210, 210]
+    tower = SiglipVisionModel.from_pretrained(str(d / "vision_tower")).eval()
+    g, tile = cfg.grid, 70
+    maps = []
+    for s in cfg.s2_scales:
+        xs = F.interpolate(x, size=(s, s), mode="bicubic")
+        n = s // tile
+        fmap = torch.zeros(1, cfg.vision.hidden_size, n * g, n * g)
+        for r, c in itertools.product(range(n), range(n)):
+            with torch.no_grad():
+                f = tower(xs[:, :, r * tile:(r + 1) * tile, c * tile:(c + 1) * tile],
+                          output_hidden_states=True).hidden_states[-2][0]                # [g*g, C]
+            fmap[0, :, r * g:(r + 1) * g, c * g:(c + 1) * g] = f.T.reshape(-1, g, g)
+        maps.append(fmap)
+    out_size = maps[output_idx].shape[-2:]
+    merged = torch.cat([F.interpolate(m, size=out_size, mode="area") for m in maps], dim=1)
+    with torch.no_grad():
+        ref = vlm.model.projector(merged.flatten(2).transpose(1, 2))[0]
+    side = -(-out_size[0] // 2)                                    # mlp_downsample: 2x2, zero-padded
+    assert got.shape == ref.shape == (side * side, cfg.text.hidden_size)
+    assert mm.spans[0].length == side * side
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_static_s2_folder_generates_round_trips_and_encodes_video_frames(tmp_path):
+    d = build_tiny_vila(tmp_path / "s2", "vila15", s2=True, seed=4)
+    vlm = VLM.from_pretrained(d)
+    media = {"image": [picture(120, 200, seed=1), picture(64, 64, seed=2)]}
+    mm, items = vlm.inputs.prepare_media("Compare the pictures.", media)
+    assert [it.pixels.shape[0] for it in items] == [14, 14] and [s.length for s in mm.spans] == [9, 9]
+    out = vlm.generate_content("Compare the pictures.", media, SamplingParams(max_new_tokens=4, ignore_eos=True))
+    assert len(out.token_ids) == 4
+    vlm.save_pretrained(tmp_path / "copy")
+    again = VLM.from_pretrained(tmp_path / "copy")
+    assert again.model.config.s2_scales == (70, 140, 210) and not again.model.config.s2_dynamic
+    a = vlm.prompt_logits([vlm.request("Compare the pictures.", media=media)])[0]
+    assert torch.equal(a, again.prompt_logits([again.request("Compare the pictures.", media=media)])[0])
+    frames = [picture(80, 60, seed=10 + i) for i in range(8)]
+    mm, items = vlm.inputs.prepare_media("What happens?", {"video": [frames]})
+    assert len(items) == 8 and all(it.kind == "video" and it.pixels.shape[0] == 14 for it in items)
+    assert [s.length for s in mm.spans] == [9] * 8
+    assert [e.shape[0] for e in vlm.model.embed_media(items)] == [9] * 8
+    assert len(vlm.generate_content("What happens?", {"video": [frames]},
+                                    SamplingParams(max_new_tokens=3, ignore_eos=True)).token_ids) == 3
+
+
+def test_static_s2_config_errors(tmp_path):
+    import json
+
+    from vlm_core.errors import ConfigError
+
+    d = build_tiny_vila(tmp_path / "s2", "vila15", s2=True)
+    top = json.loads((d / "config.json").read_text())
+    for change, msg in [({"s2_max_split_size": 140}, "s2_max_split_size 140"),
+                        ({"s2_scales": "70,100"}, "multiples of the first"),
+                        ({"image_aspect_ratio": "dynamic"}, "static S2 does not combine"),
+                        ({"s2_resize_output_to_scale_idx": 3}, "out of range")]:
+        (d / "config.json").write_text(json.dumps({**top, **change}))
+        with pytest.raises(ConfigError, match=msg):
+            VLM.from_pretrained(d)
+
+
+def test_clip_tower_folder_equals_transformers_and_round_trips(tmp_path):
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    d = build_tiny_vila(tmp_path / "clip", "vila15", tower="clip", seed=5)
+    vlm = VLM.from_pretrained(d)
+    img = picture(150, 90, seed=3)
+    _, items = vlm.inputs.prepare_media("Describe.", {"image": [img]})
+    # "resize" mode squashes the picture to the tile first; CLIP's processor then has nothing to crop
+    proc = CLIPImageProcessor.from_pretrained(str(d / "vision_tower"))
+    ref_px = proc(images=img.resize((70, 70), resample=Image.Resampling.BICUBIC), return_tensors="pt").pixel_values
+    torch.testing.assert_close(items[0].pixels, ref_px, rtol=0, atol=1e-5)
+    tower = CLIPVisionModel.from_pretrained(str(d / "vision_tower")).eval()
+    with torch.no_grad():
+        want = tower(ref_px, output_hidden_states=True).hidden_states[-2][:, 1:]   # "patch": CLS dropped
+    torch.testing.assert_close(vlm.model.vision(ref_px), want, rtol=1e-5, atol=1e-5)
+    vlm.save_pretrained(tmp_path / "copy")
+    again = VLM.from_pretrained(tmp_path / "copy")
+    a = vlm.prompt_logits([vlm.request("Describe.", media={"image": [img]})])[0]
+    assert torch.equal(a, again.prompt_logits([again.request("Describe.", media={"image": [img]})])[0])

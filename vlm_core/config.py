@@ -355,12 +355,15 @@ def _encoder_entry(encoder: Any) -> dict:
 @dataclass(frozen=True)
 class VilaConfig:
     """VILA-1.5 / NVILA: a folder with `llm/`, `vision_tower/`, `mm_projector/` and a top-level
-    config.json naming how images are cut (`image_aspect_ratio`) and, for NVILA, the S2 scales."""
+    config.json naming how images are cut (`image_aspect_ratio`) and the S2 scales, if any: NVILA's
+    dynamic S2 (`dynamic_s2`, the last scale's grid follows the aspect ratio) or VILA-1.5-S2's
+    static S2 (`s2`, every scale a square grid of the largest-scale picture)."""
     text: TextConfig
     vision: VisionConfig
     projector: ProjectorConfig
     image_mode: str = "resize"
-    s2_scales: tuple[int, ...] = ()           # non-empty: dynamic S2
+    s2_scales: tuple[int, ...] = ()           # non-empty: S2
+    s2_dynamic: bool = True                   # NVILA's dynamic S2; False: VILA-1.5's static S2
     s2_output_scale_idx: int = 0
     max_tiles: int = 12
     image_token: str = "<image>"
@@ -381,6 +384,13 @@ class VilaConfig:
             if self.s2_scales[0] != self.vision.image_size:
                 raise ConfigError(f"the first S2 scale ({self.s2_scales[0]}) must equal the tower's image size "
                                   f"({self.vision.image_size})")
+            if not self.s2_dynamic and self.image_mode in ("dynamic", "dynamic_s2"):
+                raise ConfigError(f"static S2 does not combine with image_aspect_ratio {self.image_mode!r}")
+            if not self.s2_dynamic and self.video_pool_sizes:
+                raise ConfigError("static S2 with a pooling (TSP) video encoder is not supported")
+            if not -len(self.s2_scales) <= self.s2_output_scale_idx < len(self.s2_scales):
+                raise ConfigError(f"s2_resize_output_to_scale_idx {self.s2_output_scale_idx} is out of range for "
+                                  f"{len(self.s2_scales)} scales")
         if self.num_video_frames < 1:
             raise ConfigError("num_video_frames must be at least 1")
         for pool in self.video_pool_sizes:
@@ -407,7 +417,12 @@ class VilaConfig:
         if feature not in _SELECT_FEATURE:
             raise ConfigError(f"mm_vision_select_feature {feature!r} is not one of {tuple(_SELECT_FEATURE)}")
         mode = top.get("image_aspect_ratio") or "resize"
-        scales = _scales(top.get("s2_scales")) if (top.get("dynamic_s2") or mode == "dynamic_s2") else ()
+        dynamic = bool(top.get("dynamic_s2") or mode == "dynamic_s2")
+        scales = _scales(top.get("s2_scales")) if (dynamic or top.get("s2")) else ()
+        split = top.get("s2_max_split_size")
+        if scales and split is not None and int(split) != scales[0]:
+            raise ConfigError(f"s2_max_split_size {split} differs from the first S2 scale {scales[0]}; tiles are "
+                              f"encoded at the tower's size, so they must be equal")
         image_enc, video_enc = _encoder_entry(top.get("image_encoder")), _encoder_entry(top.get("video_encoder"))
         try:
             vision = VisionConfig(
@@ -419,7 +434,7 @@ class VilaConfig:
             ptype = projector.get("mm_projector_type", top.get("mm_projector_type", "mlp2x_gelu"))
             proj = ProjectorConfig(type=ptype, in_features=vision.hidden_size * max(1, len(scales)),
                                    out_features=text.hidden_size)
-            return cls(text=text, vision=vision, projector=proj, image_mode=mode, s2_scales=scales,
+            return cls(text=text, vision=vision, projector=proj, image_mode=mode, s2_scales=scales, s2_dynamic=dynamic,
                        s2_output_scale_idx=int(top.get("s2_resize_output_to_scale_idx", 0)),
                        max_tiles=int(top.get("max_tiles", 12)),
                        image_end_tokens=image_enc.get("end_tokens", "\n"),

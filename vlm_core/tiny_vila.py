@@ -3,10 +3,13 @@
     build_tiny_vila(out, family="vila15")   # LLaMA + SigLIP (70 px, 5x5 patches) + mlp_downsample
     build_tiny_vila(out, family="nvila")    # Qwen2 + SigLIP (56 px tiles) + dynamic S2 (56, 112, 168)
                                             #   + mlp_downsample_3x3_fix
+    build_tiny_vila(out, "vila15", s2=True)  # VILA-1.5-S2: static S2 at (70, 140, 210)
+    build_tiny_vila(out, "vila15", tower="clip")   # a CLIP tower (shortest-edge resize + center crop)
 
 Each writes the folder layout (`config.json`, `llm/`, `vision_tower/`, `mm_projector/`) with
 random weights: transformers' LlamaForCausalLM / Qwen2ForCausalLM and SiglipVisionModel save
-their own subfolders; the projector is ours, saved under VILA's `layers.N` names.
+their own subfolders; the projector is ours, saved under VILA's `layers.N` names. CLIP towers are saved as
+transformers' CLIPVisionModel (keys under `vision_model.`).
 """
 
 from __future__ import annotations
@@ -24,16 +27,20 @@ CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 
 def build_tiny_vila(out_dir: str | Path, family: str = "nvila", *, seed: int = 0, image_mode: str | None = None,
-                    projector: str | None = None) -> Path:
+                    projector: str | None = None, s2: bool = False, tower: str = "siglip") -> Path:
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig
-    from transformers import SiglipVisionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionModel
 
     from .config import ProjectorConfig
     from .models.projector import build_projector
 
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}")
+    if s2 and family == "nvila":
+        raise ValueError("static S2 (s2=True) is VILA-1.5's; NVILA folders use dynamic S2")
+    if tower not in ("siglip", "clip"):
+        raise ValueError("tower must be 'siglip' or 'clip'")
     out = Path(out_dir)
     for sub in ("llm", "vision_tower", "mm_projector"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -56,14 +63,21 @@ def build_tiny_vila(out_dir: str | Path, family: str = "nvila", *, seed: int = 0
     tok.save_pretrained(str(out / "llm"))
 
     size = 56 if nvila else 70
-    tower_cfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                                   image_size=size, patch_size=14)
-    SiglipVisionModel(tower_cfg).eval().save_pretrained(str(out / "vision_tower"))
-    (out / "vision_tower" / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "SiglipImageProcessor", "size": {"height": size, "width": size},
-        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_resize": True, "resample": 3}, indent=2))
+    dims = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                image_size=size, patch_size=14)
+    if tower == "clip":
+        CLIPVisionModel(CLIPVisionConfig(**dims)).eval().save_pretrained(str(out / "vision_tower"))
+        pre = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": size},
+               "crop_size": {"height": size, "width": size}, "do_center_crop": True,
+               "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+    else:
+        SiglipVisionModel(SiglipVisionConfig(**dims)).eval().save_pretrained(str(out / "vision_tower"))
+        pre = {"image_processor_type": "SiglipImageProcessor", "size": {"height": size, "width": size},
+               "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    (out / "vision_tower" / "preprocessor_config.json").write_text(json.dumps(
+        {**pre, "do_resize": True, "resample": 3}, indent=2))
 
-    scales = (size, 2 * size, 3 * size) if nvila else ()
+    scales = (size, 2 * size, 3 * size) if (nvila or s2) else ()
     ptype = projector or ("mlp_downsample_3x3_fix" if nvila else "mlp_downsample")
     proj = build_projector(ProjectorConfig(ptype, 32 * max(1, len(scales)), 64))
     with torch.no_grad():
@@ -76,7 +90,7 @@ def build_tiny_vila(out_dir: str | Path, family: str = "nvila", *, seed: int = 0
         {"architectures": ["MultimodalProjector"], "model_type": "v2l_projector", "mm_projector_type": ptype}))
 
     top = {"architectures": ["LlavaLlamaModel"], "model_type": "llava_llama", "mm_vision_select_layer": -2,
-           "mm_vision_select_feature": "cls_patch", "mm_projector_type": ptype,
+           "mm_vision_select_feature": "patch" if tower == "clip" else "cls_patch", "mm_projector_type": ptype,
            "image_aspect_ratio": image_mode or ("dynamic_s2" if nvila else "resize"),
            "image_encoder": json.dumps({"_target_": "llava.model.encoders.BasicImageEncoder"}),
            "video_encoder": json.dumps({"_target_": "llava.model.encoders.BasicVideoEncoder"}),
@@ -84,5 +98,7 @@ def build_tiny_vila(out_dir: str | Path, family: str = "nvila", *, seed: int = 0
     if nvila:
         top.update(dynamic_s2=True, s2_scales=",".join(map(str, scales)), s2_max_split_size=size,
                    s2_resize_output_to_scale_idx=-1)
+    elif s2:
+        top.update(s2=True, s2_scales=",".join(map(str, scales)), s2_max_split_size=size)
     (out / "config.json").write_text(json.dumps(top, indent=2))
     return out

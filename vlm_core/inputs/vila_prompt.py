@@ -8,7 +8,9 @@ embedding, followed by the encoder's end tokens ("\\n" by default) as ordinary t
 expands frame by frame. Images are cut as the config says: `resize` / `pad` (one tile),
 `dynamic` (aspect-ratio tiles plus a thumbnail, each its own `<image>` followed by "\\n"), or
 `dynamic_s2` (all scales' tiles in one item with its block size). Tiling applies to a lone
-image; several images are each resized to one tile, as VILA does.
+image; several images are each resized to one tile, as VILA does. With static S2 (VILA-1.5-S2)
+every image and video frame is preprocessed at the largest scale, resized (bicubic, on the
+normalised tensor) to each scale and split into tower-sized tiles: one item per picture.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+import dataclasses
+
 import torch
+import torch.nn.functional as F
 
 from ..config import VilaConfig
 from ..errors import CheckpointError, InputError, PlaceholderMismatchError
@@ -50,6 +55,10 @@ def sample_frames(frames: Sequence[Any], limit: int) -> list[Any]:
 class VilaPromptBuilder:
     def __init__(self, config: VilaConfig, tokenizer, image_processor: ImageProcessor):
         self.config, self.tokenizer, self.image_processor = config, tokenizer, image_processor
+        if config.s2_scales and not config.s2_dynamic:   # static S2 preprocesses at the largest scale
+            top = config.s2_scales[-1]
+            self.s2_processor = ImageProcessor(dataclasses.replace(image_processor.cfg, shortest_edge=top,
+                                                                   crop_size=top))
         self.image_token_id = self._special_id(config.image_token)
         self.video_token_id = self._special_id(config.video_token, required=False)
         self.end_ids = {"image": self._ids(config.image_end_tokens), "video": self._ids(config.video_end_tokens)}
@@ -96,6 +105,8 @@ class VilaPromptBuilder:
 
         cfg, size = self.config, self.config.vision.image_size
         pics = [load_image(im) for im in images]
+        if cfg.s2_scales and not cfg.s2_dynamic:
+            return [self._static_s2_item(p) for p in pics]
         if len(pics) == 1 and cfg.image_mode == "dynamic_s2" and cfg.s2_scales:
             tiles, block = dynamic_s2_tiles(pics[0], cfg.s2_scales, size, cfg.max_tiles)
             return [MediaItem(self._tile_pixels(tiles), block)]
@@ -103,17 +114,33 @@ class VilaPromptBuilder:
             return [MediaItem(self._tile_pixels([t])) for t in dynamic_tiles(pics[0], size, cfg.max_tiles)]
         return [MediaItem(self._tile_pixels([self._single(p)])) for p in pics]
 
-    def _single(self, img):
+    def _single(self, img, size: int | None = None):
         if self.config.image_mode == "pad":
             return expand_to_square(img, tuple(int(x * 255) for x in self.image_processor.cfg.mean))
-        size = self.config.vision.image_size
+        size = size or self.config.vision.image_size
         return img.resize((size, size), resample=3) if img.size != (size, size) else img
+
+    def _static_s2_item(self, img, kind: str = "image") -> MediaItem:
+        """Static S2: the picture at the largest scale, bicubically resized to every scale, each cut
+        into a square grid of tower-sized tiles (smallest scale first, tiles row-major)."""
+        from ..models.s2 import split_chessboard
+
+        scales = self.config.s2_scales
+        x = self.s2_processor.one(self._single(img, scales[-1]))[None]
+        tiles = []
+        for s in scales:
+            xs = x if s == scales[-1] else F.interpolate(x, size=(s, s), mode="bicubic")
+            tiles.append(split_chessboard(xs, s // scales[0], s // scales[0]))
+        n = scales[-1] // scales[0]
+        return MediaItem(torch.cat(tiles), (n, n), kind)
 
     def video_items(self, frames: Sequence[ImageInput]) -> list[list[MediaItem]]:
         """A video's spans, grouped per pool size (one group, frame by frame, without pooling)."""
         if not frames:
             raise InputError("a video needs at least one frame")
         picked = sample_frames(frames, self.config.num_video_frames)
+        if self.config.s2_scales and not self.config.s2_dynamic:
+            return [[self._static_s2_item(load_image(f), "video") for f in picked]]
         pixels = self._tile_pixels([self._single(load_image(f)) for f in picked])
         if not self.config.video_pool_sizes:
             return [[MediaItem(px[None], None, "video") for px in pixels]]
@@ -129,11 +156,8 @@ class VilaPromptBuilder:
     def media_tokens(self, item: MediaItem) -> int:
         """Length of the item's embedding (what `VilaModel.embed_media` returns for it)."""
         cfg = self.config
-        if item.kind == "video":
-            n = cfg.tokens_per_tile
-            if item.pool is None:
-                return n
-            side = int(round(n ** 0.5))
+        if item.pool is not None:   # a pooled video group
+            side = int(round(cfg.tokens_per_tile ** 0.5))
             return (side // item.pool[1]) * (side // item.pool[2])
         if not cfg.s2_scales:
             return item.pixels.shape[0] * cfg.tokens_per_tile
@@ -144,6 +168,8 @@ class VilaPromptBuilder:
             rows, cols = item.block_size
         else:
             rows = cols = cfg.s2_scales[cfg.s2_output_scale_idx] // cfg.s2_scales[0]
+        if not cfg.s2_dynamic:   # one projector pass over the whole map
+            return cfg.projector.tokens_out(rows * cfg.grid)
         return rows * cols * cfg.tokens_per_tile
 
     # ---- prompt -----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ embed_media(items) -> one [n_i, H] tensor per media item
     plain: tower -> projector per tile, tiles' tokens concatenated
     dynamic S2 (NVILA): tower over every tile of every scale -> `s2.merge_scales` ->
     projector per tile-sized block -> merged back, row-major (see `vlm_core.models.s2`)
+    static S2 (VILA-1.5-S2): the same merge of square grids, the projector over the whole map
 embed_tokens / forward / compute_logits: the decoder's.
 """
 
@@ -44,9 +45,9 @@ class VilaModel(ComposedVLM):
         for it in items:
             f = feats[start:start + it.pixels.shape[0]]
             start += it.pixels.shape[0]
-            if it.kind == "video":   # frames one by one, then the pool (if any) over them
+            if it.pool:   # a pooled video group: frames one by one, then the pool over them
                 frames = torch.stack([self._project(f[i:i + 1], None) for i in range(f.shape[0])])
-                out.append(pool_frames(frames, it.pool) if it.pool else frames.flatten(0, 1))
+                out.append(pool_frames(frames, it.pool))
             else:
                 out.append(self._project(f, it.block_size))
         return out
@@ -56,7 +57,7 @@ class VilaModel(ComposedVLM):
         cfg = self.config
         if cfg.s2_scales:
             merged, grid = merge_scales(f, cfg.s2_scales, block_size, cfg.s2_output_scale_idx)
-            return project_blocks(merged, grid, self.projector)
+            return project_blocks(merged, grid if cfg.s2_dynamic else (1, 1), self.projector)
         return self.projector(f).flatten(0, 1)
 
 
