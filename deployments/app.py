@@ -37,7 +37,9 @@ class AppArgs(BaseModel):
     vision_max_batch_images: int = Field(32, ge=1, description="images (tiles) per tower forward, across requests")
     vision_batch_wait_s: float = Field(0.002, ge=0, description="how long a vision batch waits to fill")
     vision_cache_size: int = Field(512, ge=0, description="embeddings kept in each VisionEncoder's LRU cache")
-    max_images: int = Field(8, ge=0, description="images per request")
+    max_images: int = Field(8, ge=0, description="images per request (and videos per request)")
+    max_video_frames: int = Field(64, ge=1, description="frames per video part (VILA-family models sample them down"
+                                                        " to num_video_frames)")
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1, description="encoded bytes per image (413 above)")
     max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1, description="pixels per image, checked before decoding (413)")
     default_max_tokens: int = Field(64, ge=1)
@@ -101,7 +103,8 @@ def build_app(args: dict | None = None) -> serve.Application:
     llm = deployment(LLMServer, "LLMServer", actor_options(a.llm_gpus, a.llm_resources))
     ingress = deployment(ServeIngress, "Ingress", None)
     options = IngressOptions(
-        model_name=a.model_name, max_images=a.max_images, max_image_bytes=a.max_image_bytes,
+        model_name=a.model_name, max_images=a.max_images, max_video_frames=a.max_video_frames,
+        max_image_bytes=a.max_image_bytes,
         max_image_pixels=a.max_image_pixels, default_max_tokens=a.default_max_tokens,
         allowed_file_dirs=tuple(a.allowed_file_dirs), allow_http_images=a.allow_http_images,
         http_timeout_s=a.http_timeout_s, api_key=a.api_key, retry_after_s=a.retry_after_s)

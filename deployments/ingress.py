@@ -54,6 +54,7 @@ async def _api_error(request: Request, exc: APIError):
 class IngressOptions:
     model_name: str = "vlm-serve-default"
     max_images: int = 8
+    max_video_frames: int = 64
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = MAX_IMAGE_PIXELS
     default_max_tokens: int = 64
@@ -102,7 +103,7 @@ class Ingress:
         if body.model not in (None, self.model_name):
             raise APIError(404, f"model {body.model!r} does not exist; this server serves {self.model_name!r}",
                            param="model")
-        messages, urls = [], []
+        messages, urls, videos = [], [], []
         for m in body.messages:
             if isinstance(m.content, str):
                 messages.append({"role": m.role, "content": m.content})
@@ -111,24 +112,32 @@ class Ingress:
             for p in m.content:
                 if p.type == "text":
                     parts.append({"type": "text", "text": p.text})
+                elif p.type == "video":
+                    if len(p.video.frames) > o.max_video_frames:
+                        raise APIError(400, f"a video of {len(p.video.frames)} frames; at most {o.max_video_frames} "
+                                            f"are allowed", param="messages")
+                    videos.append(p.video.frames)
+                    parts.append({"type": "video"})
                 else:
                     urls.append(p.image_url.url)
                     parts.append({"type": "image"})
             messages.append({"role": m.role, "content": parts})
-        if len(urls) > o.max_images:
-            raise APIError(400, f"{len(urls)} images in the request; at most {o.max_images} are allowed",
-                           param="messages")
+        for what, n in (("images", len(urls)), ("videos", len(videos))):
+            if n > o.max_images:
+                raise APIError(400, f"{n} {what} in the request; at most {o.max_images} are allowed", param="messages")
         if self.policy.allow_http and self._http is None:
             import httpx
 
             self._http = httpx.AsyncClient(follow_redirects=True, max_redirects=3)
-        datas = await asyncio.gather(*(read_image_url(u, self.policy, self._http) for u in urls))
+        frame_urls = [u for frames in videos for u in frames]
+        datas = await asyncio.gather(*(read_image_url(u, self.policy, self._http) for u in urls + frame_urls))
 
         def work():   # image decoding and tokenization, off the event loop
             try:
                 sampling = body.sampling(o.default_max_tokens)
-                images = [load_image(b, o.max_image_pixels) for b in datas]
-                prompt, items = self.inputs.prepare_media(messages, {"image": images} if images else {})
+                pictures = iter([load_image(b, o.max_image_pixels) for b in datas])
+                media = {"image": [next(pictures) for _ in urls], "video": [[next(pictures) for _ in v] for v in videos]}
+                prompt, items = self.inputs.prepare_media(messages, {k: v for k, v in media.items() if v})
                 return prompt, items, sampling
             except VLMError as e:
                 raise api_error_of(e) from None

@@ -44,7 +44,18 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
-ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+class VideoFrames(BaseModel):
+    frames: list[str] = Field(min_length=1, description="the video's frames in order, each an image URL as in "
+                                                        "image_url (decode the video on the client)")
+
+
+class VideoPart(BaseModel):
+    """Extension for VILA-family models: a video as a list of frames."""
+    type: Literal["video"]
+    video: VideoFrames
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
 
 
 class ChatMessage(BaseModel):

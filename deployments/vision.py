@@ -4,13 +4,14 @@ A request sends its `MediaItem`s (a LLaVA image is one tile; an NVILA image all 
 a video frame one tile) with their content hashes. `@serve.batch` gathers requests' items and
 runs every tile through the tower in one forward. A batch is bounded by tiles, not requests
 (`max_batch_images`, counted by `batch_size_fn`), and waits at most `batch_wait_timeout_s` to
-fill. An LRU cache keyed by the content hash skips items seen recently. Only the tower and
+fill; a request with more tiles than that is encoded in several batches. An LRU cache keyed by the content hash skips items seen recently. Only the tower and
 projector are loaded (LLaVA or VILA-family checkpoints alike). Each request's embeddings go
 back as one msgpack buffer (`deployments.wire`), one tensor per item.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections import OrderedDict
 
@@ -30,11 +31,44 @@ def tiles_in(requests: list[Request]) -> int:
     return sum(it.pixels.shape[0] for items, _ in requests for it in items)
 
 
+def max_item_tiles(config) -> int:
+    """The most tiles one media item of this model can have (a LLaVA image: 1)."""
+    scales = getattr(config, "s2_scales", ())
+    most = 1
+    if scales and getattr(config, "image_mode", None) != "dynamic":
+        grids = [(s // scales[0]) ** 2 for s in scales]
+        if config.s2_dynamic:   # the last scale's grid: at least its square, at most max_tiles
+            grids[-1] = max(config.max_tiles, grids[-1])
+        most = sum(grids)
+    for pool in getattr(config, "video_pool_sizes", ()):
+        most = max(most, pool[0])
+    return most
+
+
+def split_by_tiles(items: list[MediaItem], hashes: list[str], budget: int) -> list[Request]:
+    """Consecutive groups of a request's items, each within `budget` tiles."""
+    groups: list[Request] = [([], [])]
+    used = 0
+    for it, h in zip(items, hashes):
+        n = it.pixels.shape[0]
+        if used + n > budget and groups[-1][0]:
+            groups.append(([], []))
+            used = 0
+        groups[-1][0].append(it)
+        groups[-1][1].append(h)
+        used += n
+    return groups
+
+
 class VisionEncoder:
     def __init__(self, model_dir: str, dtype: str | None = None, device: str | None = None, cache_size: int = 512,
                  max_batch_images: int = 32, batch_wait_timeout_s: float = 0.002):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_model(model_dir, dtype=dtype, device=device, parts=("vision",))
+        need = max_item_tiles(self.model.config)
+        if max_batch_images < need:
+            raise ValueError(f"vision_max_batch_images ({max_batch_images}) is below the {need} tiles one media item "
+                             f"of {model_dir} can have")
         self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.cache_size = cache_size
         self.max_batch_images = max_batch_images
@@ -52,13 +86,15 @@ class VisionEncoder:
         """One request's media items -> their embeddings [n_i, H], packed."""
         if len(hashes) != len(items):
             raise ValueError(f"{len(hashes)} hashes for {len(items)} media items")
-        tiles = tiles_in([(items, hashes)])
-        if tiles > self.max_batch_images:
-            raise ValueError(f"{tiles} image tiles in one request; this encoder batches at most "
-                             f"{self.max_batch_images}")
+        for it in items:
+            if it.pixels.shape[0] > self.max_batch_images:
+                raise ValueError(f"a media item of {it.pixels.shape[0]} tiles exceeds the encoder's batch of "
+                                 f"{self.max_batch_images}")
         self.in_flight += 1
         try:
-            return pack_tensors(await self._encode_batch((list(items), list(hashes))))
+            parts = await asyncio.gather(*(self._encode_batch(g)
+                                           for g in split_by_tiles(list(items), list(hashes), self.max_batch_images)))
+            return pack_tensors([e for part in parts for e in part])
         finally:
             self.in_flight -= 1
 

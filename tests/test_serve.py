@@ -157,6 +157,10 @@ HOSTILE = [
      413, "pixel"),
     ("too many images", {"messages": [{"role": "user", "content": [image_part(png_url(small_png()))] * 9
                                        + [{"type": "text", "text": "Describe the image."}]}]}, 400, "at most 8"),
+    ("video to a LLaVA model", {"messages": [{"role": "user", "content": [
+        {"type": "video", "video": {"frames": [png_url(small_png())] * 2}}]}]}, 400, "images only"),
+    ("too many video frames", {"messages": [{"role": "user", "content": [
+        {"type": "video", "video": {"frames": [png_url(small_png())] * 65}}]}]}, 400, "at most 64"),
     ("longer than context", {"messages": [{"role": "user", "content": "circle " * 300}]}, 400, "context"),
     ("unknown model", {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "does not exist"),
 ]
@@ -425,3 +429,18 @@ def test_nvila_served_over_http_equals_in_process(nvila_app, monkeypatch):
                 {"type": "text", "text": "Describe the image."}]}])
         assert r.choices[0].message.content == ref.text
         assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens == ref.prompt_tokens
+    frames = []                            # a video part (extension): 10 frames, sampled to 8 like in-process
+    for _ in range(10):
+        buf = io.BytesIO()
+        Image.fromarray((__import__("torch").rand(48, 64, 3, generator=g) * 255).to(__import__("torch").uint8)
+                        .numpy()).save(buf, "PNG")
+        frames.append(buf.getvalue())
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
+    ref = vlm.generate_content(messages, {"video": [frames]}, SamplingParams(max_new_tokens=10, ignore_eos=True))
+    r = client.chat.completions.create(
+        model="tiny-nvila", temperature=0, max_tokens=10, extra_body={"ignore_eos": True},
+        messages=[{"role": "user", "content": [
+            {"type": "video", "video": {"frames": ["data:image/png;base64," + base64.b64encode(f).decode()
+                                                   for f in frames]}},
+            {"type": "text", "text": "What happens?"}]}])
+    assert r.choices[0].message.content == ref.text and r.usage.prompt_tokens == ref.prompt_tokens

@@ -5,7 +5,8 @@ import asyncio
 import pytest
 import torch
 
-from deployments.vision import VisionEncoder
+from deployments.vision import VisionEncoder, max_item_tiles, split_by_tiles
+from deployments.wire import unpack_tensors
 from vlm_core.default_model import default_model_dir
 from vlm_core.default_model.data import heldout_set
 from vlm_core.inputs.media import MediaItem
@@ -53,10 +54,41 @@ def test_batch_step_matches_the_model_and_caches_by_content(pixels):
     assert len(got) == 3 and len(no_cache.cache) == 0
 
 
-def test_requests_beyond_the_image_budget_are_refused(pixels):
+def test_requests_beyond_the_tile_budget_are_encoded_in_several_batches(pixels):
+    ref = VLM.from_pretrained(default_model_dir("awq")).model
     enc = VisionEncoder(str(default_model_dir("awq")), device="cpu", max_batch_images=3)
-    p = torch.cat(pixels[:4])
+    p = torch.cat(pixels[:5])
     (items, hashes), = items_of([p])
     assert hashes == [pixel_hash(x) for x in p]       # a one-tile item hashes as its pixels
-    with pytest.raises(ValueError, match="at most 3"):
-        asyncio.run(enc.encode(items, hashes))
+    calls = []
+
+    async def one_batch(request):                    # @serve.batch needs a replica; a batch of one here
+        calls.append(len(request[0]))
+        return enc.encode_items([request])[0]
+
+    enc._encode_batch = one_batch
+    got = unpack_tensors(asyncio.run(enc.encode(items, hashes)))
+    for g, w in zip(got, ref.embed_images(p), strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert calls == [3, 2] and enc.stats()["images_encoded"] == 5
+
+
+def test_split_by_tiles_keeps_order_and_budget():
+    sizes = [1, 14, 14, 1, 3, 16]
+    items = [MediaItem(torch.zeros(n, 3, 2, 2)) for n in sizes]
+    groups = split_by_tiles(items, [str(i) for i in range(len(items))], 16)
+    assert [[it.pixels.shape[0] for it in g] for g, _ in groups] == [[1, 14], [14, 1], [3], [16]]
+    assert [h for _, hs in groups for h in hs] == [str(i) for i in range(len(items))]
+
+
+def test_tile_budget_must_hold_the_largest_media_item(tmp_path):
+    from vlm_core.checkpoint import read_vila_config
+    from vlm_core.tiny_vila import build_tiny_vila
+
+    nvila = build_tiny_vila(tmp_path / "nvila", "nvila")
+    s2 = build_tiny_vila(tmp_path / "s2", "vila15", s2=True)
+    assert max_item_tiles(read_vila_config(nvila)[0]) == 1 + 4 + 12     # 1x, 2x, then up to max_tiles
+    assert max_item_tiles(read_vila_config(s2)[0]) == 1 + 4 + 9
+    assert max_item_tiles(VLM.from_pretrained(default_model_dir("awq")).model.config) == 1
+    with pytest.raises(ValueError, match="below the 17 tiles"):
+        VisionEncoder(str(nvila), device="cpu", max_batch_images=16)
