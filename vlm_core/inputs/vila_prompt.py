@@ -15,10 +15,9 @@ normalised tensor) to each scale and split into tower-sized tiles: one item per 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
-
-import dataclasses
 
 import torch
 import torch.nn.functional as F
