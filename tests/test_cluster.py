@@ -3,13 +3,10 @@ placement by custom resources, per-stage autoscaling, replica failures, and a sh
 
 VLM_SOAK_S sets the soak length (default 180 s in CI)."""
 
-import base64
 import concurrent.futures
-import io
 import json
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -17,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import data_url, free_port
 from vlm_core.default_model.data import heldout_set
 
 pytestmark = pytest.mark.timeout(600)
@@ -36,20 +34,8 @@ OVERRIDES = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def png(img) -> str:
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 SCENES = heldout_set(40, seed=77)
-URLS = [png(s.image()) for s, _, _ in SCENES]
+URLS = [data_url(s.image()) for s, _, _ in SCENES]
 
 
 def body(i, **kw):

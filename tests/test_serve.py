@@ -3,10 +3,10 @@
 import base64
 import io
 import os
-import socket
 
 import pytest
 
+from helpers import data_url, free_port
 from vlm_core.default_model.data import heldout_set
 
 pytestmark = pytest.mark.timeout(300)
@@ -15,18 +15,6 @@ pytestmark = pytest.mark.timeout(300)
 API_KEY = "test-key"
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "serve_config.yaml")
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def data_url(img) -> str:
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ from torch import nn
 from ..config import VLMConfig
 from .attention import KVView
 from .layers import LinearFactory, dense_linear
-from .llama import LlamaDecoder
 from .projector import build_projector
+from .qwen2 import build_decoder
 from .vision import VisionTower
 
 
@@ -33,6 +33,12 @@ class ComposedVLM(nn.Module):
         self.vision = vision
         self.projector = projector
         self.decoder = decoder
+
+    @classmethod
+    def build(cls, config, linear: LinearFactory = dense_linear):
+        """Randomly initialised model (weights come from a checkpoint loader in practice)."""
+        return cls(config, VisionTower(config.vision), build_projector(config.projector),
+                   build_decoder(config.text, linear))
 
     def _reference_weight(self) -> torch.Tensor:
         if self.decoder is not None:
@@ -72,12 +78,6 @@ class ComposedVLM(nn.Module):
 
 class LlavaModel(ComposedVLM):
     config: VLMConfig
-
-    @classmethod
-    def build(cls, config: VLMConfig, linear: LinearFactory = dense_linear) -> "LlavaModel":
-        """Randomly initialised model (weights come from a checkpoint loader in practice)."""
-        return cls(config, VisionTower(config.vision), build_projector(config.projector),
-                   LlamaDecoder(config.text, linear))
 
     @torch.inference_mode()
     def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -17,21 +17,12 @@ import torch
 
 from ..config import VilaConfig
 from ..inputs.media import MediaItem
-from .layers import LinearFactory, dense_linear
 from .llava import ComposedVLM
-from .projector import build_projector
-from .qwen2 import build_decoder
 from .s2 import merge_scales, project_blocks
-from .vision import VisionTower
 
 
 class VilaModel(ComposedVLM):
     config: VilaConfig
-
-    @classmethod
-    def build(cls, config: VilaConfig, linear: LinearFactory = dense_linear) -> "VilaModel":
-        return cls(config, VisionTower(config.vision), build_projector(config.projector),
-                   build_decoder(config.text, linear))
 
     @torch.inference_mode()
     def embed_media(self, items: Sequence[MediaItem]) -> list[torch.Tensor]:
