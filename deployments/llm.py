@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from vlm_core.engine.engine import AsyncLLMEngine, EngineConfig, merge_outputs
+from vlm_core.engine.engine import AsyncLLMEngine, EngineConfig, RequestFailedError, merge_outputs
 from vlm_core.engine.sampling import SamplingParams
 from vlm_core.inputs.placeholders import ImageSpan, MultimodalPrompt
 from vlm_core.vlm import VLM
@@ -80,6 +80,9 @@ class LLMServer:
                            "prompt_tokens": held.prompt_tokens, "completion_tokens": held.completion_tokens,
                            "cached_tokens": held.cached_tokens}
                     held = None
+        except RequestFailedError:
+            finish = "error"
+            raise
         finally:
             self.in_flight -= 1
             self.active.discard(request_id)

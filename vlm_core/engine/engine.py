@@ -7,12 +7,20 @@ hands each request an async iterator of `RequestOutput` deltas; leaving the iter
 
 Image embeddings arrive already computed (by a vision encoder elsewhere) with a content hash
 per image; the engine never runs the vision tower.
+
+Failure isolation: work that belongs to one sequence (its sampling, its detokenizing, its chunk
+of the forward pass) can fail that sequence alone. When a batched forward pass raises, each
+chunk is run again on its own; chunks that fail alone end their requests with finish reason
+"error" (and `RequestOutput.error` saying why) while every other sequence gets its token and
+keeps running. Recomputing a chunk writes the same KV slots with the same values, so the retry
+is exact. Only a failure outside any sequence's work (the scheduler itself) fails every request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import threading
 from dataclasses import dataclass
 from typing import AsyncIterator, Sequence as Seq
@@ -28,8 +36,15 @@ from ..models.llava import LlavaModel
 from .kv_cache import BlockManager, PagedKVCache
 from .runner import ModelRunner
 from .sampling import SamplingParams
-from .scheduler import Scheduler, SchedulerConfig
+from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from .sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+class RequestFailedError(Exception):
+    """A request ended because work for it failed inside the engine (a server-side fault; the
+    other requests in the batch were unaffected)."""
 
 
 @dataclass(frozen=True)
@@ -54,16 +69,17 @@ class RequestOutput:
     request_id: str
     text: str                    # new text since the previous output of this request
     token_ids: list[int]         # new tokens since the previous output
-    finish_reason: str | None    # "stop" | "length" | "abort" on the last output
+    finish_reason: str | None    # "stop" | "length" | "abort" | "error" on the last output
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int           # prompt tokens served from the prefix cache
+    error: str | None = None     # with finish_reason "error": what failed
 
 
 def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
     """Two consecutive deltas of one request as one."""
     return RequestOutput(a.request_id, a.text + b.text, a.token_ids + b.token_ids, b.finish_reason,
-                         b.prompt_tokens, b.completion_tokens, b.cached_tokens)
+                         b.prompt_tokens, b.completion_tokens, b.cached_tokens, b.error)
 
 
 def embedding_hash(t: torch.Tensor) -> str:
@@ -118,6 +134,11 @@ class LLMEngine:
                                      f"({self.blocks.num_blocks} blocks of {self.config.block_size})")
         if image_hashes is not None and len(image_hashes) != len(image_embeds):
             raise InputError(f"{len(image_hashes)} image hashes for {len(image_embeds)} images")
+        hidden = self.model.config.text.hidden_size
+        for i, (span, e) in enumerate(zip(prompt.spans, image_embeds)):
+            if tuple(e.shape) != (span.length, hidden):
+                raise PlaceholderMismatchError(f"image {i}: embedding of shape {tuple(e.shape)} for a placeholder "
+                                               f"span of {span.length} tokens (expected ({span.length}, {hidden}))")
         hashes = tuple(image_hashes) if image_hashes is not None else tuple(embedding_hash(e) for e in image_embeds)
         with self._lock:
             if request_id in self._seqs or any(p[0] == "add" and p[1].request_id == request_id for p in self._pending):
@@ -159,26 +180,61 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return outputs
-        sampled = self.runner.execute(sched)
+        sampled = self._execute(sched)
+        failed = {key: e for key, e in sampled.items() if isinstance(e, BaseException)}
+        if failed:
+            for c in sched.chunks:
+                if id(c.seq) in failed:
+                    outputs.append(self._fail(c.seq, failed[id(c.seq)]))
+            sched.chunks = [c for c in sched.chunks if id(c.seq) not in failed]
         for seq, token in self.scheduler.update(sched, sampled, self.eos, self.max_model_len):
-            detok = self._detok[seq.request_id]
-            if token is None:
-                text, new = detok.flush(), []
-            else:
-                text, hit_stop = detok.push(token)
-                new = [token]
-                if hit_stop:
-                    self.scheduler.finish(seq, "stop")
-                elif seq.finished:
-                    text += detok.flush()
+            try:
+                text, new = self._detokenize(seq, token)
+            except Exception as e:   # this sequence's text cannot be made: it alone ends
+                outputs.append(self._fail(seq, e))
+                continue
             outputs.append(self._output(seq, text, new))
             if seq.finished:
                 self._forget(seq)
         return outputs
 
-    def _output(self, seq: Sequence, text: str, new: list[int]) -> RequestOutput:
+    def _execute(self, sched: SchedulerOutput) -> dict[int, int | BaseException]:
+        """The runner's tokens for `sched`; when the batch fails, each chunk alone, so that only
+        the chunks that fail by themselves map to their exception."""
+        try:
+            return self.runner.execute(sched)
+        except Exception as batch_error:
+            if len(sched.chunks) == 1:
+                return {id(sched.chunks[0].seq): batch_error}
+        results: dict[int, int | BaseException] = {}
+        for chunk in sched.chunks:
+            try:
+                results.update(self.runner.execute(SchedulerOutput([chunk])))
+            except Exception as e:
+                results[id(chunk.seq)] = e
+        return results
+
+    def _detokenize(self, seq: Sequence, token: int | None) -> tuple[str, list[int]]:
+        detok = self._detok[seq.request_id]
+        if token is None:
+            return detok.flush(), []
+        text, hit_stop = detok.push(token)
+        if hit_stop:
+            self.scheduler.finish(seq, "stop")
+        elif seq.finished:
+            text += detok.flush()
+        return text, [token]
+
+    def _fail(self, seq: Sequence, error: BaseException) -> RequestOutput:
+        """End one sequence because its own work failed; the others are untouched."""
+        log.error("request %s failed in the engine", seq.request_id, exc_info=error)
+        self.scheduler.finish(seq, "error")
+        self._forget(seq)
+        return self._output(seq, "", [], error=f"{type(error).__name__}: {error}")
+
+    def _output(self, seq: Sequence, text: str, new: list[int], error: str | None = None) -> RequestOutput:
         return RequestOutput(seq.request_id, text, new, seq.finish_reason, seq.num_prompt_tokens,
-                             len(seq.output_ids), seq.num_cached_tokens)
+                             len(seq.output_ids), seq.num_cached_tokens, error)
 
     def _forget(self, seq: Sequence) -> None:
         self._seqs.pop(seq.request_id, None)
@@ -223,6 +279,9 @@ class AsyncLLMEngine:
                     out = merge_outputs(out, nxt)
                 if isinstance(out, BaseException):
                     raise out
+                if out.error is not None:
+                    finished = True
+                    raise RequestFailedError(out.error)
                 finished = out.finish_reason is not None
                 yield out
                 if finished:

@@ -1,9 +1,15 @@
 """Sampling parameters and the sampler.
 
-temperature 0 is greedy. Otherwise logits are divided by the temperature, cut to the top-k
-and then to the smallest set whose probability reaches top_p, and sampled with a per-request
-`torch.Generator` (seeded when `seed` is given, so a request is reproducible whatever else
-shares its batch).
+temperature 0 is greedy, and so is any temperature below `SAMPLING_EPS` (1e-5): dividing fp32
+logits by a smaller one overflows them, and the distribution it asks for is already the argmax.
+Otherwise logits are divided by the temperature, cut to the top-k and then to the smallest set
+whose probability reaches top_p (never fewer than the most likely token, however small top_p
+is), and sampled with a per-request `torch.Generator` (seeded when `seed` is given, so a request
+is reproducible whatever else shares its batch).
+
+`sample` never lets one row's failure reach another row: a row that cannot be sampled (its
+logits are not finite, say) yields the exception in its place, and the engine ends that request
+alone.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import torch
 
 from ..errors import SamplingParamsError
 
+SAMPLING_EPS = 1e-5          # temperatures below this sample greedily
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)   # what torch.Generator.manual_seed accepts
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -41,10 +49,12 @@ class SamplingParams:
             raise SamplingParamsError(f"top_k must be >= 0, got {self.top_k}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise SamplingParamsError("stop strings must be non-empty strings")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise SamplingParamsError(f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < SAMPLING_EPS
 
     def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
         if self.greedy:
@@ -68,20 +78,27 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         probs = sorted_logits.softmax(-1)
         # drop a token when the tokens ranked above it already reach top_p
         drop_sorted = (probs.cumsum(-1) - probs) >= p.top_p
+        drop_sorted[0] = False    # the most likely token always stays
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> list[int]:
-    """One token per row of logits [B, V]."""
+           generators: list[torch.Generator | None]) -> list[int | Exception]:
+    """One token per row of logits [B, V], or the exception that row raised."""
     logits = logits.float()
-    out = []
+    out: list[int | Exception] = []
     for row, p, g in zip(logits, params, generators):
-        if p.greedy:
-            out.append(int(row.argmax()))
-        else:
-            probs = filter_logits(row, p).softmax(-1)
-            out.append(int(torch.multinomial(probs, 1, generator=g)))
+        try:
+            out.append(_sample_row(row, p, g))
+        except Exception as e:     # this row alone fails; the others keep their tokens
+            out.append(e)
     return out
+
+
+def _sample_row(row: torch.Tensor, p: SamplingParams, g: torch.Generator | None) -> int:
+    if p.greedy:
+        return int(row.argmax())
+    probs = filter_logits(row, p).softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=g))
