@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from PIL import Image
 
+from .image import resize
+
 
 def candidate_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
     """(cols, rows) grids with min_tiles <= cols * rows <= max_tiles, fewest tiles first."""
@@ -31,7 +33,7 @@ def closest_grid(width: int, height: int, grids: list[tuple[int, int]], tile: in
 
 def cut_tiles(img: Image.Image, cols: int, rows: int, tile: int) -> list[Image.Image]:
     """Resize to (cols * tile, rows * tile) and cut row-major tiles."""
-    resized = img.resize((cols * tile, rows * tile), resample=Image.Resampling.BICUBIC)
+    resized = resize(img, (cols * tile, rows * tile))
     return [resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(cols)]
 
 
@@ -55,5 +57,5 @@ def dynamic_tiles(img: Image.Image, tile: int, max_tiles: int = 12, min_tiles: i
     cols, rows = closest_grid(img.width, img.height, candidate_grids(min_tiles, max_tiles), tile)
     tiles = cut_tiles(img, cols, rows, tile)
     if thumbnail and len(tiles) > 1:
-        tiles.append(img.resize((tile, tile), resample=Image.Resampling.BICUBIC))
+        tiles.append(resize(img, (tile, tile)))
     return tiles

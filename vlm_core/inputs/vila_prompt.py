@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..config import VilaConfig
 from ..errors import CheckpointError, InputError, PlaceholderMismatchError
-from .image import ImageInput, ImageProcessor, ImageProcessorConfig, expand_to_square, load_image
+from .image import ImageInput, ImageProcessor, ImageProcessorConfig, expand_to_square, load_image, resize
 from .media import MediaItem
 from .placeholders import ImageSpan, MultimodalPrompt
 from .template import CHATML_TEMPLATE, LLAMA3_TEMPLATE, VICUNA_TEMPLATE, normalize_messages
@@ -117,7 +117,7 @@ class VilaPromptBuilder:
         if self.config.image_mode == "pad":
             return expand_to_square(img, tuple(int(x * 255) for x in self.image_processor.cfg.mean))
         size = size or self.config.vision.image_size
-        return img.resize((size, size), resample=3) if img.size != (size, size) else img
+        return resize(img, (size, size))
 
     def _static_s2_item(self, img, kind: str = "image") -> MediaItem:
         """Static S2: the picture at the largest scale, bicubically resized to every scale, each cut
