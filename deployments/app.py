@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
-from vlm_core.inputs.image import MAX_IMAGE_PIXELS
+from vlm_core.inputs.image import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS
 
 
 class AppArgs(BaseModel):
@@ -42,9 +42,23 @@ class AppArgs(BaseModel):
                                                         " to num_video_frames)")
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1, description="encoded bytes per image (413 above)")
     max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1, description="pixels per image, checked before decoding (413)")
+    max_request_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1, description="pixels of all images and video frames of "
+                                                                     "one request, checked before decoding (413)")
+    max_aspect_ratio: float = Field(MAX_ASPECT_RATIO, ge=1, description="longest over shortest side of a picture "
+                                                                       "(400 above)")
+    max_request_bytes: int = Field(32 * 1024 * 1024, ge=1, description="request body size, checked before parsing"
+                                                                      " (413)")
+    max_prompt_chars: int | None = Field(None, ge=1, description="characters of message text, checked before "
+                                                                 "tokenizing (400); default: the context length "
+                                                                 "times the longest token's characters (at least 16)")
+    body_timeout_s: float = Field(30.0, gt=0, description="deadline for receiving a request body (408)")
+    max_concurrent_requests: int = Field(512, ge=1, description="generation requests one Ingress replica holds at"
+                                                                " once; beyond: 503 + Retry-After")
     default_max_tokens: int = Field(64, ge=1)
     allowed_file_dirs: list[str] = Field(default_factory=list, description="folders file:// image URLs may read")
-    allow_http_images: bool = Field(False, description="fetch http(s) image URLs")
+    allow_http_images: bool = Field(False, description="fetch http(s) image URLs (public addresses only)")
+    allowed_image_hosts: list[str] = Field(default_factory=list, description="hosts ('host' or 'host:port') fetched"
+                                                                             " even at non-public addresses")
     http_timeout_s: float = Field(10.0, gt=0, description="deadline for one image fetch")
     retry_after_s: int = Field(1, ge=0, description="Retry-After of 503 answers when queues are full")
     api_key: str | None = Field(None, description="when set, requests need 'Authorization: Bearer <key>'")
@@ -68,7 +82,7 @@ DEPLOYMENTS = ("Ingress", "VisionEncoder", "LLMServer")
 # replica would starve a continuous-batching engine); serve_config.yaml states its own.
 # An LLMServer replica takes engine.max_num_seqs + max_waiting_requests and refuses the next one
 # itself (503), so its max_ongoing_requests must not be lower than that.
-DEFAULT_OPTIONS = {"Ingress": {"max_ongoing_requests": 512}, "VisionEncoder": {"max_ongoing_requests": 64},
+DEFAULT_OPTIONS = {"Ingress": {"max_ongoing_requests": 1024}, "VisionEncoder": {"max_ongoing_requests": 64},
                    "LLMServer": {"max_ongoing_requests": 320}}
 
 
@@ -105,9 +119,13 @@ def build_app(args: dict | None = None) -> serve.Application:
     options = IngressOptions(
         model_name=a.model_name, max_images=a.max_images, max_video_frames=a.max_video_frames,
         max_image_bytes=a.max_image_bytes,
-        max_image_pixels=a.max_image_pixels, default_max_tokens=a.default_max_tokens,
+        max_image_pixels=a.max_image_pixels, max_request_pixels=a.max_request_pixels,
+        max_aspect_ratio=a.max_aspect_ratio, max_request_bytes=a.max_request_bytes,
+        max_prompt_chars=a.max_prompt_chars, body_timeout_s=a.body_timeout_s,
+        max_concurrent_requests=a.max_concurrent_requests, default_max_tokens=a.default_max_tokens,
         allowed_file_dirs=tuple(a.allowed_file_dirs), allow_http_images=a.allow_http_images,
-        http_timeout_s=a.http_timeout_s, api_key=a.api_key, retry_after_s=a.retry_after_s)
+        allowed_image_hosts=tuple(a.allowed_image_hosts), http_timeout_s=a.http_timeout_s, api_key=a.api_key,
+        retry_after_s=a.retry_after_s)
     return ingress.bind(
         vision.bind(model_dir, a.dtype, None, a.vision_cache_size, a.vision_max_batch_images, a.vision_batch_wait_s),
         llm.bind(model_dir, a.dtype, None, a.engine, a.max_waiting_requests, a.stream_interval_s), model_dir,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -20,34 +21,91 @@ from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlm_core.errors import ImageTooLargeError, VLMError
-from vlm_core.inputs.image import MAX_IMAGE_PIXELS, load_image
+from vlm_core.inputs.image import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, decode_image, open_image
 from vlm_core.inputs.prompt import prompt_builder
 
-from .media import ImagePolicy, read_image_url
+from .frontdoor import FrontDoor, FrontDoorLimits
+from .media import ImagePolicy, new_http_client, read_image_url
 from .protocol import (APIError, AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-                       Choice, ChunkChoice, Delta, ServerOverloadedError, usage_of)
+                       Choice, ChunkChoice, Delta, ErrorResponse, Health, ModelCard, ModelList,
+                       ServerOverloadedError, usage_of)
 
-app = FastAPI(title="vlm-serve")
+log = logging.getLogger("ray.serve")
+
+app = FastAPI(title="vlm-serve", description="OpenAI-compatible chat completions for LLaVA-family VLMs")
+app.add_middleware(FrontDoor)
+
+_ERRORS = {400: "invalid request", 401: "missing or wrong API key", 404: "unknown model or route",
+           408: "request body too slow", 413: "request body or image too large",
+           500: "internal error (the message carries a request id)", 503: "at capacity; retry after Retry-After"}
+
+
+def error_responses(*statuses: int) -> dict:
+    return {s: {"model": ErrorResponse, "description": _ERRORS[s]} for s in statuses}
+
+
+def _openapi() -> dict:
+    """The schema without FastAPI's 422 (this server answers validation errors with 400)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version="1", description=app.description, routes=app.routes)
+        for path in schema["paths"].values():
+            for op in path.values():
+                op.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = _openapi
 
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError):
-    first = exc.errors()[0] if exc.errors() else {}
-    where = ".".join(str(p) for p in first.get("loc", ())[1:])
-    e = APIError(400, f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", str(exc)),
-                 param=where or None)
+    errors = exc.errors()
+    # our own checks (value errors) say more than "not a string" from another branch of a union
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0] if errors else {})
+    loc = [p for p in first.get("loc", ()) if isinstance(p, int) or str(p).isidentifier()]
+    if first.get("type") == "json_invalid":
+        e = APIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}")
+        return JSONResponse(e.body(), status_code=400)
+    where = ".".join(str(p) for p in loc[1:])
+    msg = first.get("msg", "invalid request").removeprefix("Value error, ")
+    e = APIError(400, f"{where}: {msg}" if where else msg, param=where or None)
     return JSONResponse(e.body(), status_code=400)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    if exc.status_code == 400:   # the body could not be decoded at all (not UTF-8, nested too deeply)
+        message = "the request body is not valid JSON in UTF-8 (or nests too deeply)"
+    elif exc.status_code == 404:
+        message = f"no route {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}"
+    else:
+        message = str(exc.detail)
+    e = APIError(exc.status_code, message, "invalid_request_error" if exc.status_code < 500 else "server_error")
+    return JSONResponse(e.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
 @app.exception_handler(APIError)
 async def _api_error(request: Request, exc: APIError):
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+@app.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception):
+    e = api_error_of(exc)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 @dataclass(frozen=True)
@@ -57,16 +115,24 @@ class IngressOptions:
     max_video_frames: int = 64
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = MAX_IMAGE_PIXELS
+    max_request_pixels: int = MAX_IMAGE_PIXELS
+    max_aspect_ratio: float = MAX_ASPECT_RATIO
+    max_request_bytes: int = 32 * 1024 * 1024
+    max_prompt_chars: int | None = None          # None: context length x the longest token's characters
+    body_timeout_s: float = 30.0
+    max_concurrent_requests: int = 512
     default_max_tokens: int = 64
     allowed_file_dirs: tuple[str, ...] = field(default_factory=tuple)
     allow_http_images: bool = False
+    allowed_image_hosts: tuple[str, ...] = field(default_factory=tuple)
     http_timeout_s: float = 10.0
     api_key: str | None = None
     retry_after_s: int = 1
 
 
-def api_error_of(e: BaseException, retry_after_s: int = 1) -> APIError:
-    """The client-facing error for an exception raised by a downstream deployment call."""
+def api_error_of(e: BaseException, retry_after_s: int = 1, request_id: str | None = None) -> APIError:
+    """The client-facing error for an exception. Anything not a client error becomes a 500 that
+    says "internal error" and a request id; the log line for it carries the id and the traceback."""
     seen = e
     while seen is not None:
         if isinstance(seen, APIError):
@@ -75,14 +141,25 @@ def api_error_of(e: BaseException, retry_after_s: int = 1) -> APIError:
             return APIError(503, "the server is at capacity; retry later", "server_overloaded",
                             headers={"Retry-After": str(retry_after_s)})
         if isinstance(seen, RayActorError):   # a replica died with this request in flight
-            return APIError(503, f"a serving replica failed during the request; retry ({type(seen).__name__})",
-                            "server_error", headers={"Retry-After": str(retry_after_s)})
+            return APIError(503, "a serving replica failed during the request; retry", "server_error",
+                            headers={"Retry-After": str(retry_after_s)})
         if isinstance(seen, ImageTooLargeError):
             return APIError(413, str(seen), param="image_url")
         if isinstance(seen, VLMError):
             return APIError(400, str(seen))
         seen = getattr(seen, "cause", None) or seen.__cause__
-    return APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+    request_id = request_id or f"req-{uuid.uuid4().hex}"
+    log.error("internal error in request %s", request_id, exc_info=e)
+    return APIError(500, f"internal error (request id {request_id})", "server_error")
+
+
+def text_chars(body: ChatCompletionRequest) -> int:
+    """Characters of text in the request's messages."""
+    n = 0
+    for m in body.messages:
+        parts = [m.content] if isinstance(m.content, str) else [p.text for p in m.content if p.type == "text"]
+        n += sum(len(t) for t in parts)
+    return n
 
 
 class Ingress:
@@ -92,17 +169,45 @@ class Ingress:
         self.options = o = options
         self.model_name = o.model_name
         self.max_model_len = self.inputs.config.text.max_position_embeddings
-        self.policy = ImagePolicy.create(o.max_image_bytes, o.allowed_file_dirs, o.allow_http_images, o.http_timeout_s)
+        self.max_prompt_chars = o.max_prompt_chars or self.max_model_len * max(
+            16, max(len(t) for t in self.inputs.tokenizer.get_vocab()))
+        self.policy = ImagePolicy.create(o.max_image_bytes, o.allowed_file_dirs, o.allow_http_images, o.http_timeout_s,
+                                         o.allowed_image_hosts)
+        # what the front-door middleware checks before any route runs
+        self.front_door = FrontDoorLimits(o.api_key, o.max_request_bytes, o.body_timeout_s,
+                                               o.max_concurrent_requests, o.retry_after_s)
         self.created = int(time.time())
         self._http = None
 
     # ---- request parsing --------------------------------------------------------------------
 
-    async def _prepare(self, body: ChatCompletionRequest):
+    def _check_shape(self, body: ChatCompletionRequest) -> None:
+        """Limits that need no fetching, decoding or tokenizing."""
         o = self.options
         if body.model not in (None, self.model_name):
             raise APIError(404, f"model {body.model!r} does not exist; this server serves {self.model_name!r}",
                            param="model")
+        chars = text_chars(body)
+        if chars > self.max_prompt_chars:
+            raise APIError(400, f"the messages hold {chars} characters of text; at most {self.max_prompt_chars} "
+                                f"are accepted (this model's context is {self.max_model_len} tokens)",
+                           param="messages")
+        parts = [p for m in body.messages if not isinstance(m.content, str) for p in m.content]
+        videos = [p for p in parts if p.type == "video"]
+        if videos and "video" not in self.inputs.media_kinds:
+            raise APIError(400, "this model takes images only: video parts are not supported", param="messages")
+        for what, n in (("images", sum(p.type == "image_url" for p in parts)), ("videos", len(videos))):
+            if n > o.max_images:
+                raise APIError(400, f"{n} {what} in the request; at most {o.max_images} are allowed", param="messages")
+        for v in videos:
+            if len(v.video.frames) > o.max_video_frames:
+                raise APIError(400, f"a video of {len(v.video.frames)} frames; at most {o.max_video_frames} "
+                                    f"are allowed", param="messages")
+
+    async def _prepare(self, body: ChatCompletionRequest):
+        o = self.options
+        self._check_shape(body)
+        sampling = body.sampling(o.default_max_tokens)
         messages, urls, videos = [], [], []
         for m in body.messages:
             if isinstance(m.content, str):
@@ -113,36 +218,31 @@ class Ingress:
                 if p.type == "text":
                     parts.append({"type": "text", "text": p.text})
                 elif p.type == "video":
-                    if len(p.video.frames) > o.max_video_frames:
-                        raise APIError(400, f"a video of {len(p.video.frames)} frames; at most {o.max_video_frames} "
-                                            f"are allowed", param="messages")
-                    videos.append(p.video.frames)
+                    videos.append(self.inputs.select_frames(p.video.frames))   # only the frames the model sees
                     parts.append({"type": "video"})
                 else:
                     urls.append(p.image_url.url)
                     parts.append({"type": "image"})
             messages.append({"role": m.role, "content": parts})
-        for what, n in (("images", len(urls)), ("videos", len(videos))):
-            if n > o.max_images:
-                raise APIError(400, f"{n} {what} in the request; at most {o.max_images} are allowed", param="messages")
         if self.policy.allow_http and self._http is None:
-            import httpx
-
-            self._http = httpx.AsyncClient(follow_redirects=True, max_redirects=3)
+            self._http = new_http_client()
         frame_urls = [u for frames in videos for u in frames]
         datas = await asyncio.gather(*(read_image_url(u, self.policy, self._http) for u in urls + frame_urls))
 
         def work():   # image decoding and tokenization, off the event loop
             try:
-                sampling = body.sampling(o.default_max_tokens)
-                pictures = iter([load_image(b, o.max_image_pixels) for b in datas])
+                opened = [open_image(b, o.max_image_pixels, o.max_aspect_ratio) for b in datas]
+                pixels = sum(im.width * im.height for im in opened)
+                if pixels > o.max_request_pixels:
+                    raise APIError(413, f"the request's pictures hold {pixels} pixels; at most {o.max_request_pixels}"
+                                        f" per request are accepted", param="messages")
+                pictures = iter([decode_image(im) for im in opened])
                 media = {"image": [next(pictures) for _ in urls], "video": [[next(pictures) for _ in v] for v in videos]}
-                prompt, items = self.inputs.prepare_media(messages, {k: v for k, v in media.items() if v})
-                return prompt, items, sampling
+                return self.inputs.prepare_media(messages, {k: v for k, v in media.items() if v})
             except VLMError as e:
                 raise api_error_of(e) from None
 
-        prompt, items, sampling = await asyncio.to_thread(work)
+        prompt, items = await asyncio.to_thread(work)
         if len(prompt) >= self.max_model_len:
             raise APIError(400, f"the prompt has {len(prompt)} tokens; this model's context is "
                                 f"{self.max_model_len} tokens", param="messages")
@@ -150,23 +250,25 @@ class Ingress:
 
     # ---- routes -----------------------------------------------------------------------------
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health)
     async def health(self):
-        return {"status": "ok"}
+        return Health()
 
-    @app.get("/v1/models")
-    async def models(self, request: Request):
-        self._authorize(request)
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
-                                            "owned_by": "vlm-serve"}]}
+    @app.get("/v1/models", response_model=ModelList, responses=error_responses(401))
+    async def models(self):
+        return ModelList(data=[ModelCard(id=self.model_name, created=self.created)])
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
-        self._authorize(request)
+    @app.post("/v1/chat/completions", response_model=ChatCompletion,
+              responses={200: {"content": {"text/event-stream": {
+                  "schema": {"type": "string", "description": "with stream: true, `data: <ChatCompletionChunk JSON>` "
+                                                              "events, then `data: [DONE]`"}}}},
+                         **error_responses(400, 401, 404, 408, 413, 500, 503)})
+    async def chat_completions(self, body: ChatCompletionRequest):
         if not body.stream:
             return await self.chat(body)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = self.chat_stream(body, include_usage)
+        rid = new_request_id()
+        chunks = self.chat_stream(body, include_usage, request_id=rid)
         first = await anext(chunks)   # the engine has accepted the request: errors so far get a status code
 
         async def sse():
@@ -175,7 +277,7 @@ class Ingress:
                 async for c in chunks:
                     yield f"data: {c.model_dump_json(exclude_none=True)}\n\n"
             except Exception as e:  # a replica failed mid-stream: end with an error event, never hang
-                yield f"data: {json.dumps(api_error_of(e).body())}\n\n"
+                yield f"data: {json.dumps(api_error_of(e, request_id=rid).body())}\n\n"
             finally:
                 await chunks.aclose()    # a disconnected client aborts its request in the engine
             yield "data: [DONE]\n\n"
@@ -188,28 +290,35 @@ class Ingress:
         """One chat completion. From another Ray job:
         `serve.get_app_handle("vlm").chat.remote(ChatCompletionRequest(...)).result()`.
         Errors are raised as `APIError` (status, message, type, param)."""
-        rid, stream, out = await self._start(body)
+        rid = new_request_id()
+        stream = None
         text = ""
         try:
+            stream, out = await self._start(body, rid)
             while out is not None:
                 text += out["text"]
                 last = out
                 out = await anext(stream, None)
         except BaseException as e:   # failed or cancelled mid-generation: stop the engine's work too
-            stream.cancel()
+            if stream is not None:
+                stream.cancel()
             if isinstance(e, Exception):
-                raise api_error_of(e, self.options.retry_after_s) from None
+                raise api_error_of(e, self.options.retry_after_s, rid) from None
             raise
         return ChatCompletion(id=rid, created=int(time.time()), model=self.model_name,
                               choices=[Choice(message=AssistantMessage(content=text),
                                               finish_reason=last["finish_reason"])],
                               usage=usage_of(last))
 
-    async def chat_stream(self, body: ChatCompletionRequest, include_usage: bool = True
-                          ) -> AsyncIterator[ChatCompletionChunk]:
+    async def chat_stream(self, body: ChatCompletionRequest, include_usage: bool = True,
+                          request_id: str | None = None) -> AsyncIterator[ChatCompletionChunk]:
         """Streamed chat completion chunks (use `handle.options(stream=True).chat_stream.remote(...)`).
         Closing the stream early aborts the request in the engine."""
-        rid, stream, out = await self._start(body)
+        rid = request_id or new_request_id()
+        try:
+            stream, out = await self._start(body, rid)
+        except Exception as e:
+            raise api_error_of(e, self.options.retry_after_s, rid) from None
         created = int(time.time())
 
         def chunk(delta: Delta, finish=None, usage=None, choices=True) -> ChatCompletionChunk:
@@ -226,18 +335,17 @@ class Ingress:
                 out = await anext(stream, None)
         except Exception as e:
             stream.cancel()
-            raise api_error_of(e, self.options.retry_after_s) from None
+            raise api_error_of(e, self.options.retry_after_s, rid) from None
         finally:
             if out is not None:      # the consumer left early (closed, disconnected, cancelled)
                 stream.cancel()
         if include_usage and last is not None:
             yield chunk(Delta(), usage=usage_of(last), choices=False)
 
-    async def _start(self, body: ChatCompletionRequest):
+    async def _start(self, body: ChatCompletionRequest, rid: str):
         """Validate, send images to the vision deployment and the prompt to the LLM deployment;
         returns once the engine has accepted the request (its first output in hand)."""
         prompt, items, sampling = await self._prepare(body)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
         hashes = [it.hash for it in items]
         # the vision call's response goes straight into the LLM call: the embeddings move
         # vision replica -> object store -> LLM replica and never through this process
@@ -247,11 +355,8 @@ class Ingress:
             await self._wait_done(embeds)
         stream = self.llm.options(stream=True).generate.remote(
             rid, list(prompt.token_ids), [(s.offset, s.length) for s in prompt.spans], embeds, hashes, sampling)
-        try:
-            first = await anext(stream)
-        except Exception as e:   # not admitted (queue full, invalid for the engine, replica gone)
-            raise api_error_of(e, self.options.retry_after_s) from None
-        return rid, stream, first
+        first = await anext(stream)   # raises when not admitted (queue full, invalid, replica gone)
+        return stream, first
 
     async def _wait_done(self, response) -> None:
         """Wait until a deployment response is computed, without fetching its value here.
@@ -262,19 +367,12 @@ class Ingress:
         """
         import ray
 
-        try:
-            ref = await response._to_object_ref()
-            await asyncio.to_thread(ray.wait, [ref], fetch_local=False)
-        except Exception as e:
-            raise api_error_of(e, self.options.retry_after_s) from None
+        ref = await response._to_object_ref()
+        await asyncio.to_thread(ray.wait, [ref], fetch_local=False)
 
-    def _authorize(self, request: Request) -> None:
-        key = self.options.api_key
-        if key is None:
-            return
-        if request.headers.get("authorization", "") != f"Bearer {key}":
-            raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
-                           "authentication_error")
+
+def new_request_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
 
 
 # Applied at import so every process that imports this module (driver and replicas) turns the

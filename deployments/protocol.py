@@ -4,9 +4,22 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from vlm_core.engine.sampling import SamplingParams
+from vlm_core.engine.sampling import SEED_RANGE, SamplingParams
+
+
+def _unicode(text: str) -> str:
+    """JSON can carry lone UTF-16 surrogates ("\\ud800"), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text holds an unpaired surrogate {text[e.start]!r} at character {e.start}; send valid "
+                         f"Unicode") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class APIError(Exception):
@@ -25,6 +38,18 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error, server_overloaded, server_error")
+    param: str | None = None
+    code: int = Field(description="the HTTP status")
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer, in OpenAI's shape."""
+    error: ErrorDetail
+
+
 class ServerOverloadedError(Exception):
     """A replica refused a request because its queue is full (answered 503 + Retry-After)."""
 
@@ -36,7 +61,7 @@ class ImageURL(BaseModel):
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ImagePart(BaseModel):
@@ -60,7 +85,7 @@ ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminat
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str | list[ContentPart]
+    content: Text | list[ContentPart]
 
 
 class StreamOptions(BaseModel):
@@ -70,14 +95,14 @@ class StreamOptions(BaseModel):
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = None
+    model: Text | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="deprecated alias of max_completion_tokens")
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="extension: keep generating past EOS up to max_tokens")
@@ -141,3 +166,19 @@ def usage_of(out: dict) -> Usage:
     return Usage(prompt_tokens=out["prompt_tokens"], completion_tokens=out["completion_tokens"],
                  total_tokens=out["prompt_tokens"] + out["completion_tokens"],
                  prompt_tokens_details={"cached_tokens": out["cached_tokens"]})
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "vlm-serve"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"

@@ -48,6 +48,8 @@ def _token_id(tokenizer, token: str) -> int | None:
 
 
 class PromptBuilder:
+    media_kinds = ("image",)     # what prepare_media takes
+
     def __init__(self, config: VLMConfig, tokenizer, image_processor: ImageProcessor):
         self.config = config
         self.tokenizer = tokenizer

@@ -94,6 +94,15 @@ class VilaPromptBuilder:
                                         square_resize=True)
         return cls(config, load_tokenizer(folder / "llm"), ImageProcessor(proc))
 
+    @property
+    def media_kinds(self) -> tuple[str, ...]:
+        """What prepare_media takes: video only when the tokenizer has the video token."""
+        return ("image", "video") if self.video_token_id is not None else ("image",)
+
+    def select_frames(self, frames: Sequence[Any]) -> list[Any]:
+        """The frames of a video that the model will see (so callers decode no others)."""
+        return sample_frames(frames, self.config.num_video_frames)
+
     # ---- media ----------------------------------------------------------------------------
 
     def _tile_pixels(self, tiles) -> torch.Tensor:
