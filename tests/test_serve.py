@@ -36,6 +36,7 @@ def server():
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         one = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}   # stats() then sees every request
         name, prefix, app = app_from_config(CONFIG, {"api_key": API_KEY, "vision_batch_wait_s": 0.05,
+                                                     "body_timeout_s": 2,
                                                      "deployment_options": {d: one for d in DEPLOYMENTS}})
         assert (name, prefix) == ("vlm", "/")
         serve.run(app, name=name, route_prefix=prefix, blocking=False)
@@ -219,6 +220,19 @@ def test_request_body_limit_is_enforced_before_parsing(server):
     assert time.perf_counter() - start < 20
 
 
+def test_a_trickled_body_is_cut_off_with_408(server):
+    import socket
+
+    port = int(server.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + API_KEY.encode()
+                  + b"\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"messages\": ")
+        start = time.perf_counter()
+        answer = s.recv(65536).decode()
+    assert answer.startswith("HTTP/1.1 408"), answer
+    assert "did not arrive within 2 s" in answer and time.perf_counter() - start < 10
+
+
 def test_unknown_routes_and_methods_answer_in_openai_shape(server):
     import httpx
 
@@ -260,6 +274,42 @@ def test_openapi_document_lists_the_real_answers(server):
     assert ok["application/json"]["schema"]["$ref"].endswith("/ChatCompletion") and "text/event-stream" in ok
     models = doc["paths"]["/v1/models"]["get"]["responses"]
     assert models["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/ModelList")
+
+
+FUZZ_EXAMPLES = int(os.environ.get("VLM_FUZZ_EXAMPLES", "100"))
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_fuzzed_requests_get_no_5xx_and_answers_match_the_schema(server, mode):
+    """Requests generated from /openapi.json, valid and invalid, for every route: never a 5xx,
+    and every answer as the document describes it (status listed, body matching its schema)."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.generation.modes import GenerationMode
+    from schemathesis.specs.openapi.checks import response_schema_conformance
+
+    schema = schemathesis.openapi.from_url(server + "/openapi.json", headers=AUTH)
+    operations = [op.ok() for op in schema.get_all_operations()]
+    assert {o.path for o in operations} == {"/health", "/v1/models", "/v1/chat/completions"}
+    for op in operations:
+        if mode == "negative" and op.method.upper() == "GET":   # nothing to send wrong on a bare GET
+            continue
+
+        @given(case=op.as_strategy(GenerationMode(mode)))
+        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        def fuzz(case):
+            response = case.call_and_validate(headers={**(case.headers or {}), **AUTH}, timeout=60,
+                                              checks=[not_a_server_error, response_schema_conformance])
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+
+        statuses: dict[int, int] = {}
+        fuzz()
+        # a bare GET has one possible request; the chat route gets many
+        assert sum(statuses.values()) >= (1 if op.method.upper() == "GET" else min(FUZZ_EXAMPLES, 5)), statuses
+        assert max(statuses) < 500, (op.path, statuses)
+        print(mode, op.method, op.path, dict(sorted(statuses.items())))
 
 
 def test_values_below_fp32_beside_three_streams_leave_them_running(server, client):
