@@ -12,8 +12,11 @@ attends causally to keys 0..that position.
     query_start  [S + 1] int32                      offsets of each sequence's queries in q
     -> out       [T, Hq, D]
 
-`paged_attention_reference` is the torch definition (and the CPU path); `paged_attention` is a
-Triton flash-attention kernel that walks the block table with an online softmax.
+`paged_attention_reference` is the torch definition, one SDPA per sequence; `paged_attention_torch`
+is the CPU path: every decode row (one query) of the batch in one masked SDPA over block tables
+gathered to [B, L] (in groups bounded by `DECODE_GATHER_SLOTS`), prefill rows as the reference
+does them; `paged_attention` is a Triton flash-attention kernel that walks the block table with an
+online softmax.
 """
 
 from __future__ import annotations
@@ -31,13 +34,15 @@ except ImportError:  # pragma: no cover
     tl = None
 
 
-def paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale: float):
+def paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale: float,
+                              skip: torch.Tensor | None = None):
+    """The definition: one SDPA per sequence (rows where `skip` [S] bool is set are left unset)."""
     out = torch.empty_like(q)
     bs = k_cache.shape[1]
     for i in range(seq_lens.shape[0]):
         q0, q1 = int(query_start[i]), int(query_start[i + 1])
         n, ctx = q1 - q0, int(seq_lens[i])
-        if n == 0:
+        if n == 0 or (skip is not None and bool(skip[i])):
             continue
         blocks = block_tables[i, : -(-ctx // bs)].long()
         k = k_cache[blocks].flatten(0, 1)[:ctx]          # [ctx, Hkv, D]
@@ -48,6 +53,43 @@ def paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, query
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale,
                                            enable_gqa=qh.shape[0] != kh.shape[0])
         out[q0:q1] = o.transpose(0, 1)
+    return out
+
+
+# decode rows x context slots gathered at once by `paged_attention_torch` (bounds its memory)
+DECODE_GATHER_SLOTS = 1 << 20
+
+
+def paged_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale: float):
+    """`paged_attention_reference`'s contract, with all decode rows batched."""
+    q_lens = query_start[1:] - query_start[:-1]
+    decode = (q_lens == 1).nonzero().flatten()
+    out = paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens,
+                                    query_start, scale, skip=q_lens == 1) if len(decode) < len(q_lens) \
+        else torch.empty_like(q)
+    if len(decode) == 0:
+        return out
+    ctx = seq_lens[decode].long()
+    order = ctx.argsort()                      # similar lengths share a group's padding
+    decode, ctx = decode[order], ctx[order]
+    bs = k_cache.shape[1]
+    lengths = ctx.tolist()
+    lo = 0
+    while lo < len(lengths):
+        hi = lo + 1
+        while hi < len(lengths) and (hi + 1 - lo) * lengths[hi] <= DECODE_GATHER_SLOTS:
+            hi += 1
+        rows, lens, width = decode[lo:hi], ctx[lo:hi], lengths[hi - 1]
+        tables = block_tables[rows, : -(-width // bs)].long()            # [B, blocks]
+        k = k_cache[tables].flatten(1, 2)[:, :width].transpose(1, 2)     # [B, Hkv, L, D]
+        v = v_cache[tables].flatten(1, 2)[:, :width].transpose(1, 2)
+        mask = torch.arange(width, device=q.device)[None, :] < lens[:, None]   # [B, L]
+        starts = query_start[rows].long()
+        qd = q[starts][:, :, None, :]                                    # [B, Hq, 1, D]
+        o = F.scaled_dot_product_attention(qd, k, v, attn_mask=mask[:, None, None, :], scale=scale,
+                                           enable_gqa=qd.shape[1] != k.shape[1])
+        out[starts] = o[:, :, 0, :]
+        lo = hi
     return out
 
 

@@ -6,7 +6,7 @@ import asyncio
 import pytest
 import torch
 
-import vlm_core.engine.sampling as sampling
+import vlm_core.engine.runner as runner
 from vlm_core.engine.engine import AsyncLLMEngine, EngineConfig, RequestFailedError
 from vlm_core.engine.sampling import SamplingParams, filter_logits
 from vlm_core.errors import PlaceholderMismatchError, SamplingParamsError
@@ -54,16 +54,20 @@ def test_seed_outside_the_generator_range_is_refused():
             SamplingParams(seed=seed)
 
 
-def test_a_sampler_fault_in_one_row_fails_that_request_alone(vlm, three, monkeypatch):
+def poison_rows_with_seed_13(monkeypatch):
+    """The runner's sampler sees NaN logits for requests seeded 13 (a fault upstream of it)."""
+    real = runner.sample
+
+    def sample(logits, params, generators):
+        bad = torch.tensor([p.seed == 13 for p in params])
+        return real(logits.masked_fill(bad[:, None], float("nan")), params, generators)
+
+    monkeypatch.setattr(runner, "sample", sample)
+
+
+def test_a_row_with_non_finite_logits_fails_that_request_alone(vlm, three, monkeypatch):
     reqs, alone = three
-    real = sampling._sample_row
-
-    def faulty(row, p, g):
-        if p.seed == 13:
-            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
-        return real(row, p, g)
-
-    monkeypatch.setattr(sampling, "_sample_row", faulty)
+    poison_rows_with_seed_13(monkeypatch)
     engine = vlm.engine(EngineConfig(num_blocks=64))
     for i, r in enumerate(reqs):
         add(engine, f"r{i}", r)
@@ -73,7 +77,7 @@ def test_a_sampler_fault_in_one_row_fails_that_request_alone(vlm, three, monkeyp
     assert all(got[f"r{i}"][-1].finish_reason == "length" and got[f"r{i}"][-1].error is None for i in range(3))
     last = got["poison"][-1]
     assert (last.finish_reason, last.completion_tokens) == ("error", 0)
-    assert "probability tensor" in last.error
+    assert "non-finite logits" in last.error
     assert engine.blocks.num_free_blocks == 64
 
 
@@ -103,10 +107,7 @@ def test_embeddings_that_do_not_fit_their_spans_are_refused_at_admission(vlm, th
 
 def test_async_streams_beside_a_failing_request_finish_normally(vlm, three, monkeypatch):
     reqs, alone = three
-    real = sampling._sample_row
-    monkeypatch.setattr(sampling, "_sample_row",
-                        lambda row, p, g: (_ for _ in ()).throw(ValueError("boom")) if p.seed == 13
-                        else real(row, p, g))
+    poison_rows_with_seed_13(monkeypatch)
 
     async def main():
         eng = AsyncLLMEngine(vlm.engine(EngineConfig(num_blocks=64)))
@@ -121,4 +122,4 @@ def test_async_streams_beside_a_failing_request_finish_normally(vlm, three, monk
 
     *ok, failed = asyncio.run(main())
     assert ok == alone
-    assert isinstance(failed, RequestFailedError) and "boom" in str(failed)
+    assert isinstance(failed, RequestFailedError) and "non-finite logits" in str(failed)

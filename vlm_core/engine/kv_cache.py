@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.paged_attention import paged_attention, paged_attention_reference
+from kernels.paged_attention import paged_attention, paged_attention_torch
 
 from .sequence import Sequence
 
@@ -166,7 +166,7 @@ class PagedKVView:
         self.block_tables = block_tables        # [S, max_blocks] int32
         self.seq_lens = seq_lens                # [S] int32 context incl. new tokens
         self.query_start = query_start          # [S + 1] int32
-        self.attn = paged_attention if use_triton else paged_attention_reference
+        self.attn = paged_attention if use_triton else paged_attention_torch
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         kc, vc = self.cache.k[layer], self.cache.v[layer]

@@ -5,10 +5,18 @@ For a mixed batch of decodes and prefill chunks it builds, in chunk order:
   block_tables [S, max_blocks], seq_lens [S], query_start [S + 1],
 and input embeddings where each chunk that covers image placeholder positions gets just the
 slice of that image's embedding that falls inside it.
+
+The host path is vectorised: per chunk only O(1) Python (its token ids and block table are
+read once); positions, slots and offsets are numpy operations over the whole batch; each
+tensor goes to the device in one copy (from pinned memory, non-blocking, on CUDA); the sampler
+returns all tokens in one device-to-host copy.
 """
 
 from __future__ import annotations
 
+from itertools import chain
+
+import numpy as np
 import torch
 
 from ..inputs.placeholders import splice_images
@@ -25,39 +33,46 @@ class ModelRunner:
         self.use_triton = use_triton
         self.device = model.device
 
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(a)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> dict[int, int]:
-        """Run one step; returns id(seq) -> sampled token for each chunk that samples."""
-        bs = self.cache.block_size
-        ids, positions, slots, seq_lens, query_start = [], [], [], [], [0]
-        width = max(len(c.seq.block_table) for c in out.chunks)
-        tables = torch.zeros(len(out.chunks), width, dtype=torch.int32)
-        for i, c in enumerate(out.chunks):
-            seq, end = c.seq, c.start + c.num_tokens
-            ids += seq.tokens(c.start, end)
-            pos = torch.arange(c.start, end)
-            positions.append(pos)
-            table = torch.tensor(seq.block_table, dtype=torch.long)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            tables[i, :len(seq.block_table)] = table.to(torch.int32)
-            seq_lens.append(end)
-            query_start.append(query_start[-1] + c.num_tokens)
-        dev = self.device
-        input_ids = torch.tensor(ids, dtype=torch.long)
+    def execute(self, out: SchedulerOutput) -> dict[int, int | Exception]:
+        """Run one step; returns id(seq) -> sampled token (or the exception of a row that could
+        not be sampled) for each chunk that samples."""
+        chunks = out.chunks
+        n, bs = len(chunks), self.cache.block_size
+        starts = np.fromiter((c.start for c in chunks), np.int64, n)
+        counts = np.fromiter((c.num_tokens for c in chunks), np.int64, n)
+        query_start = np.zeros(n + 1, np.int64)
+        np.cumsum(counts, out=query_start[1:])
+        total = int(query_start[-1])
+        ids = np.fromiter(chain.from_iterable(c.seq.tokens(c.start, c.start + c.num_tokens) for c in chunks),
+                          np.int64, total)
+        # position of each flat token: its chunk's start + its index inside the chunk
+        positions = np.arange(total, dtype=np.int64) + np.repeat(starts - query_start[:-1], counts)
+        tables = np.zeros((n, max(len(c.seq.block_table) for c in chunks)), np.int32)
+        for i, c in enumerate(chunks):
+            tables[i, :len(c.seq.block_table)] = c.seq.block_table
+        rows = np.repeat(np.arange(n), counts)
+        slots = tables[rows, positions // bs].astype(np.int64) * bs + positions % bs
+        input_ids = torch.from_numpy(ids)
         embeds = self._embeddings(out, input_ids)
-        view = PagedKVView(self.cache, torch.cat(slots).to(dev), tables.to(dev),
-                           torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-                           torch.tensor(query_start, dtype=torch.int32, device=dev), self.use_triton)
-        hidden = self.model(input_ids.to(dev), torch.cat(positions).to(dev), view, embeds)
-        sampling = [(i, c.seq) for i, c in enumerate(out.chunks) if c.samples]
+        view = PagedKVView(self.cache, self._to_device(slots), self._to_device(tables),
+                           self._to_device((starts + counts).astype(np.int32)),
+                           self._to_device(query_start.astype(np.int32)), self.use_triton)
+        hidden = self.model(self._to_device(ids), self._to_device(positions), view, embeds)
+        sampling = [i for i, c in enumerate(chunks) if c.samples]
         if not sampling:
             return {}
-        last = torch.tensor([query_start[i + 1] - 1 for i, _ in sampling], device=dev)
+        last = self._to_device(query_start[1:][sampling] - 1)
         logits = self.model.compute_logits(hidden[last]).float()
-        seqs = [s for _, s in sampling]
+        seqs = [chunks[i].seq for i in sampling]
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         return {id(s): t for s, t in zip(seqs, tokens)}
-
     def _embeddings(self, out: SchedulerOutput, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings [T, H] with image slices spliced in (placeholder ids are never looked up)."""
         mask = torch.zeros(input_ids.shape[0], dtype=torch.bool)

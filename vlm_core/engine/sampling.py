@@ -1,15 +1,19 @@
-"""Sampling parameters and the sampler.
+"""Sampling parameters and the batched sampler.
 
 temperature 0 is greedy, and so is any temperature below `SAMPLING_EPS` (1e-5): dividing fp32
 logits by a smaller one overflows them, and the distribution it asks for is already the argmax.
-Otherwise logits are divided by the temperature, cut to the top-k and then to the smallest set
-whose probability reaches top_p (never fewer than the most likely token, however small top_p
-is), and sampled with a per-request `torch.Generator` (seeded when `seed` is given, so a request
-is reproducible whatever else shares its batch).
+Otherwise logits are divided by the temperature, cut to the `top_k` most likely tokens (exactly
+k, ties broken by a stable sort) and then to the smallest set whose probability reaches top_p
+(never fewer than the most likely token, however small top_p is).
 
-`sample` never lets one row's failure reach another row: a row that cannot be sampled (its
-logits are not finite, say) yields the exception in its place, and the engine ends that request
-alone.
+`sample` works on the whole batch on the logits' device: one argmax for every row, the filters
+for the sampling rows as batched tensor ops, and one draw by the exponential race (the token
+maximising p_i / E_i with E_i ~ Exp(1) is distributed as p). A seeded request draws its E from
+its own `torch.Generator`, so its tokens do not depend on what shares its batch; unseeded rows
+share one draw from the global generator. One device-to-host copy returns the tokens.
+
+No row can fail another: a row whose logits are not finite (a fault upstream) yields an
+exception in its place, and the engine ends that request alone.
 """
 
 from __future__ import annotations
@@ -57,48 +61,84 @@ class SamplingParams:
         return self.temperature < SAMPLING_EPS
 
     def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
-        if self.greedy:
+        """A generator for a seeded sampling request; None when greedy or unseeded."""
+        if self.greedy or self.seed is None:
             return None
         g = torch.Generator(device=device)
-        if self.seed is not None:
-            g.manual_seed(self.seed)
-        else:
-            g.seed()
+        g.manual_seed(self.seed)
         return g
 
 
 def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Temperature, top-k and top-p applied to one row of fp32 logits [V]; removed entries are -inf."""
+    """Temperature, top-k and top-p applied to one row of fp32 logits [V]; removed entries are
+    -inf. The per-row definition `filter_logits_batch` is tested against."""
     logits = logits / p.temperature
+    sorted_logits, order = torch.sort(logits, descending=True, stable=True)
     if 0 < p.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        sorted_logits[p.top_k:] = float("-inf")
     if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(-1)
         # drop a token when the tokens ranked above it already reach top_p
-        drop_sorted = (probs.cumsum(-1) - probs) >= p.top_p
-        drop_sorted[0] = False    # the most likely token always stays
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
+        drop = (probs.cumsum(-1) - probs) >= p.top_p
+        drop[0] = False    # the most likely token always stays
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
+
+
+def filter_logits_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                        top_p: torch.Tensor) -> torch.Tensor:
+    """`filter_logits` for every row of logits [B, V] at once; temperature/top_p [B] float,
+    top_k [B] long (V or more: no cut)."""
+    logits = logits / temperature[:, None]
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+    ranks = torch.arange(logits.shape[-1], device=logits.device)
+    sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf"))
+    probs = sorted_logits.softmax(-1)
+    drop = (probs.cumsum(-1) - probs) >= top_p[:, None]
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def exponential_noise(shape: tuple[int, ...], device, generator: torch.Generator | None) -> torch.Tensor:
+    """E ~ Exp(1), kept away from 0 (a zero would pick a token of probability 0)."""
+    return torch.empty(shape, device=device).exponential_(generator=generator).clamp_min_(1e-20)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> list[int | Exception]:
-    """One token per row of logits [B, V], or the exception that row raised."""
+    """One token per row of logits [B, V], or the exception standing for a row that cannot be
+    sampled."""
     logits = logits.float()
-    out: list[int | Exception] = []
-    for row, p, g in zip(logits, params, generators):
-        try:
-            out.append(_sample_row(row, p, g))
-        except Exception as e:     # this row alone fails; the others keep their tokens
-            out.append(e)
+    dev, vocab = logits.device, logits.shape[-1]
+    tokens = logits.argmax(-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        picked = [params[i] for i in rows]
+        idx = torch.tensor(rows, device=dev)
+        filtered = filter_logits_batch(
+            logits[idx], torch.tensor([p.temperature for p in picked], device=dev),
+            torch.tensor([p.top_k if p.top_k > 0 else vocab for p in picked], device=dev),
+            torch.tensor([p.top_p for p in picked], device=dev))
+        noise = exponential_noise((len(rows), vocab), dev, None)
+        for j, i in enumerate(rows):         # seeded rows: their own draw, whatever shares the batch
+            if generators[i] is not None:
+                noise[j] = exponential_noise((vocab,), dev, generators[i])
+        tokens[idx] = (filtered.softmax(-1) / noise).argmax(-1)
+    finite = torch.isfinite(logits).all(-1)
+    host = torch.where(finite, tokens, -1).tolist()     # the one device-to-host copy
+    return [t if t >= 0 else FloatingPointError("the model produced non-finite logits for this request")
+            for t in host]
+
+
+def sample_reference(logits: torch.Tensor, params: list[SamplingParams],
+                     generators: list[torch.Generator | None]) -> list[int]:
+    """Row by row, the definition `sample` is tested against (same draws for seeded rows)."""
+    out = []
+    for row, p, g in zip(logits.float(), params, generators):
+        if p.greedy:
+            out.append(int(row.argmax()))
+        else:
+            probs = filter_logits(row, p).softmax(-1)
+            out.append(int((probs / exponential_noise(row.shape, row.device, g)).argmax()))
     return out
-
-
-def _sample_row(row: torch.Tensor, p: SamplingParams, g: torch.Generator | None) -> int:
-    if p.greedy:
-        return int(row.argmax())
-    probs = filter_logits(row, p).softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=g))

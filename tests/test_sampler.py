@@ -1,0 +1,88 @@
+"""The batched sampler against its per-row definition: same filtered distributions, greedy rows
+identical, seeded rows reproducible whatever shares the batch, draws distributed as asked."""
+
+import pytest
+import torch
+
+from vlm_core.engine.sampling import SamplingParams, filter_logits, filter_logits_batch, sample, sample_reference
+
+V = 50
+
+
+def mixed_params():
+    return [SamplingParams(), SamplingParams(temperature=0.7, seed=1), SamplingParams(temperature=1.3, top_k=5, seed=2),
+            SamplingParams(temperature=1.0, top_p=0.6, seed=3), SamplingParams(temperature=0.5, top_k=8, top_p=0.9),
+            SamplingParams(temperature=2.0, top_k=1, seed=4), SamplingParams(temperature=1e-6, top_p=0.3),
+            SamplingParams(temperature=1.0, top_p=5e-324, seed=5)]
+
+
+def generators(params):
+    return [p.make_generator() for p in params]
+
+
+def test_batched_filters_equal_the_per_row_filter_with_ties():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, V, generator=g)
+    logits[:, 10:20] = 1.5                       # ties across the top-k and top-p boundaries
+    params = [p for p in mixed_params() if not p.greedy]
+    rows = logits[: len(params)]
+    got = filter_logits_batch(rows, torch.tensor([p.temperature for p in params]),
+                              torch.tensor([p.top_k or V for p in params]), torch.tensor([p.top_p for p in params]))
+    for i, p in enumerate(params):
+        want = filter_logits(rows[i], p)
+        assert torch.equal(torch.isfinite(got[i]), torch.isfinite(want))
+        assert torch.allclose(got[i][torch.isfinite(want)], want[torch.isfinite(want)])
+        if p.top_k:
+            assert int(torch.isfinite(want).sum()) <= p.top_k
+
+
+def test_batched_sampling_equals_the_row_by_row_reference():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(8, V, generator=g) * 3
+    params = [p for p in mixed_params()]
+    seeded = [p.seed is not None or p.greedy for p in params]
+    got = sample(logits, params, generators(params))
+    want = sample_reference(logits, params, generators(params))
+    assert [a for a, s in zip(got, seeded) if s] == [b for b, s in zip(want, seeded) if s]
+    assert got[0] == int(logits[0].argmax()) and got[6] == int(logits[6].argmax())   # greedy; tiny temperature
+    assert got[7] == int(logits[7].argmax())                                         # top_p below fp32
+
+
+def test_a_seeded_row_draws_the_same_tokens_whatever_shares_its_batch():
+    g = torch.Generator().manual_seed(2)
+    p = SamplingParams(temperature=1.0, top_p=0.95, seed=1234)
+    row = torch.randn(1, V, generator=g)
+    alone_gen = p.make_generator()
+    alone = [sample(row, [p], [alone_gen])[0] for _ in range(20)]
+    mates = [SamplingParams(temperature=0.8), SamplingParams(), SamplingParams(temperature=1.0, seed=9)]
+    batch_gens = [m.make_generator() for m in mates] + [p.make_generator()]
+    in_batch = []
+    for _ in range(20):
+        batch = torch.cat([torch.randn(3, V, generator=g), row])
+        in_batch.append(sample(batch, mates + [p], batch_gens)[3])
+    assert in_batch == alone and len(set(alone)) > 1
+
+
+def test_draws_follow_the_filtered_distribution():
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    p = SamplingParams(temperature=0.9, top_k=4, top_p=0.95)
+    probs = filter_logits(logits, p).softmax(-1)
+    n = 40000
+    tokens = torch.tensor(sample(logits.expand(n, -1), [p] * n, [None] * n))
+    freq = torch.bincount(tokens, minlength=6).float() / n
+    assert freq[4:].sum() == 0 and torch.allclose(freq, probs, atol=0.01), (freq, probs)
+
+
+def test_a_non_finite_row_fails_alone():
+    logits = torch.randn(3, V)
+    logits[1, 7] = float("nan")
+    params = [SamplingParams(), SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, seed=3)]
+    got = sample(logits, params, generators(params))
+    assert isinstance(got[1], FloatingPointError) and got[0] == int(logits[0].argmax())
+    assert isinstance(got[2], int) and 0 <= got[2] < V
+
+
+@pytest.mark.parametrize("seed", [None, 5])
+def test_only_seeded_sampling_requests_own_a_generator(seed):
+    assert SamplingParams(temperature=0.0, seed=seed).make_generator() is None
+    assert (SamplingParams(temperature=1.0, seed=seed).make_generator() is None) == (seed is None)
