@@ -41,6 +41,16 @@ class GenerationOutput:
         return len(self.token_ids)
 
 
+def fast_decode(tokenizer):
+    """`tokenizer.decode(ids, skip_special_tokens=True)` as a function; for a fast tokenizer that
+    does no clean-up of spaces it is the Rust tokenizer's own decode (what transformers' decode
+    returns then, without its Python wrapping: about 1 us instead of 8 a call)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas, holding back what is not final.
 
@@ -50,15 +60,13 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer, stop: Sequence[str] = ()):
         self.tokenizer = tokenizer
+        self._decode = fast_decode(tokenizer)
         self.stop = tuple(stop)
         self.ids: list[int] = []
         self.text = ""          # decoded text so far (truncated at a stop string)
         self.emitted = 0        # characters of `text` already returned
         self._prefix = 0        # window start (token index)
         self._read = 0          # tokens whose text is already in `self.text`
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add a token; return (text now safe to emit, whether a stop string was reached)."""

@@ -100,6 +100,7 @@ class BlockManager:
                 del self.free[b]
             self.ref[b] += 1
         seq.block_table = list(blocks)
+        seq.num_registered_blocks = len(blocks)
         seq.num_computed_tokens = len(blocks) * self.block_size
         seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
         self.stats.prefix_hits += len(blocks)
@@ -126,11 +127,15 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         full = seq.num_computed_tokens // self.block_size
-        for i, key in enumerate(self._hashes(seq, full)):
-            b = seq.block_table[i]
+        if full <= seq.num_registered_blocks:
+            return
+        keys = self._hashes(seq, full)
+        for i in range(seq.num_registered_blocks, full):
+            b, key = seq.block_table[i], keys[i]
             if self.key[b] is None and key not in self.cached:
                 self.cached[key] = b
                 self.key[b] = key
+        seq.num_registered_blocks = full
 
     def free_seq(self, seq: Sequence) -> None:
         for b in reversed(seq.block_table):
@@ -139,6 +144,7 @@ class BlockManager:
             if self.ref[b] == 0:
                 self.free[b] = None
         seq.block_table = []
+        seq.num_registered_blocks = 0
 
 
 class PagedKVCache:

@@ -1,0 +1,237 @@
+"""Engine benchmark (CPU): host overhead per step, and the default model under concurrency.
+
+    python bench/engine.py [--steps 40] [--out bench/results/engine-cpu-2cores.json]
+
+(a) Host overhead: the engine around a null model (embeddings, hidden states and logits of the
+    right shapes, all zeros, no attention) at 1/32/128/256 running sequences in decode: the
+    whole step (schedule, flat inputs, sampling, update, detokenizing) per step and per sequence,
+    split into schedule / execute / update.
+(b) The embedded default model (AWQ, CPU): one decode step with 1, 32, 128 and 256 running
+    sequences; aggregate tokens/s of 1, 8 and 32 concurrent requests (a picture and a question
+    each, 32 tokens, EOS ignored) through `add_request` / `step`; and transformers' `generate`
+    on the same model's fp16 checkpoint, one request at a time.
+
+Prints a table, writes JSON and (with matplotlib) a PNG beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vlm_core.default_model import default_model_dir  # noqa: E402
+from vlm_core.default_model.data import heldout_set  # noqa: E402
+from vlm_core.engine.engine import EngineConfig, LLMEngine  # noqa: E402
+from vlm_core.engine.sampling import SamplingParams  # noqa: E402
+from vlm_core.inputs.placeholders import MultimodalPrompt  # noqa: E402
+from vlm_core.vlm import VLM  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+LONG = SamplingParams(max_new_tokens=100_000, ignore_eos=True)
+
+
+class NullModel(nn.Module):
+    """A decoder stand-in with the real config: every output is zeros of the right shape."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.anchor = nn.Parameter(torch.zeros(1), requires_grad=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchor.device
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(ids.shape[0], self.config.text.hidden_size)
+
+    def forward(self, input_ids, positions, kv, inputs_embeds=None) -> torch.Tensor:
+        return torch.zeros(input_ids.shape[0], self.config.text.hidden_size)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(hidden.shape[0], self.config.text.vocab_size)
+
+
+class StepClock:
+    """Accumulates the time of the engine's schedule / execute calls."""
+
+    def __init__(self, engine: LLMEngine):
+        self.parts = {"schedule": 0.0, "execute": 0.0}
+        for name, obj in (("schedule", engine.scheduler), ("execute", engine.runner)):
+            real = getattr(obj, name)
+
+            def timed(*a, _real=real, _name=name):
+                t = time.perf_counter()
+                try:
+                    return _real(*a)
+                finally:
+                    self.parts[_name] += time.perf_counter() - t
+
+            setattr(obj, name, timed)
+
+    def reset(self):
+        for k in self.parts:
+            self.parts[k] = 0.0
+
+
+def fill_decode(engine: LLMEngine, prompts: list[MultimodalPrompt], embeds=None, params=LONG) -> None:
+    """Admit every prompt and step until all of them are decoding."""
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, embeds[i] if embeds else [], params)
+    while len(engine.scheduler.running) < len(prompts) or any(
+            s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running):
+        engine.step()
+
+
+def time_steps(engine: LLMEngine, steps: int) -> float:
+    engine.step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    return (time.perf_counter() - t) / steps
+
+
+def host_overhead(vlm: VLM, sizes: list[int], steps: int) -> list[dict]:
+    rows = []
+    for n in sizes:
+        engine = LLMEngine(NullModel(vlm.model.config), vlm.tokenizer, (),
+                           EngineConfig(num_blocks=4096, block_size=16, max_num_seqs=n,
+                                        max_num_batched_tokens=max(2048, 16 * n)))
+        ids = [5 + (i % 20) for i in range(16)]
+        fill_decode(engine, [MultimodalPrompt(tuple(ids), ()) for _ in range(n)])
+        clock = StepClock(engine)
+        clock.reset()
+        per_step = time_steps(engine, steps)
+        sched, execute = clock.parts["schedule"] / (steps + 1), clock.parts["execute"] / (steps + 1)
+        rows.append({"running": n, "step_ms": per_step * 1e3, "per_seq_us": per_step / n * 1e6,
+                     "schedule_ms": sched * 1e3, "execute_ms": execute * 1e3,
+                     "update_ms": (per_step - sched - execute) * 1e3})
+    return rows
+
+
+def requests(vlm: VLM, n: int, params: SamplingParams):
+    scenes = heldout_set(n, seed=77)
+    return [vlm.request(q, [scene.image()], params) for scene, q, _ in scenes]
+
+
+def decode_steps(vlm: VLM, sizes: list[int], steps: int) -> list[dict]:
+    rows = []
+    for n in sizes:
+        reqs = requests(vlm, n, SamplingParams(max_new_tokens=steps + 8, ignore_eos=True))
+        engine = vlm.engine(EngineConfig(max_num_seqs=n, max_num_batched_tokens=max(2048, 64 * n)))
+        fill_decode(engine, [r.prompt for r in reqs], [r.image_embeds for r in reqs], reqs[0].params)
+        per_step = time_steps(engine, steps)
+        rows.append({"running": n, "step_ms": per_step * 1e3})
+    return rows
+
+
+def concurrent_streams(vlm: VLM, sizes: list[int], tokens: int) -> list[dict]:
+    rows = []
+    for n in sizes:
+        reqs = requests(vlm, n, SamplingParams(max_new_tokens=tokens, ignore_eos=True))
+        engine = vlm.engine(EngineConfig(max_num_seqs=max(n, 1)))
+        start = time.perf_counter()
+        for i, r in enumerate(reqs):
+            engine.add_request(f"r{i}", r.prompt, r.image_embeds, r.params, r.image_hashes)
+        got = engine.run_to_completion()
+        wall = time.perf_counter() - start
+        produced = sum(len(o.token_ids) for outs in got.values() for o in outs)
+        rows.append({"concurrency": n, "tokens": produced, "wall_s": wall, "tokens_per_s": produced / wall})
+    return rows
+
+
+def hf_one_at_a_time(n: int, tokens: int) -> dict:
+    from transformers import LlavaForConditionalGeneration
+
+    folder = default_model_dir("fp16")
+    hf = LlavaForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32).eval()
+    vlm = VLM.from_pretrained(folder, dtype="float32")
+    scenes = heldout_set(n, seed=77)
+    start = time.perf_counter()
+    produced = 0
+    for scene, q, _ in scenes:
+        r = vlm.request(q, [scene.image()], SamplingParams(max_new_tokens=tokens, ignore_eos=True))
+        ids = torch.tensor([r.prompt.token_ids])
+        with torch.inference_mode():
+            g = hf.generate(input_ids=ids, pixel_values=vlm.image_processor([scene.image()]), do_sample=False,
+                            max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=vlm.tokenizer.pad_token_id)
+        produced += g.shape[1] - ids.shape[1]
+    wall = time.perf_counter() - start
+    return {"requests": n, "tokens": produced, "wall_s": wall, "tokens_per_s": produced / wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--out", default=str(ROOT / "bench/results/engine-cpu-2cores.json"))
+    a = ap.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    vlm = VLM.from_pretrained(default_model_dir("awq"))
+    host = host_overhead(vlm, [1, 32, 128, 256], a.steps)
+    steps = decode_steps(vlm, [1, 32, 128, 256], min(a.steps, 40))
+    streams = concurrent_streams(vlm, [1, 8, 32], a.tokens)
+    hf = hf_one_at_a_time(8, a.tokens)
+
+    print("\n(a) host overhead per decode step, null model")
+    print(f"{'running':>8} {'step ms':>9} {'us/seq':>8} {'schedule':>9} {'execute':>8} {'update':>8}")
+    for r in host:
+        print(f"{r['running']:>8} {r['step_ms']:>9.3f} {r['per_seq_us']:>8.2f} {r['schedule_ms']:>9.3f} "
+              f"{r['execute_ms']:>8.3f} {r['update_ms']:>8.3f}")
+    print("\n(b) default model (AWQ, CPU): one decode step")
+    base = steps[0]["step_ms"]
+    for r in steps:
+        print(f"{r['running']:>8} running: {r['step_ms']:8.2f} ms  ({r['step_ms'] / base:5.2f}x the 1-sequence step)")
+    print(f"\n    concurrent requests, {a.tokens} tokens each, aggregate tokens/s")
+    one = streams[0]["tokens_per_s"]
+    for r in streams:
+        print(f"{r['concurrency']:>8} streams: {r['tokens_per_s']:8.1f} tok/s  ({r['tokens_per_s'] / one:5.2f}x one)")
+    print(f"    transformers generate, one request at a time: {hf['tokens_per_s']:.1f} tok/s")
+
+    result = {"device": "cpu", "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+              "torch": torch.__version__, "host_overhead_null_model": host, "default_model_decode_step": steps,
+              "default_model_concurrent": streams, "hf_generate_one_at_a_time": hf,
+              "ratios": {"step_256_over_1": steps[-1]["step_ms"] / base,
+                         "streams_32_over_1": streams[-1]["tokens_per_s"] / one}}
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot([r["running"] for r in host], [r["per_seq_us"] for r in host], "o-", label="null model, whole step")
+    ax1.plot([r["running"] for r in steps], [r["step_ms"] * 1e3 / r["running"] for r in steps], "s-",
+             label="default model, whole step")
+    ax1.set(xscale="log", yscale="log", xlabel="running sequences", ylabel="µs per sequence per decode step")
+    ax1.legend()
+    ax2.plot([r["concurrency"] for r in streams], [r["tokens_per_s"] for r in streams], "o-", label="engine")
+    ax2.axhline(hf["tokens_per_s"], color="gray", ls="--", label="transformers generate, one at a time")
+    ax2.set(xscale="log", xlabel="concurrent requests", ylabel="aggregate tokens/s")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+    print(f"wrote {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
