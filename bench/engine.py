@@ -181,7 +181,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench/results/engine-cpu-2cores.json"))
     a = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    vlm = VLM.from_pretrained(default_model_dir("awq"))
+    vlm = VLM.from_pretrained(default_model_dir("awq"), fuse_projections=True)
     host = host_overhead(vlm, [1, 32, 128, 256], a.steps)
     steps = decode_steps(vlm, [1, 32, 128, 256], min(a.steps, 40))
     streams = concurrent_streams(vlm, [1, 8, 32], a.tokens)

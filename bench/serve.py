@@ -102,7 +102,7 @@ class InProcess:
         from vlm_core.engine.sampling import SamplingParams
         from vlm_core.vlm import VLM
 
-        self.vlm = VLM.from_pretrained(model_dir)
+        self.vlm = VLM.from_pretrained(model_dir, fuse_projections=True)
         self.engine = AsyncLLMEngine(self.vlm.engine(EngineConfig(**engine_args)))
         self.params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 

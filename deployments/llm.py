@@ -25,7 +25,7 @@ class LLMServer:
                  engine: dict | None = None, max_waiting_requests: int | None = None,
                  stream_interval_s: float = 0.0):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        vlm = VLM.from_pretrained(model_dir, dtype=dtype, device=device, parts=("llm",))
+        vlm = VLM.from_pretrained(model_dir, dtype=dtype, device=device, parts=("llm",), fuse_projections=True)
         config = EngineConfig(**(engine or {}))
         self.engine = AsyncLLMEngine(vlm.engine(config))
         # admitted requests beyond what one engine step runs are refused past this many

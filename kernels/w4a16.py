@@ -44,12 +44,16 @@ def dequantize_reference(qweight: torch.Tensor, scales: torch.Tensor, scaled_zer
                          group_size: int) -> torch.Tensor:
     """fp32 W [K, N]."""
     k, n8 = qweight.shape
-    cols = torch.arange(n8 * 8, device=qweight.device)
-    words = qweight[:, cols // 8].to(torch.int64)                       # [K, N]
-    q = ((words >> nibble_shifts(cols)) & 0xF).float()
+    shifts = nibble_shifts(torch.arange(8, device=qweight.device)).to(torch.int32)
+    q = ((qweight.unsqueeze(-1) >> shifts) & 0xF).view(k, n8 * 8)        # [K, N] int32, column 8c + j
+    if k % group_size == 0:   # per-group broadcast, no [K, N] copies of the scales
+        groups = k // group_size
+        w = q.view(groups, group_size, -1).float()
+        w = w * scales[:groups, None].float() + scaled_zeros[:groups, None].float()
+        return w.view(k, -1)
     s = scales.float().repeat_interleave(group_size, dim=0)[:k]
     z = scaled_zeros.float().repeat_interleave(group_size, dim=0)[:k]
-    return q * s + z
+    return q.float() * s + z
 
 
 def w4a16_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, scaled_zeros: torch.Tensor,

@@ -142,10 +142,15 @@ def load_weights(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]],
     `skip(name)` marks our-side names that are deliberately not built (e.g. vision layers
     past the selected feature layer).
     """
+    from tqdm import tqdm
+
     expected = model.state_dict(keep_vars=True)
     loaded: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
-    for key, tensor in tensors:
+    # a progress bar for loads that take a while (hundreds of tensors), on a terminal only
+    progress = tqdm(tensors, desc="loading weights", unit=" tensors", total=len(expected), leave=False,
+                    disable=None if len(expected) > 200 else True)
+    for key, tensor in progress:
         if any(re.search(p, key) for p in IGNORED_KEYS):
             continue
         name = rename(key, mapping)

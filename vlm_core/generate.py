@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
                                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
         engine_config = EngineConfig(max_num_batched_tokens=args.prefill_chunk) if args.prefill_chunk else None
         model = args.model or default_model_dir("awq")
-        vlm = VLM.from_pretrained(model, dtype=args.dtype, device=args.device, engine_config=engine_config)
+        vlm = VLM.from_pretrained(model, dtype=args.dtype, device=args.device, engine_config=engine_config,
+                                  fuse_projections=True)
         if args.stream:
             for delta in vlm.stream(args.prompt, args.image, sampling):
                 print(delta, end="", flush=True)

@@ -53,22 +53,31 @@ class VLM:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, dtype: str | torch.dtype | None = None,
                         device: str | torch.device = "cpu", engine_config: EngineConfig | None = None,
-                        parts: Sequence[str] = MODEL_PARTS) -> "VLM":
+                        parts: Sequence[str] = MODEL_PARTS, fuse_projections: bool = False) -> "VLM":
         """`parts=("llm",)` loads only the decoder (for a server whose image embeddings come from
-        a vision encoder elsewhere); image inputs then need precomputed embeddings."""
+        a vision encoder elsewhere); image inputs then need precomputed embeddings.
+        `fuse_projections=True` joins each layer's q/k/v and gate/up linears for inference (what
+        serving does); leave it off to inspect, edit, quantize or save the model's linears."""
         if is_vila_folder(model_dir):
             from .inputs.vila_prompt import VilaPromptBuilder
 
             model, top, raw = load_vila(model_dir, dtype=dtype, device=device, parts=parts)
-            return cls(model, VilaPromptBuilder.from_pretrained(model_dir, model.config), engine_config, (top, raw))
-        model = load_llava_hf(model_dir, dtype=dtype, device=device, parts=parts)
-        return cls(model, PromptBuilder.from_pretrained(model_dir, model.config), engine_config)
+            vlm = cls(model, VilaPromptBuilder.from_pretrained(model_dir, model.config), engine_config, (top, raw))
+        else:
+            model = load_llava_hf(model_dir, dtype=dtype, device=device, parts=parts)
+            vlm = cls(model, PromptBuilder.from_pretrained(model_dir, model.config), engine_config)
+        if fuse_projections and model.decoder is not None:
+            model.decoder.fuse_projections()
+        return vlm
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Write a VILA / NVILA model back in its folder layout."""
         if self._folder_configs is None:
             raise NotImplementedError("save_pretrained writes VILA-family folders; llava-hf models save "
                                       "through transformers")
+        if self.model.decoder is not None and self.model.decoder.fused:
+            raise ValueError("this model's projections are fused for inference; load it with "
+                             "fuse_projections=False to save it")
         top, raw = self._folder_configs
         return save_vila(self.model, self.tokenizer, self.image_processor.cfg, out_dir, top, raw)
 

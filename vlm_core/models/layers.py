@@ -19,6 +19,26 @@ def dense_linear(in_features: int, out_features: int, bias: bool, name: str) -> 
     return nn.Linear(in_features, out_features, bias=bias)
 
 
+@torch.no_grad()
+def concat_linears(parts: list[nn.Module]) -> nn.Module:
+    """One linear computing `torch.cat([p(x) for p in parts], -1)`: the parts' weights joined along
+    the output dimension (one launch and one read of x instead of len(parts)). nn.Linear here; a
+    quantized linear class provides `concat(parts)` for its own layout."""
+    first = parts[0]
+    if not all(type(p) is type(first) for p in parts):
+        raise TypeError(f"cannot fuse linears of different types {[type(p).__name__ for p in parts]}")
+    if hasattr(type(first), "concat"):
+        return type(first).concat(parts)
+    if not isinstance(first, nn.Linear):
+        raise TypeError(f"no fusion for {type(first).__name__}")
+    w = torch.cat([p.weight for p in parts])                                  # [sum N, K]
+    fused = nn.Linear(w.shape[1], w.shape[0], bias=first.bias is not None, device=w.device, dtype=w.dtype)
+    fused.weight.copy_(w)
+    if first.bias is not None:
+        fused.bias.copy_(torch.cat([p.bias for p in parts]))
+    return fused
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()

@@ -6,6 +6,11 @@ compute_logits(hidden [N, H]) -> [N, V]
 Parameter names mirror the Hugging Face LLaMA layout (`layers.N.self_attn.q_proj`, ...)
 so checkpoint mapping is a prefix rename. Linear layers come from a factory chosen at
 construction, which is how quantized checkpoints plug in without branches here.
+
+`fuse_projections()` (after loading, for inference) joins q/k/v into one `qkv_proj` and
+gate/up into one `gate_up_proj`, dense and AWQ alike: one launch and one read of x each. The
+separate modules are gone afterwards, so code that edits them (the AWQ calibration, tests
+swapping modules) works on an unfused model.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from torch import nn
 
 from ..config import TextConfig
 from .attention import KVView
-from .layers import LinearFactory, RMSNorm, RotaryEmbedding, apply_rope, dense_linear
+from .layers import LinearFactory, RMSNorm, RotaryEmbedding, apply_rope, concat_linears, dense_linear
 
 
 class LlamaAttention(nn.Module):
@@ -31,12 +36,22 @@ class LlamaAttention(nn.Module):
         self.k_proj = linear(cfg.hidden_size, kv_out, b, f"{prefix}.k_proj")
         self.v_proj = linear(cfg.hidden_size, kv_out, b, f"{prefix}.v_proj")
         self.o_proj = linear(q_out, cfg.hidden_size, cfg.o_bias, f"{prefix}.o_proj")
+        self.split = (q_out, kv_out, kv_out)
+        self.qkv_proj: nn.Module | None = None
+
+    def fuse(self) -> None:
+        self.qkv_proj = concat_linears([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVView) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)     # [T, Hq, D]
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(t, self.num_heads, self.head_dim)     # [T, Hq, D]
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = kv.attend(self.layer_idx, q, k, v, self.scale)           # [T, Hq, D]
         return self.o_proj(out.reshape(t, -1))
@@ -49,9 +64,18 @@ class LlamaMLP(nn.Module):
         self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size, b, f"{prefix}.gate_proj")
         self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size, b, f"{prefix}.up_proj")
         self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, b, f"{prefix}.down_proj")
+        self.gate_up_proj: nn.Module | None = None
+
+    def fuse(self) -> None:
+        self.gate_up_proj = concat_linears([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -80,6 +104,18 @@ class LlamaDecoder(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    @property
+    def fused(self) -> bool:
+        return self.layers[0].self_attn.qkv_proj is not None if len(self.layers) else False
+
+    def fuse_projections(self) -> None:
+        """Join q/k/v and gate/up of every layer (idempotent)."""
+        if self.fused:
+            return
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVView,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
