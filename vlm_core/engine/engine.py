@@ -33,6 +33,7 @@ from ..errors import ContextLengthError, InputError, PlaceholderMismatchError
 from ..generation import IncrementalDetokenizer
 from ..inputs.placeholders import MultimodalPrompt
 from ..models.llava import LlavaModel
+from .graphs import DecodeGraphs
 from .kv_cache import BlockManager, PagedKVCache
 from .runner import ModelRunner
 from .sampling import SamplingParams
@@ -56,6 +57,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     enable_prefix_caching: bool = True
     attention: str = "auto"                     # "auto" (Triton on CUDA, torch on CPU) | "triton" | "torch"
+    cuda_graphs: bool = False                   # replay decode-only steps as CUDA graphs (CUDA only)
 
     def __post_init__(self):
         if self.attention not in ("auto", "triton", "torch"):
@@ -96,14 +98,21 @@ class LLMEngine:
         # never more than every running sequence at full context could use
         cap = config.max_num_seqs * -(-self.max_model_len // config.block_size)
         num_blocks = config.num_blocks or max(1, min(cap, self._kv_budget() // per_block))
-        self.cache = PagedKVCache(t.num_layers, num_blocks, config.block_size, t.num_kv_heads, t.head_dim,
+        # one block more than the manager hands out: the scratch block padded decode rows write to
+        self.cache = PagedKVCache(t.num_layers, num_blocks + 1, config.block_size, t.num_kv_heads, t.head_dim,
                                   model.dtype, model.device)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs), self.blocks)
         use_triton = config.attention == "triton" or (config.attention == "auto" and model.device.type == "cuda")
         if use_triton and not triton_available(model.device):
             raise ValueError("Triton attention needs a CUDA device or TRITON_INTERPRET=1")
-        self.runner = ModelRunner(model, self.cache, use_triton)
+        graphs = None
+        if config.cuda_graphs:
+            if model.device.type != "cuda":
+                raise ValueError("cuda_graphs needs a model on a CUDA device")
+            graphs = DecodeGraphs(model, self.cache, use_triton, config.max_num_seqs, self.max_model_len,
+                                  scratch_block=num_blocks, capture=True)
+        self.runner = ModelRunner(model, self.cache, use_triton, graphs)
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._pending: list[tuple] = []

@@ -166,8 +166,10 @@ class PagedKVView:
     """The KV interface (`attend`) for one engine step over the paged cache."""
 
     def __init__(self, cache: PagedKVCache, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
-                 seq_lens: torch.Tensor, query_start: torch.Tensor, use_triton: bool):
+                 seq_lens: torch.Tensor, query_start: torch.Tensor, use_triton: bool,
+                 max_query_len: int | None = None):
         self.cache = cache
+        self.max_query_len = max_query_len      # known on the host (no device read; CUDA-graph safe)
         self.slot_mapping = slot_mapping        # [T] int64 flat slot of each new token
         self.block_tables = block_tables        # [S, max_blocks] int32
         self.seq_lens = seq_lens                # [S] int32 context incl. new tokens
@@ -180,4 +182,7 @@ class PagedKVView:
         flat_v = vc.view(-1, *vc.shape[2:])
         flat_k.index_copy_(0, self.slot_mapping, k.to(kc.dtype))
         flat_v.index_copy_(0, self.slot_mapping, v.to(vc.dtype))
+        if self.attn is paged_attention:
+            return paged_attention(q, kc, vc, self.block_tables, self.seq_lens, self.query_start, scale,
+                                   max_query_len=self.max_query_len)
         return self.attn(q, kc, vc, self.block_tables, self.seq_lens, self.query_start, scale)

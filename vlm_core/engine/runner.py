@@ -21,17 +21,19 @@ import torch
 
 from ..inputs.placeholders import splice_images
 from ..models.llava import LlavaModel
+from .graphs import DecodeGraphs
 from .kv_cache import PagedKVCache, PagedKVView
 from .sampling import sample
 from .scheduler import SchedulerOutput
 
 
 class ModelRunner:
-    def __init__(self, model: LlavaModel, cache: PagedKVCache, use_triton: bool):
+    def __init__(self, model: LlavaModel, cache: PagedKVCache, use_triton: bool, graphs: DecodeGraphs | None = None):
         self.model = model
         self.cache = cache
         self.use_triton = use_triton
         self.device = model.device
+        self.graphs = graphs     # decode-only steps over static buffers (CUDA graphs), when set
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(a)
@@ -44,6 +46,8 @@ class ModelRunner:
         """Run one step; returns id(seq) -> sampled token (or the exception of a row that could
         not be sampled) for each chunk that samples."""
         chunks = out.chunks
+        if self.graphs is not None and self.graphs.fits(out):
+            return self._sample([c.seq for c in chunks], self.graphs.run(out))
         n, bs = len(chunks), self.cache.block_size
         starts = np.fromiter((c.start for c in chunks), np.int64, n)
         counts = np.fromiter((c.num_tokens for c in chunks), np.int64, n)
@@ -70,7 +74,10 @@ class ModelRunner:
             return {}
         last = self._to_device(query_start[1:][sampling] - 1)
         logits = self.model.compute_logits(hidden[last]).float()
-        seqs = [chunks[i].seq for i in sampling]
+        return self._sample([chunks[i].seq for i in sampling], logits)
+
+    @staticmethod
+    def _sample(seqs, logits: torch.Tensor) -> dict[int, int | Exception]:
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         return {id(s): t for s, t in zip(seqs, tokens)}
     def _embeddings(self, out: SchedulerOutput, input_ids: torch.Tensor) -> torch.Tensor:
