@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlm_core.errors import ImageTooLargeError, VLMError
 from vlm_core.inputs.image import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, decode_image, open_image
-from vlm_core.inputs.prompt import prompt_builder
+from vlm_core.inputs.builder import prompt_builder
 
 from .frontdoor import FrontDoor, FrontDoorLimits
 from .media import ImagePolicy, new_http_client, read_image_url

@@ -2,7 +2,6 @@
 tokens of the unfused model; a fused model refuses to be saved or edited by the old names."""
 
 import pytest
-import torch
 
 from vlm_core.engine.engine import EngineConfig
 from vlm_core.engine.sampling import SamplingParams

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Callable, Collection, Iterator
 
 import torch
 from torch import nn
 
-from .config import AWQConfig, VLMConfig
+from .config import VILA_SUBFOLDERS, AWQConfig, VLMConfig, is_vila_folder, read_json, read_vila_config
 from .errors import CheckpointError
 from .models.layers import dense_linear, LinearFactory
 from .models.qwen2 import build_decoder
@@ -65,18 +66,6 @@ def default_dtype(raw_config: dict, device: str | torch.device) -> torch.dtype:
         return torch.float32
     saved = raw_config.get("dtype") or raw_config.get("torch_dtype")
     return DTYPES.get(saved, torch.float16) if isinstance(saved, str) else torch.float16
-
-
-def read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"{path.name} not found in {path.parent}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    return data
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -330,7 +319,6 @@ def load_llava_hf(model_dir: str | Path, dtype: str | torch.dtype | None = None,
 # (SiglipVisionModel / CLIPVisionModel + preprocessor_config.json), mm_projector/ (config.json
 # with mm_projector_type, weights `layers.N.*`). Tensors are read with their subfolder as a
 # prefix so one table maps them all.
-VILA_SUBFOLDERS = ("llm", "vision_tower", "mm_projector")
 VILA_MAPPING: tuple[tuple[str, Rename], ...] = (
     (r"^llm/(?:model\.)?lm_head\.", "decoder.lm_head."),
     (r"^llm/model\.", "decoder."),
@@ -339,20 +327,6 @@ VILA_MAPPING: tuple[tuple[str, Rename], ...] = (
     (r"^mm_projector/layers\.", "projector."),
 )
 _VILA_PARTS = {"vision": ("vision_tower", "mm_projector"), "llm": ("llm",)}
-
-
-def is_vila_folder(model_dir: str | Path) -> bool:
-    d = Path(model_dir)
-    return all((d / sub).is_dir() for sub in VILA_SUBFOLDERS)
-
-
-def read_vila_config(model_dir: Path):
-    from .config import VilaConfig
-
-    raw = {name: read_json(model_dir / name / "config.json") for name in VILA_SUBFOLDERS}
-    top = read_json(model_dir / "config.json")
-    config = VilaConfig.from_folder_configs(top, raw["llm"], raw["vision_tower"], raw["mm_projector"])
-    return config, top, raw
 
 
 def load_vila(model_dir: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -442,3 +416,47 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype | None = None, de
     if is_vila_folder(model_dir):
         return load_vila(model_dir, dtype=dtype, device=device, parts=parts)[0]
     return load_llava_hf(model_dir, dtype=dtype, device=device, parts=parts)
+
+
+# ---- writing AWQ checkpoints ---------------------------------------------------------------------
+
+def save_awq_checkpoint(src_dir: str | Path, out_dir: str | Path, model, packed: dict[str, dict[str, torch.Tensor]],
+                        group_size: int, scale_dtype: torch.dtype = torch.float16) -> Path:
+    """Write an AutoAWQ gemm checkpoint in the key layout of `src_dir`.
+
+    Every tensor of the source checkpoint is written under its own name, with our (AWQ-scaled)
+    values; each quantized linear's `weight` becomes `qweight`/`qzeros`/`scales`. Non-weight files
+    (tokenizer, preprocessor config) are copied; config.json gains `quantization_config`.
+    """
+    from safetensors.torch import save_file
+
+    src, out = Path(src_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ours = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for key, src_tensor in iter_weights(weight_files(src)):
+        if any(re.search(p, key) for p in IGNORED_KEYS):
+            continue
+        name = rename(key, LLAVA_HF_MAPPING)
+        if name is None:
+            raise CheckpointError(f"cannot map checkpoint weight {key!r}")
+        module = name[len("decoder."):-len(".weight")] if name.startswith("decoder.") else None
+        if module in packed and name.endswith(".weight"):
+            base = key[:-len("weight")]
+            for suffix, t in packed[module].items():
+                tensors[base + suffix] = t.to(scale_dtype) if t.is_floating_point() else t
+            continue
+        if name not in ours:
+            name = name.replace("vision.tower.", "vision.tower.vision_model.", 1)
+        # vision layers past the selected feature layer are not built: keep the source tensor
+        tensors[key] = (ours[name].to(src_tensor.dtype) if name in ours else src_tensor).contiguous()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for f in src.iterdir():
+        if f.is_file() and f.suffix not in (".safetensors", ".pt") and f.name not in (
+                "config.json", "model.safetensors.index.json"):
+            shutil.copy2(f, out / f.name)
+    cfg = read_json(src / "config.json")
+    cfg["quantization_config"] = AWQConfig(
+        group_size=group_size, modules_to_not_convert=("vision_tower", "multi_modal_projector", "lm_head")).to_hf()
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out

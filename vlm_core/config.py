@@ -8,11 +8,13 @@ model code never looks at raw dictionaries.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, UnknownProjectorError
+from .errors import CheckpointError, ConfigError, UnknownProjectorError
 
 ROPE_TYPES = ("default", "linear", "llama3")
 TEXT_MODEL_TYPES = ("llama", "qwen2")
@@ -446,3 +448,32 @@ class VilaConfig:
             raise ConfigError(f"vision tower config is missing {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
             raise ConfigError(f"VILA config has a malformed value: {e}") from None
+
+
+# ---- reading config files ------------------------------------------------------------------
+
+VILA_SUBFOLDERS = ("llm", "vision_tower", "mm_projector")
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path.name} not found in {path.parent}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return data
+
+
+def is_vila_folder(model_dir: str | Path) -> bool:
+    d = Path(model_dir)
+    return all((d / sub).is_dir() for sub in VILA_SUBFOLDERS)
+
+
+def read_vila_config(model_dir: Path):
+    raw = {name: read_json(model_dir / name / "config.json") for name in VILA_SUBFOLDERS}
+    top = read_json(model_dir / "config.json")
+    config = VilaConfig.from_folder_configs(top, raw["llm"], raw["vision_tower"], raw["mm_projector"])
+    return config, top, raw

@@ -18,7 +18,8 @@ import torch
 
 from .errors import InputError, VLMError
 from .inputs.placeholders import chunk_embeddings
-from .quant.awq import QuantizeOptions, calibrate_decoder, quantize_linears, save_awq_checkpoint
+from .checkpoint import save_awq_checkpoint
+from .quant.awq import QuantizeOptions, calibrate_decoder, quantize_linears
 
 
 def text_samples(vlm, path: str | Path, n_samples: int, seq_len: int) -> list[torch.Tensor]:

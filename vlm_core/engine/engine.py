@@ -30,9 +30,9 @@ import torch
 from kernels.utils import triton_available
 
 from ..errors import ContextLengthError, InputError, PlaceholderMismatchError
-from ..generation import IncrementalDetokenizer
 from ..inputs.placeholders import MultimodalPrompt
 from ..models.llava import LlavaModel
+from .detokenizer import IncrementalDetokenizer
 from .graphs import DecodeGraphs
 from .kv_cache import BlockManager, PagedKVCache
 from .runner import ModelRunner

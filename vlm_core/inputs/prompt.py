@@ -12,29 +12,18 @@ from typing import Sequence
 
 import torch
 
-from ..config import VLMConfig
+from ..config import VLMConfig, read_json
 from ..errors import CheckpointError, InputError
 from .media import MediaItem
 from .image import CLIP_MEAN, CLIP_STD, ImageInput, ImageProcessor, ImageProcessorConfig
 from .placeholders import MultimodalPrompt, PlaceholderSpec, expand_placeholders
-from .template import IMAGE_PLACEHOLDER, Message, render_chat, user_turn
+from .template import IMAGE_PLACEHOLDER, Message, load_tokenizer, render_chat, user_turn
 
 PATCH_TOKEN = "<im_patch>"
 IM_START_TOKEN = "<im_start>"
 IM_END_TOKEN = "<im_end>"
 
 Prompt = str | Sequence[Message]
-
-
-def load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-
-    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        raise CheckpointError(f"no tokenizer (tokenizer.json / tokenizer_config.json) in {model_dir}")
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot load the tokenizer in {model_dir}: {e}") from None
 
 
 def pixel_hash(pixels: torch.Tensor) -> str:
@@ -69,8 +58,6 @@ class PromptBuilder:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, config: VLMConfig | None = None) -> "PromptBuilder":
-        from ..checkpoint import read_json
-
         model_dir = Path(model_dir)
         config = config or VLMConfig.from_llava_hf(read_json(model_dir / "config.json"))
         pre = model_dir / "preprocessor_config.json"
@@ -108,14 +95,3 @@ class PromptBuilder:
             raise InputError(f"this LLaVA model takes images only, got {sorted(set(media) - {'image'})}")
         mm, pixels = self.prepare(prompt, list(media.get("image") or []), apply_template)
         return mm, [MediaItem(p[None]) for p in pixels]
-
-
-def prompt_builder(model_dir: str | Path):
-    """The prompt builder for a llava-hf checkpoint or a VILA-family folder (no weights loaded)."""
-    from ..checkpoint import is_vila_folder, read_vila_config
-
-    if is_vila_folder(model_dir):
-        from .vila_prompt import VilaPromptBuilder
-
-        return VilaPromptBuilder.from_pretrained(model_dir, read_vila_config(Path(model_dir))[0])
-    return PromptBuilder.from_pretrained(model_dir)

@@ -7,9 +7,10 @@ renders as the image placeholder token (`<image>`).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import InputError
+from ..errors import CheckpointError, InputError
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -115,3 +116,14 @@ def user_turn(text: str, num_images: int) -> list[Message]:
     if IMAGE_PLACEHOLDER in text:
         return [{"role": "user", "content": text}]
     return [{"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": text}]}]
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise CheckpointError(f"no tokenizer (tokenizer.json / tokenizer_config.json) in {model_dir}")
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load the tokenizer in {model_dir}: {e}") from None

@@ -7,6 +7,8 @@ more than half its pixels. Tiles are cut row-major from the image resized to the
 
 from __future__ import annotations
 
+import torch
+from einops import rearrange
 from PIL import Image
 
 from .image import resize
@@ -59,3 +61,11 @@ def dynamic_tiles(img: Image.Image, tile: int, max_tiles: int = 12, min_tiles: i
     if thumbnail and len(tiles) > 1:
         tiles.append(resize(img, (tile, tile)))
     return tiles
+
+
+def split_chessboard(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """[B, C, H, W] -> [rows * cols * B, C, H / rows, W / cols]: tiles row-major, each tile a batch."""
+    b, c, h, w = x.shape
+    if h % rows or w % cols:
+        raise ValueError(f"a {h}x{w} map does not split into {rows}x{cols} equal tiles")
+    return rearrange(x, "b c (r h) (q w) -> (r q b) c h w", r=rows, q=cols)

@@ -22,12 +22,13 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..config import VilaConfig
+from ..config import VilaConfig, read_json
 from ..errors import CheckpointError, InputError, PlaceholderMismatchError
 from .image import ImageInput, ImageProcessor, ImageProcessorConfig, expand_to_square, load_image, resize
 from .media import MediaItem
+from .tiling import split_chessboard
 from .placeholders import ImageSpan, MultimodalPrompt
-from .template import CHATML_TEMPLATE, LLAMA3_TEMPLATE, VICUNA_TEMPLATE, normalize_messages
+from .template import CHATML_TEMPLATE, LLAMA3_TEMPLATE, VICUNA_TEMPLATE, load_tokenizer, normalize_messages
 
 Media = dict[str, Sequence[Any]]
 
@@ -81,8 +82,6 @@ class VilaPromptBuilder:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, config: VilaConfig) -> "VilaPromptBuilder":
-        from ..checkpoint import read_json
-        from .prompt import load_tokenizer
 
         folder = Path(folder)
         pre = folder / "vision_tower" / "preprocessor_config.json"
@@ -131,8 +130,6 @@ class VilaPromptBuilder:
     def _static_s2_item(self, img, kind: str = "image") -> MediaItem:
         """Static S2: the picture at the largest scale, bicubically resized to every scale, each cut
         into a square grid of tower-sized tiles (smallest scale first, tiles row-major)."""
-        from ..models.s2 import split_chessboard
-
         scales = self.config.s2_scales
         x = self.s2_processor.one(self._single(img, scales[-1]))[None]
         tiles = []

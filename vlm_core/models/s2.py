@@ -16,13 +16,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-
-def split_chessboard(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """[B, C, H, W] -> [rows * cols * B, C, H / rows, W / cols]: tiles row-major, each tile a batch."""
-    b, c, h, w = x.shape
-    if h % rows or w % cols:
-        raise ValueError(f"a {h}x{w} map does not split into {rows}x{cols} equal tiles")
-    return rearrange(x, "b c (r h) (q w) -> (r q b) c h w", r=rows, q=cols)
+from ..inputs.tiling import split_chessboard  # noqa: F401  (the inverse of merge_chessboard below)
 
 
 def merge_chessboard(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
