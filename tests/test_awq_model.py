@@ -119,7 +119,8 @@ def test_llm_awq_v2_checkpoint_converts_at_load(awq_dir, tmp_path, images):
 
 def test_modules_to_not_convert_stay_dense(tiny_dir, tmp_path, images):
     """A checkpoint whose MLPs were left 16-bit loads them as dense linears."""
-    from vlm_core.quant.awq import quantize_linears, save_awq_checkpoint
+    from vlm_core.checkpoint import save_awq_checkpoint
+    from vlm_core.quant.awq import quantize_linears
 
     fp = VLM.from_pretrained(tiny_dir)
     packed = {k: v for k, v in quantize_linears(fp.model.decoder, QuantizeOptions("rtn", GROUP)).items()

@@ -5,7 +5,7 @@ import torch
 
 from vlm_core.engine.sampling import SamplingParams, filter_logits, sample
 from vlm_core.errors import SamplingParamsError
-from vlm_core.generation import IncrementalDetokenizer
+from vlm_core.engine.detokenizer import IncrementalDetokenizer
 
 GREEDY = SamplingParams(max_new_tokens=24, ignore_eos=True)
 

@@ -12,7 +12,8 @@ from vlm_core.engine.engine import EngineConfig
 from vlm_core.engine.sampling import SamplingParams
 from vlm_core.inputs.tiling import closest_grid, candidate_grids, dynamic_s2_tiles, dynamic_tiles
 from vlm_core.models.projector import SquareDownsample
-from vlm_core.models.s2 import merge_chessboard, split_chessboard
+from vlm_core.inputs.tiling import split_chessboard
+from vlm_core.models.s2 import merge_chessboard
 from vlm_core.tiny_vila import build_tiny_vila
 from vlm_core.vlm import VLM
 

@@ -82,7 +82,7 @@ def test_split_by_tiles_keeps_order_and_budget():
 
 
 def test_tile_budget_must_hold_the_largest_media_item(tmp_path):
-    from vlm_core.checkpoint import read_vila_config
+    from vlm_core.config import read_vila_config
     from vlm_core.tiny_vila import build_tiny_vila
 
     nvila = build_tiny_vila(tmp_path / "nvila", "nvila")

@@ -1,8 +1,7 @@
-"""Generation requests and results, incremental detokenization, and prompt scoring.
+"""Generation requests and results, and prompt scoring.
 
-(`IncrementalDetokenizer` lives in `engine.detokenizer`.) `prompt_logits` runs prompts
-through the model in chunks over a contiguous KV cache; a chunk may cut through an image's
-placeholder run.
+`prompt_logits` runs prompts through the model in chunks over a contiguous KV cache; a chunk
+may cut through an image's placeholder run.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from typing import Sequence
 
 import torch
 
-from .engine.detokenizer import IncrementalDetokenizer, fast_decode  # noqa: F401  (re-exported)
 from .engine.sampling import SamplingParams
 from .inputs.placeholders import MultimodalPrompt, chunk_embeddings
 from .models.attention import ContiguousKVCache, SeqChunk

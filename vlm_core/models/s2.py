@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from ..inputs.tiling import split_chessboard  # noqa: F401  (the inverse of merge_chessboard below)
+from ..inputs.tiling import split_chessboard
+
 
 
 def merge_chessboard(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
