@@ -93,19 +93,14 @@ class LLMServer:
             self._gauges()
 
     def _gauges(self) -> None:
-        eng = self.engine.engine
-        self.m_running.set(len(eng.scheduler.running))
-        self.m_waiting.set(len(eng.scheduler.waiting))
-        self.m_kv.set(eng.blocks.usage)
+        stats = self.engine.stats()
+        self.m_running.set(stats["running"])
+        self.m_waiting.set(stats["waiting"])
+        self.m_kv.set(stats["kv_usage"])
 
     def stats(self) -> dict:
-        eng = self.engine.engine
-        return {"pid": os.getpid(), **self.counts, "running": len(eng.scheduler.running), "waiting": len(eng.scheduler.waiting),
-                "kv_usage": eng.blocks.usage, "free_blocks": eng.blocks.num_free_blocks,
-                "num_blocks": eng.blocks.num_blocks, "in_flight": self.in_flight, "active": sorted(self.active), "prefix_hit_blocks": eng.blocks.stats.prefix_hits,
-                "preemptions": eng.scheduler.num_preemptions}
+        return {"pid": os.getpid(), **self.counts, **self.engine.stats(), "in_flight": self.in_flight,
+                "active": sorted(self.active)}
 
     def check_health(self) -> None:
-        task = self.engine._task
-        if task is not None and task.done() and task.exception() is not None:
-            raise RuntimeError(f"engine loop failed: {task.exception()!r}")
+        self.engine.check_health()

@@ -123,3 +123,20 @@ def test_async_streams_beside_a_failing_request_finish_normally(vlm, three, monk
     *ok, failed = asyncio.run(main())
     assert ok == alone
     assert isinstance(failed, RequestFailedError) and "non-finite logits" in str(failed)
+
+
+def test_engine_stats_and_health_for_operators(vlm, three):
+    reqs, _ = three
+    engine = vlm.engine(EngineConfig(num_blocks=64, max_num_batched_tokens=8))
+    for i, r in enumerate(reqs):
+        add(engine, f"r{i}", r)
+    engine.step()
+    mid = engine.stats()
+    assert mid["running"] + mid["waiting"] == 3 and 0 < mid["kv_usage"] <= 1
+    assert mid["free_blocks"] == 64 - round(mid["kv_usage"] * 64)
+    engine.run_to_completion()
+    after = engine.stats()
+    assert after.pop("prefix_hit_blocks") == engine.blocks.stats.prefix_hits   # the shared template prefix
+    assert after == {"running": 0, "waiting": 0, "kv_usage": 0.0, "free_blocks": 64, "num_blocks": 64,
+                     "preemptions": 0}
+    AsyncLLMEngine(engine).check_health()     # no loop yet: healthy

@@ -249,6 +249,13 @@ class LLMEngine:
         self._seqs.pop(seq.request_id, None)
         self._detok.pop(seq.request_id, None)
 
+    def stats(self) -> dict:
+        """Scheduler and KV-cache figures for metrics and operators."""
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_usage": self.blocks.usage, "free_blocks": self.blocks.num_free_blocks,
+                "num_blocks": self.blocks.num_blocks, "prefix_hit_blocks": self.blocks.stats.prefix_hits,
+                "preemptions": self.scheduler.num_preemptions}
+
     def run_to_completion(self) -> dict[str, list[RequestOutput]]:
         """Step until every request has finished; outputs grouped by request (for batch jobs, tests)."""
         got: dict[str, list[RequestOutput]] = {}
@@ -305,6 +312,15 @@ class AsyncLLMEngine:
         self.engine.abort(request_id)
         if self._wake is not None:
             self._wake.set()
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+    def check_health(self) -> None:
+        """Raise if the background step loop has died."""
+        task = self._task
+        if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
+            raise RuntimeError(f"engine loop failed: {task.exception()!r}")
 
     def _ensure_loop(self) -> None:
         if self._task is None or self._task.done():
