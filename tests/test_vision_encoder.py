@@ -10,7 +10,8 @@ from deployments.wire import unpack_tensors
 from vlm_core.default_model import default_model_dir
 from vlm_core.default_model.data import heldout_set
 from vlm_core.inputs.media import MediaItem
-from vlm_core.inputs.prompt import PromptBuilder, pixel_hash
+from vlm_core.inputs.media import content_hash
+from vlm_core.inputs.prompt import PromptBuilder
 from vlm_core.vlm import VLM
 
 pytestmark = pytest.mark.timeout(120)
@@ -44,7 +45,7 @@ def test_batch_step_matches_the_model_and_caches_by_content(pixels):
             torch.testing.assert_close(g, w, rtol=0, atol=0)
     st = enc.stats()
     assert st["images_encoded"] == 4 and st["batches"] == 1 and st["largest_request_batch"] == 3
-    assert list(enc.cache) == [pixel_hash(pixels[2][0]), pixel_hash(pixels[3][0])]   # LRU keeps the last two
+    assert list(enc.cache) == [content_hash(pixels[2][0]), content_hash(pixels[3][0])]   # LRU keeps the last two
     again = enc.encode_items(items_of([pixels[3], pixels[4]]))
     torch.testing.assert_close(again[0][0], outs[2][1], rtol=0, atol=0)
     assert enc.stats()["hits"] == 1 and enc.stats()["images_encoded"] == 5
@@ -59,7 +60,7 @@ def test_requests_beyond_the_tile_budget_are_encoded_in_several_batches(pixels):
     enc = VisionEncoder(str(default_model_dir("awq")), device="cpu", max_batch_images=3)
     p = torch.cat(pixels[:5])
     (items, hashes), = items_of([p])
-    assert hashes == [pixel_hash(x) for x in p]       # a one-tile item hashes as its pixels
+    assert hashes == [content_hash(x) for x in p]       # a one-tile item hashes as its pixels
     calls = []
 
     async def one_batch(request):                    # @serve.batch needs a replica; a batch of one here

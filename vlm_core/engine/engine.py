@@ -19,7 +19,6 @@ is exact. Only a failure outside any sequence's work (the scheduler itself) fail
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import torch
 from kernels.utils import triton_available
 
 from ..errors import ContextLengthError, InputError, PlaceholderMismatchError
+from ..inputs.media import content_hash
 from ..inputs.placeholders import MultimodalPrompt
 from ..models.llava import LlavaModel
 from .detokenizer import IncrementalDetokenizer
@@ -82,10 +82,6 @@ def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
     """Two consecutive deltas of one request as one."""
     return RequestOutput(a.request_id, a.text + b.text, a.token_ids + b.token_ids, b.finish_reason,
                          b.prompt_tokens, b.completion_tokens, b.cached_tokens, b.error)
-
-
-def embedding_hash(t: torch.Tensor) -> str:
-    return hashlib.blake2b(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes(), digest_size=16).hexdigest()
 
 
 class LLMEngine:
@@ -148,7 +144,7 @@ class LLMEngine:
             if tuple(e.shape) != (span.length, hidden):
                 raise PlaceholderMismatchError(f"image {i}: embedding of shape {tuple(e.shape)} for a placeholder "
                                                f"span of {span.length} tokens (expected ({span.length}, {hidden}))")
-        hashes = tuple(image_hashes) if image_hashes is not None else tuple(embedding_hash(e) for e in image_embeds)
+        hashes = tuple(image_hashes) if image_hashes is not None else tuple(content_hash(e) for e in image_embeds)
         with self._lock:
             if request_id in self._seqs or any(p[0] == "add" and p[1].request_id == request_id for p in self._pending):
                 raise InputError(f"request id {request_id!r} is already in use")

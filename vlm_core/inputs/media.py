@@ -14,6 +14,16 @@ from dataclasses import dataclass
 import torch
 
 
+def content_hash(t: torch.Tensor, extra: str = "") -> str:
+    """The content key of a tensor (pixels or embeddings) for the encoder and prefix caches:
+    blake2b-128 of its bytes as fp32 (so the same values hash alike on any device and dtype),
+    followed by `extra` (what else distinguishes two items with equal values)."""
+    h = hashlib.blake2b(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes(), digest_size=16)
+    if extra:
+        h.update(extra.encode())
+    return h.hexdigest()
+
+
 @dataclass(frozen=True, eq=False)
 class MediaItem:
     pixels: torch.Tensor                       # [tiles, 3, S, S]; a video item: [frames, 3, S, S]
@@ -23,7 +33,6 @@ class MediaItem:
 
     @property
     def hash(self) -> str:
-        h = hashlib.blake2b(self.pixels.contiguous().cpu().numpy().tobytes(), digest_size=16)
-        if self.block_size is not None or self.pixels.shape[0] != 1 or self.kind != "image":
-            h.update(repr((self.block_size, tuple(self.pixels.shape), self.kind, self.pool)).encode())
-        return h.hexdigest()
+        plain = self.block_size is None and self.pixels.shape[0] == 1 and self.kind == "image"
+        return content_hash(self.pixels, "" if plain else repr((self.block_size, tuple(self.pixels.shape), self.kind,
+                                                                self.pool)))

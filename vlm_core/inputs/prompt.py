@@ -6,7 +6,6 @@ serving front end can build prompts on its own and send only ids and pixels onwa
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Sequence
 
@@ -24,11 +23,6 @@ IM_START_TOKEN = "<im_start>"
 IM_END_TOKEN = "<im_end>"
 
 Prompt = str | Sequence[Message]
-
-
-def pixel_hash(pixels: torch.Tensor) -> str:
-    """Content hash of one preprocessed image [3, S, S] (prefix- and encoder-cache key)."""
-    return hashlib.blake2b(pixels.contiguous().cpu().numpy().tobytes(), digest_size=16).hexdigest()
 
 
 def _token_id(tokenizer, token: str) -> int | None:
