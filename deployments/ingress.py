@@ -296,7 +296,7 @@ class Ingress:
         try:
             stream, out = await self._start(body, rid)
             while out is not None:
-                text += out["text"]
+                text += out.text
                 last = out
                 out = await anext(stream, None)
         except BaseException as e:   # failed or cancelled mid-generation: stop the engine's work too
@@ -307,7 +307,7 @@ class Ingress:
             raise
         return ChatCompletion(id=rid, created=int(time.time()), model=self.model_name,
                               choices=[Choice(message=AssistantMessage(content=text),
-                                              finish_reason=last["finish_reason"])],
+                                              finish_reason=last.finish_reason)],
                               usage=usage_of(last))
 
     async def chat_stream(self, body: ChatCompletionRequest, include_usage: bool = True,
@@ -330,8 +330,8 @@ class Ingress:
             yield chunk(Delta(role="assistant", content=""))
             while out is not None:
                 last = out
-                if out["text"] or out["finish_reason"]:
-                    yield chunk(Delta(content=out["text"] or None), out["finish_reason"])
+                if out.text or out.finish_reason:
+                    yield chunk(Delta(content=out.text or None), out.finish_reason)
                 out = await anext(stream, None)
         except Exception as e:
             stream.cancel()
@@ -353,8 +353,7 @@ class Ingress:
         if hashes:
             embeds = self.vision.encode.remote(items, hashes)
             await self._wait_done(embeds)
-        stream = self.llm.options(stream=True).generate.remote(
-            rid, list(prompt.token_ids), [(s.offset, s.length) for s in prompt.spans], embeds, hashes, sampling)
+        stream = self.llm.options(stream=True).generate.remote(rid, prompt, embeds, hashes, sampling)
         first = await anext(stream)   # raises when not admitted (queue full, invalid, replica gone)
         return stream, first
 

@@ -12,7 +12,7 @@ import torch
 
 from vlm_core.engine.engine import AsyncLLMEngine, EngineConfig, RequestFailedError, merge_outputs
 from vlm_core.engine.sampling import SamplingParams
-from vlm_core.inputs.placeholders import ImageSpan, MultimodalPrompt
+from vlm_core.inputs.placeholders import MultimodalPrompt
 from vlm_core.vlm import VLM
 
 from .metrics import metric
@@ -46,15 +46,15 @@ class LLMServer:
         self.counts = {"requests": 0, "ttft_observations": 0, "tpot_observations": 0, "aborted": 0,
                        "refused": 0}
 
-    async def generate(self, request_id: str, token_ids: list[int], spans: list[tuple[int, int]],
-                       image_embeds: bytes | None, image_hashes: list[str], sampling: SamplingParams):
-        """Stream output deltas as dicts; a cancelled stream aborts the request in the engine.
-        `image_embeds`: the VisionEncoder's packed embeddings (None without images)."""
+    async def generate(self, request_id: str, prompt: MultimodalPrompt, image_embeds: bytes | None,
+                       image_hashes: list[str], sampling: SamplingParams):
+        """Stream the engine's `RequestOutput` deltas (merged within `stream_interval_s`); a cancelled
+        stream aborts the request in the engine. `image_embeds`: the VisionEncoder's packed
+        embeddings (None without images)."""
         if self.max_in_flight is not None and self.in_flight >= self.max_in_flight:
             self.counts["refused"] += 1
             raise ServerOverloadedError(f"{self.in_flight} requests in flight; this replica takes "
                                         f"{self.max_in_flight}")
-        prompt = MultimodalPrompt(tuple(token_ids), tuple(ImageSpan(o, n) for o, n in spans))
         image_embeds = unpack_tensors(image_embeds) if image_embeds is not None else []
         self.in_flight += 1
         self.active.add(request_id)
@@ -76,9 +76,7 @@ class LLMServer:
                 if first or finish is not None or now - sent >= self.stream_interval_s:
                     first, sent = False, now
                     self._gauges()
-                    yield {"text": held.text, "token_ids": held.token_ids, "finish_reason": held.finish_reason,
-                           "prompt_tokens": held.prompt_tokens, "completion_tokens": held.completion_tokens,
-                           "cached_tokens": held.cached_tokens}
+                    yield held
                     held = None
         except RequestFailedError:
             finish = "error"

@@ -6,6 +6,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from vlm_core.engine.engine import RequestOutput
 from vlm_core.engine.sampling import SEED_RANGE, SamplingParams
 
 
@@ -161,11 +162,11 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
-def usage_of(out: dict) -> Usage:
+def usage_of(out: RequestOutput) -> Usage:
     """Usage from the last engine output of a request."""
-    return Usage(prompt_tokens=out["prompt_tokens"], completion_tokens=out["completion_tokens"],
-                 total_tokens=out["prompt_tokens"] + out["completion_tokens"],
-                 prompt_tokens_details={"cached_tokens": out["cached_tokens"]})
+    return Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+                 total_tokens=out.prompt_tokens + out.completion_tokens,
+                 prompt_tokens_details={"cached_tokens": out.cached_tokens})
 
 
 class ModelCard(BaseModel):
