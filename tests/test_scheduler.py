@@ -3,6 +3,7 @@
 import pytest
 
 from vlm_core.engine.kv_cache import BlockManager
+from vlm_core.engine.output import OutputProcessor
 from vlm_core.engine.sampling import SamplingParams
 from vlm_core.engine.scheduler import Scheduler, SchedulerConfig
 from vlm_core.engine.sequence import Sequence
@@ -22,11 +23,24 @@ def make(num_blocks=64, block_size=4, budget=16, max_seqs=8, caching=True):
     return Scheduler(SchedulerConfig(budget, max_seqs), bm), bm
 
 
+class NoText:
+    """A tokenizer whose every token decodes to nothing (the scheduler tests need no text)."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return ""
+
+
 def run_step(sched, token=7):
-    """schedule + a fake runner that samples `token` for every sampling chunk."""
+    """schedule + a fake runner that samples `token` for every sampling chunk, then the engine's
+    output processor (appends the token, decides stops) and finishing."""
     out = sched.schedule()
     sampled = {id(c.seq): token for c in out.chunks if c.samples}
-    sched.update(out, sampled, eos_token_ids=set(), max_model_len=10 ** 6)
+    processor = OutputProcessor(NoText(), (), 10 ** 6)
+    for s, t in sched.update(out, sampled):
+        processor.add(s)
+        _, _, finish = processor.process(s, t)
+        if finish is not None:
+            sched.finish(s, finish)
     return out
 
 

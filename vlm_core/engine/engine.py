@@ -32,9 +32,9 @@ from ..errors import ContextLengthError, InputError, PlaceholderMismatchError
 from ..inputs.media import content_hash
 from ..inputs.placeholders import MultimodalPrompt
 from ..models.llava import LlavaModel
-from .detokenizer import IncrementalDetokenizer
 from .graphs import DecodeGraphs
 from .kv_cache import BlockManager, PagedKVCache
+from .output import OutputProcessor
 from .runner import ModelRunner
 from .sampling import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -110,7 +110,7 @@ class LLMEngine:
                                   scratch_block=num_blocks, capture=True)
         self.runner = ModelRunner(model, self.cache, use_triton, graphs)
         self._seqs: dict[str, Sequence] = {}
-        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self.outputs = OutputProcessor(tokenizer, self.eos, self.max_model_len)
         self._pending: list[tuple] = []
         self._lock = threading.Lock()
         self._arrivals = 0
@@ -168,7 +168,7 @@ class LLMEngine:
         for kind, item in pending:
             if kind == "add":
                 self._seqs[item.request_id] = item
-                self._detok[item.request_id] = IncrementalDetokenizer(self.tokenizer, item.params.stop)
+                self.outputs.add(item)
                 self.scheduler.add(item)
             else:
                 seq = self._seqs.get(item)
@@ -192,12 +192,14 @@ class LLMEngine:
                 if id(c.seq) in failed:
                     outputs.append(self._fail(c.seq, failed[id(c.seq)]))
             sched.chunks = [c for c in sched.chunks if id(c.seq) not in failed]
-        for seq, token in self.scheduler.update(sched, sampled, self.eos, self.max_model_len):
+        for seq, token in self.scheduler.update(sched, sampled):
             try:
-                text, new = self._detokenize(seq, token)
+                text, new, finish = self.outputs.process(seq, token)
             except Exception as e:   # this sequence's text cannot be made: it alone ends
                 outputs.append(self._fail(seq, e))
                 continue
+            if finish is not None:
+                self.scheduler.finish(seq, finish)
             outputs.append(self._output(seq, text, new))
             if seq.finished:
                 self._forget(seq)
@@ -219,17 +221,6 @@ class LLMEngine:
                 results[id(chunk.seq)] = e
         return results
 
-    def _detokenize(self, seq: Sequence, token: int | None) -> tuple[str, list[int]]:
-        detok = self._detok[seq.request_id]
-        if token is None:
-            return detok.flush(), []
-        text, hit_stop = detok.push(token)
-        if hit_stop:
-            self.scheduler.finish(seq, "stop")
-        elif seq.finished:
-            text += detok.flush()
-        return text, [token]
-
     def _fail(self, seq: Sequence, error: BaseException) -> RequestOutput:
         """End one sequence because its own work failed; the others are untouched."""
         log.error("request %s failed in the engine", seq.request_id, exc_info=error)
@@ -243,7 +234,7 @@ class LLMEngine:
 
     def _forget(self, seq: Sequence) -> None:
         self._seqs.pop(seq.request_id, None)
-        self._detok.pop(seq.request_id, None)
+        self.outputs.drop(seq.request_id)
 
     def stats(self) -> dict:
         """Scheduler and KV-cache figures for metrics and operators."""

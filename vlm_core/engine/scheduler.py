@@ -139,31 +139,15 @@ class Scheduler:
             budget -= n
         return out
 
-    def update(self, out: SchedulerOutput, sampled: dict[int, int], eos_token_ids: set[int], max_model_len: int
-               ) -> list[tuple[Sequence, int | None]]:
-        """Advance sequences after the runner ran `out`.
-
-        sampled: id(seq) -> new token for chunks that sample. Returns (seq, new token) for those
-        chunks, with the sequence finished when a token-level stop condition hit (EOS, a stop
-        token id, max_new_tokens, the model's context length).
-        """
+    def update(self, out: SchedulerOutput, sampled: dict[int, int]) -> list[tuple[Sequence, int]]:
+        """Advance sequences after the runner ran `out`: their computed tokens move on and their
+        full blocks join the prefix cache. Returns (seq, sampled token) for the chunks that
+        sample; what the token means (append, stop) is the output processor's to decide."""
         results = []
         for chunk in out.chunks:
             seq = chunk.seq
             seq.num_computed_tokens = chunk.start + chunk.num_tokens
-            if not chunk.samples:
-                self.blocks.register(seq)
-                continue
-            token = sampled[id(seq)]
-            p = seq.params
-            if (token in eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
-                self.blocks.register(seq)
-                self.finish(seq, "stop")
-                results.append((seq, None))
-                continue
-            seq.output_ids.append(token)
             self.blocks.register(seq)
-            if len(seq.output_ids) >= p.max_new_tokens or seq.num_tokens >= max_model_len:
-                self.finish(seq, "length")
-            results.append((seq, token))
+            if chunk.samples:
+                results.append((seq, sampled[id(seq)]))
         return results
