@@ -175,7 +175,7 @@ class Ingress:
                                          o.allowed_image_hosts)
         # what the front-door middleware checks before any route runs
         self.front_door = FrontDoorLimits(o.api_key, o.max_request_bytes, o.body_timeout_s,
-                                               o.max_concurrent_requests, o.retry_after_s)
+                                          o.max_concurrent_requests, o.retry_after_s)
         self.created = int(time.time())
         self._http = None
 
