@@ -48,6 +48,14 @@ _ERRORS = {400: "invalid request", 401: "missing or wrong API key", 404: "unknow
            500: "internal error (the message carries a request id)", 503: "at capacity; retry after Retry-After"}
 
 
+# one server-sent event of a streamed answer (stream: true)
+SSE_EVENT = {"type": "object", "required": ["data"], "description": "one server-sent event (stream: true)",
+             "properties": {"event": {"type": "string"},
+                            "data": {"type": "string", "contentMediaType": "application/json",
+                                     "description": "a ChatCompletionChunk as JSON (an ErrorResponse if the stream "
+                                                    "fails); the last event's data is [DONE]"}}}
+
+
 def error_responses(*statuses: int) -> dict:
     return {s: {"model": ErrorResponse, "description": _ERRORS[s]} for s in statuses}
 
@@ -259,9 +267,7 @@ class Ingress:
         return ModelList(data=[ModelCard(id=self.model_name, created=self.created)])
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion,
-              responses={200: {"content": {"text/event-stream": {
-                  "schema": {"type": "string", "description": "with stream: true, `data: <ChatCompletionChunk JSON>` "
-                                                              "events, then `data: [DONE]`"}}}},
+              responses={200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}},
                          **error_responses(400, 401, 404, 408, 413, 500, 503)})
     async def chat_completions(self, body: ChatCompletionRequest):
         if not body.stream:
