@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .batch import block_table_array, host_tensor, slot_mapping
 from .kv_cache import PagedKVCache, PagedKVView
 from .scheduler import SchedulerOutput
 
@@ -67,20 +68,15 @@ class DecodeGraphs:
         n = len(chunks)
         positions = np.fromiter((c.start for c in chunks), np.int64, n)
         ids = np.fromiter((c.seq.token(c.start) for c in chunks), np.int64, n)
-        tables = np.full((b, self.width), self.scratch, np.int32)
-        for i, c in enumerate(chunks):
-            tables[i, :len(c.seq.block_table)] = c.seq.block_table
+        tables = block_table_array(chunks, b, self.width, fill=self.scratch)
         slots = np.full(b, self.scratch * bs, np.int64)
-        slots[:n] = tables[np.arange(n), positions // bs].astype(np.int64) * bs + positions % bs
+        slots[:n] = slot_mapping(tables, np.arange(n), positions, bs)
         lens = np.ones(b, np.int32)
         lens[:n] = positions + 1
         pad = np.zeros(b - n, np.int64)
         for buf, arr in ((self.ids, np.concatenate([ids, pad])), (self.positions, np.concatenate([positions, pad])),
                          (self.slots, slots), (self.tables, tables), (self.seq_lens, lens)):
-            src = torch.from_numpy(arr)
-            if buf.is_cuda:
-                src = src.pin_memory()
-            buf[:b].copy_(src, non_blocking=True)
+            buf[:b].copy_(host_tensor(arr, buf.device), non_blocking=True)
 
     @torch.inference_mode()
     def run(self, out: SchedulerOutput) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 
 from ..inputs.placeholders import splice_images
 from ..models.llava import LlavaModel
+from .batch import block_table_array, slot_mapping, to_device
 from .graphs import DecodeGraphs
 from .kv_cache import PagedKVCache, PagedKVView
 from .sampling import sample
@@ -35,12 +36,6 @@ class ModelRunner:
         self.device = model.device
         self.graphs = graphs     # decode-only steps over static buffers (CUDA graphs), when set
 
-    def _to_device(self, a: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(a)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t.to(self.device)
-
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[int, int | Exception]:
         """Run one step; returns id(seq) -> sampled token (or the exception of a row that could
@@ -48,7 +43,7 @@ class ModelRunner:
         chunks = out.chunks
         if self.graphs is not None and self.graphs.fits(out):
             return self._sample([c.seq for c in chunks], self.graphs.run(out))
-        n, bs = len(chunks), self.cache.block_size
+        n, bs, dev = len(chunks), self.cache.block_size, self.device
         starts = np.fromiter((c.start for c in chunks), np.int64, n)
         counts = np.fromiter((c.num_tokens for c in chunks), np.int64, n)
         query_start = np.zeros(n + 1, np.int64)
@@ -58,21 +53,18 @@ class ModelRunner:
                           np.int64, total)
         # position of each flat token: its chunk's start + its index inside the chunk
         positions = np.arange(total, dtype=np.int64) + np.repeat(starts - query_start[:-1], counts)
-        tables = np.zeros((n, max(len(c.seq.block_table) for c in chunks)), np.int32)
-        for i, c in enumerate(chunks):
-            tables[i, :len(c.seq.block_table)] = c.seq.block_table
-        rows = np.repeat(np.arange(n), counts)
-        slots = tables[rows, positions // bs].astype(np.int64) * bs + positions % bs
+        tables = block_table_array(chunks, n, max(len(c.seq.block_table) for c in chunks))
+        slots = slot_mapping(tables, np.repeat(np.arange(n), counts), positions, bs)
         input_ids = torch.from_numpy(ids)
         embeds = self._embeddings(out, input_ids)
-        view = PagedKVView(self.cache, self._to_device(slots), self._to_device(tables),
-                           self._to_device((starts + counts).astype(np.int32)),
-                           self._to_device(query_start.astype(np.int32)), self.use_triton)
-        hidden = self.model(self._to_device(ids), self._to_device(positions), view, embeds)
+        view = PagedKVView(self.cache, to_device(slots, dev), to_device(tables, dev),
+                           to_device((starts + counts).astype(np.int32), dev),
+                           to_device(query_start.astype(np.int32), dev), self.use_triton)
+        hidden = self.model(to_device(ids, dev), to_device(positions, dev), view, embeds)
         sampling = [i for i, c in enumerate(chunks) if c.samples]
         if not sampling:
             return {}
-        last = self._to_device(query_start[1:][sampling] - 1)
+        last = to_device(query_start[1:][sampling] - 1, dev)
         logits = self.model.compute_logits(hidden[last]).float()
         return self._sample([chunks[i].seq for i in sampling], logits)
 

@@ -120,7 +120,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
             logits[idx], torch.tensor([p.temperature for p in picked], device=dev),
             torch.tensor([p.top_k if p.top_k > 0 else vocab for p in picked], device=dev),
             torch.tensor([p.top_p for p in picked], device=dev))
-        noise = exponential_noise((len(rows), vocab), dev, None)
+        unseeded = [j for j, i in enumerate(rows) if generators[i] is None]
+        noise = torch.empty(len(rows), vocab, device=dev)
+        if unseeded:                          # one draw from the global generator for all of them
+            noise[unseeded] = exponential_noise((len(unseeded), vocab), dev, None)
         for j, i in enumerate(rows):         # seeded rows: their own draw, whatever shares the batch
             if generators[i] is not None:
                 noise[j] = exponential_noise((vocab,), dev, generators[i])
