@@ -8,10 +8,11 @@
    copy bandwidth, and the ratio to cuBLAS.
 3. Triton paged attention: decode at batch 1/8/64 over 1,024-token contexts, and a 676-token
    prefill, with the bytes of KV read per second.
-4. End to end on a LLaVA-1.5-7B-shaped AWQ checkpoint (random weights, written by
+4. Fused RMSNorm(+residual) and rope (Triton) against their torch references at 7B shapes.
+5. End to end on a LLaVA-1.5-7B-shaped AWQ checkpoint (random weights, written by
    `bench/real_shape.py`'s writer into a temporary folder): decode tokens/s at batch 1/8/64,
-   eager and with CUDA graphs, and the time to first token of a 576-image-token +
-   ~100-text-token prompt.
+   eager and with CUDA graphs, each with the fused norm/rope kernels and with the torch ops,
+   and the time to first token of a 576-image-token + ~100-text-token prompt.
 
 Writes the JSON (and prints each table). Run it on the GPU machine from the repository root.
 """
@@ -127,6 +128,30 @@ def paged_attention_rows(timer: Timer) -> list[dict]:
     return rows
 
 
+def norm_rope_rows(timer: Timer) -> list[dict]:
+    from kernels.norm_rope import rms_norm, rms_norm_reference, rope, rope_reference
+
+    rows = []
+    for t in (1, 64, 2048):
+        x, r = (torch.randn(t, 4096, device="cuda", dtype=torch.float16) for _ in range(2))
+        w = torch.rand(4096, device="cuda", dtype=torch.float16)
+        q, k = torch.randn(t, 32, 128, device="cuda", dtype=torch.float16), torch.randn(t, 32, 128, device="cuda",
+                                                                                        dtype=torch.float16)
+        emb = torch.rand(t, 1, 128, device="cuda")
+        cos, sin = emb.cos().half(), emb.sin().half()
+        row = {"tokens": t,
+               "rms_norm_add_triton_us": timer.median_s(lambda: rms_norm(x, w, 1e-6, r)) * 1e6,
+               "rms_norm_add_torch_us": timer.median_s(lambda: rms_norm_reference(x, w, 1e-6, r)) * 1e6,
+               "rope_qk_triton_us": timer.median_s(lambda: rope(q, k, cos, sin)) * 1e6,
+               "rope_qk_torch_us": timer.median_s(lambda: (rope_reference(q, cos, sin), rope_reference(k, cos, sin)))
+               * 1e6}
+        rows.append(row)
+        print(f"T {t:>5}: add+RMSNorm triton {row['rms_norm_add_triton_us']:7.1f} us, torch "
+              f"{row['rms_norm_add_torch_us']:7.1f} us; rope q+k triton {row['rope_qk_triton_us']:7.1f} us, "
+              f"torch {row['rope_qk_torch_us']:7.1f} us")
+    return rows
+
+
 def end_to_end() -> dict:
     from PIL import Image
 
@@ -155,7 +180,8 @@ def end_to_end() -> dict:
             ttft = time.perf_counter() - t
         out.update(prompt_tokens=len(req.prompt), image_tokens=sum(s.length for s in req.prompt.spans),
                    ttft_ms=round(ttft * 1e3, 1))
-        for batch, graphs in ((b, g) for g in (False, True) for b in (1, 8, 64)):
+        for batch, graphs, kernels in ((b, g, k) for g in (False, True) for k in ("auto", "torch") for b in (1, 8, 64)):
+            vlm.model.decoder.use_kernels(kernels)
             text = vlm.request("Describe the image.", [], SamplingParams(max_new_tokens=64, ignore_eos=True))
             engine = vlm.engine(EngineConfig(max_num_seqs=batch, cuda_graphs=graphs))
             for i in range(batch):
@@ -170,10 +196,10 @@ def end_to_end() -> dict:
                 steps += 1
             torch.cuda.synchronize()
             dt = time.perf_counter() - t
-            mode = "graphs" if graphs else "eager"
+            mode = ("graphs" if graphs else "eager") + ("_fused" if kernels == "auto" else "_torch_ops")
             out[f"decode_tok_s_batch_{batch}_{mode}"] = round(batch * steps / dt, 1)
             out[f"decode_ms_per_step_batch_{batch}_{mode}"] = round(dt / steps * 1e3, 2)
-            print(f"decode batch {batch:>3} {mode:>6}: {batch * steps / dt:9.1f} tok/s ({dt / steps * 1e3:.2f} ms/step)")
+            print(f"decode batch {batch:>3} {mode:>17}: {batch * steps / dt:9.1f} tok/s ({dt / steps * 1e3:.2f} ms/step)")
         print(f"TTFT {out['prompt_tokens']} tokens ({out['image_tokens']} image): {out['ttft_ms']} ms")
         return out
     finally:
@@ -197,6 +223,7 @@ def main() -> None:
     print(f"device-to-device copy: {result['copy_GBps']:.0f} GB/s")
     result["w4a16"] = w4a16_vs_cublas(timer, result["copy_GBps"])
     result["paged_attention"] = paged_attention_rows(timer)
+    result["norm_rope"] = norm_rope_rows(timer)
     if not a.skip_e2e:
         result["end_to_end_7b_awq"] = end_to_end()
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")

@@ -14,13 +14,13 @@ QUESTIONS = ["Hi", "What colour is the circle?", "Compare them.", "How many?", "
 
 def record_logits(monkeypatch):
     seen = []
-    real = runner_module.sample
+    real = runner_module.sample_async
 
     def sample(logits, params, generators):
         seen.append(logits.detach().float().cpu().clone())
         return real(logits, params, generators)
 
-    monkeypatch.setattr(runner_module, "sample", sample)
+    monkeypatch.setattr(runner_module, "sample_async", sample)
     return seen
 
 

@@ -56,13 +56,13 @@ def test_seed_outside_the_generator_range_is_refused():
 
 def poison_rows_with_seed_13(monkeypatch):
     """The runner's sampler sees NaN logits for requests seeded 13 (a fault upstream of it)."""
-    real = runner.sample
+    real = runner.sample_async
 
     def sample(logits, params, generators):
         bad = torch.tensor([p.seed == 13 for p in params])
         return real(logits.masked_fill(bad[:, None], float("nan")), params, generators)
 
-    monkeypatch.setattr(runner, "sample", sample)
+    monkeypatch.setattr(runner, "sample_async", sample)
 
 
 def test_a_row_with_non_finite_logits_fails_that_request_alone(vlm, three, monkeypatch):
@@ -140,3 +140,30 @@ def test_engine_stats_and_health_for_operators(vlm, three):
     assert after == {"running": 0, "waiting": 0, "kv_usage": 0.0, "free_blocks": 64, "num_blocks": 64,
                      "preemptions": 0}
     AsyncLLMEngine(engine).check_health()     # no loop yet: healthy
+
+
+def test_requests_and_aborts_that_arrive_while_the_device_works(vlm, three, monkeypatch):
+    """Between queuing a step and waiting for its tokens the engine applies what arrived: an abort
+    of a sequence in that very step drops its token and frees its blocks; a new request is admitted
+    at the next step. Every other sequence's tokens are those it gets alone."""
+    reqs, alone = three
+    engine = vlm.engine(EngineConfig(num_blocks=64))
+    for i, r in enumerate(reqs):
+        add(engine, f"r{i}", r)
+    real_launch, launches = engine.runner.launch, []
+
+    def launch(out):
+        launched = real_launch(out)
+        launches.append(len(out.chunks))
+        if len(launches) == 3:          # r1 has sampled two tokens; its third is being computed
+            engine.abort("r1")
+            add(engine, "late", reqs[2])
+        return launched
+
+    monkeypatch.setattr(engine.runner, "launch", launch)
+    got = engine.run_to_completion()
+    assert tokens(got["r0"]) == alone[0] and tokens(got["r2"]) == alone[2]
+    assert tokens(got["late"]) == alone[2]
+    assert tokens(got["r1"]) == alone[1][:2]
+    assert got["r1"][-1].finish_reason == "abort" and got["r1"][-1].completion_tokens == 2
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks and not any(engine.blocks.ref)

@@ -185,13 +185,16 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return outputs
-        sampled = self._execute(sched)
+        sampled, late = self._execute(sched)
+        outputs.extend(late)
         failed = {key: e for key, e in sampled.items() if isinstance(e, BaseException)}
-        if failed:
+        # chunks of sequences aborted while the device worked are dropped with their tokens
+        gone = {id(c.seq) for c in sched.chunks if c.seq.finished}
+        if failed or gone:
             for c in sched.chunks:
-                if id(c.seq) in failed:
+                if id(c.seq) in failed and id(c.seq) not in gone:
                     outputs.append(self._fail(c.seq, failed[id(c.seq)]))
-            sched.chunks = [c for c in sched.chunks if id(c.seq) not in failed]
+            sched.chunks = [c for c in sched.chunks if id(c.seq) not in failed and id(c.seq) not in gone]
         for seq, token in self.scheduler.update(sched, sampled):
             try:
                 text, new, finish = self.outputs.process(seq, token)
@@ -205,21 +208,31 @@ class LLMEngine:
                 self._forget(seq)
         return outputs
 
-    def _execute(self, sched: SchedulerOutput) -> dict[int, int | BaseException]:
-        """The runner's tokens for `sched`; when the batch fails, each chunk alone, so that only
-        the chunks that fail by themselves map to their exception."""
+    def _execute(self, sched: SchedulerOutput) -> tuple[dict[int, int | BaseException], list[RequestOutput]]:
+        """The runner's tokens for `sched` (and the outputs of aborts applied meanwhile); when the
+        batch fails, each chunk alone, so that only the chunks that fail by themselves map to
+        their exception.
+
+        Overlap: the step is queued on the device first; requests and aborts that arrived since
+        the step began are applied (host work that needs no sampled token) while the device
+        computes, and only then does the host wait for the tokens. Blocks join the prefix cache
+        only after the wait, and only for chunks that did not fail."""
+        late: list[RequestOutput] = []
         try:
-            return self.runner.execute(sched)
+            launched = self.runner.launch(sched)
+            late = self._drain()
+            return launched.wait(), late
         except Exception as batch_error:
-            if len(sched.chunks) == 1:
-                return {id(sched.chunks[0].seq): batch_error}
+            chunks = [c for c in sched.chunks if not c.seq.finished]   # not those aborted meanwhile
+            if len(chunks) == 1:
+                return {id(chunks[0].seq): batch_error}, late
         results: dict[int, int | BaseException] = {}
-        for chunk in sched.chunks:
+        for chunk in chunks:
             try:
                 results.update(self.runner.execute(SchedulerOutput([chunk])))
             except Exception as e:
                 results[id(chunk.seq)] = e
-        return results
+        return results, late
 
     def _fail(self, seq: Sequence, error: BaseException) -> RequestOutput:
         """End one sequence because its own work failed; the others are untouched."""

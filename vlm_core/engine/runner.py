@@ -9,7 +9,8 @@ slice of that image's embedding that falls inside it.
 The host path is vectorised: per chunk only O(1) Python (its token ids and block table are
 read once); positions, slots and offsets are numpy operations over the whole batch; each
 tensor goes to the device in one copy (from pinned memory, non-blocking, on CUDA); the sampler
-returns all tokens in one device-to-host copy.
+returns all tokens in one device-to-host copy. `launch` queues the step and returns at once, so
+the engine can do host work while the device computes; `wait` is the step's one synchronisation.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ..models.llava import LlavaModel
 from .batch import block_table_array, slot_mapping, to_device
 from .graphs import DecodeGraphs
 from .kv_cache import PagedKVCache, PagedKVView
-from .sampling import sample
+from .sampling import SampledTokens, sample_async
 from .scheduler import SchedulerOutput
 
 
@@ -36,10 +37,14 @@ class ModelRunner:
         self.device = model.device
         self.graphs = graphs     # decode-only steps over static buffers (CUDA graphs), when set
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[int, int | Exception]:
         """Run one step; returns id(seq) -> sampled token (or the exception of a row that could
         not be sampled) for each chunk that samples."""
+        return self.launch(out).wait()
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput) -> "Launched":
+        """Queue one step's device work (forward and sampling) without waiting for it."""
         chunks = out.chunks
         if self.graphs is not None and self.graphs.fits(out):
             return self._sample([c.seq for c in chunks], self.graphs.run(out))
@@ -63,15 +68,15 @@ class ModelRunner:
         hidden = self.model(to_device(ids, dev), to_device(positions, dev), view, embeds)
         sampling = [i for i, c in enumerate(chunks) if c.samples]
         if not sampling:
-            return {}
+            return Launched([], None)
         last = to_device(query_start[1:][sampling] - 1, dev)
         logits = self.model.compute_logits(hidden[last]).float()
         return self._sample([chunks[i].seq for i in sampling], logits)
 
     @staticmethod
-    def _sample(seqs, logits: torch.Tensor) -> dict[int, int | Exception]:
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        return {id(s): t for s, t in zip(seqs, tokens)}
+    def _sample(seqs, logits: torch.Tensor) -> "Launched":
+        return Launched(seqs, sample_async(logits, [s.params for s in seqs], [s.generator for s in seqs]))
+
     def _embeddings(self, out: SchedulerOutput, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings [T, H] with image slices spliced in (placeholder ids are never looked up)."""
         mask = torch.zeros(input_ids.shape[0], dtype=torch.bool)
@@ -91,3 +96,15 @@ class ModelRunner:
             end = min(c.start + c.num_tokens, len(c.seq.prompt))
             splice_images(emb[off:off + end - c.start], c.seq.prompt.spans, c.seq.image_embeds, c.start, end)
         return emb
+
+
+class Launched:
+    """A step whose device work is queued; `wait()` -> id(seq) -> token (or the row's exception)."""
+
+    def __init__(self, seqs: list, tokens: SampledTokens | None):
+        self.seqs, self.tokens = seqs, tokens
+
+    def wait(self) -> dict[int, int | Exception]:
+        if self.tokens is None:
+            return {}
+        return {id(s): t for s, t in zip(self.seqs, self.tokens.wait())}

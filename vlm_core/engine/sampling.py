@@ -10,7 +10,8 @@ k, ties broken by a stable sort) and then to the smallest set whose probability 
 for the sampling rows as batched tensor ops, and one draw by the exponential race (the token
 maximising p_i / E_i with E_i ~ Exp(1) is distributed as p). A seeded request draws its E from
 its own `torch.Generator`, so its tokens do not depend on what shares its batch; unseeded rows
-share one draw from the global generator. One device-to-host copy returns the tokens.
+share one draw from the global generator. One device-to-host copy returns the tokens; with
+`sample_async` it is queued behind the device's work and waited for only when the host needs them.
 
 No row can fail another: a row whose logits are not finite (a fault upstream) yields an
 exception in its place, and the engine ends that request alone.
@@ -105,10 +106,29 @@ def exponential_noise(shape: tuple[int, ...], device, generator: torch.Generator
     return torch.empty(shape, device=device).exponential_(generator=generator).clamp_min_(1e-20)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> list[int | Exception]:
-    """One token per row of logits [B, V], or the exception standing for a row that cannot be
-    sampled."""
+class SampledTokens:
+    """Tokens on their way to the host: the copy is queued behind the device's work (pinned
+    memory, non-blocking), and `wait()` is the step's one synchronisation."""
+
+    def __init__(self, tokens: torch.Tensor):
+        if tokens.is_cuda:
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host, self._event = tokens, None
+
+    def wait(self) -> list[int | Exception]:
+        if self._event is not None:
+            self._event.synchronize()
+        return [t if t >= 0 else FloatingPointError("the model produced non-finite logits for this request")
+                for t in self._host.tolist()]
+
+
+def sample_async(logits: torch.Tensor, params: list[SamplingParams],
+                 generators: list[torch.Generator | None]) -> SampledTokens:
+    """Queue the sampling of one token per row of logits [B, V]; nothing waits for the device."""
     logits = logits.float()
     dev, vocab = logits.device, logits.shape[-1]
     tokens = logits.argmax(-1)
@@ -129,9 +149,14 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
                 noise[j] = exponential_noise((vocab,), dev, generators[i])
         tokens[idx] = (filtered.softmax(-1) / noise).argmax(-1)
     finite = torch.isfinite(logits).all(-1)
-    host = torch.where(finite, tokens, -1).tolist()     # the one device-to-host copy
-    return [t if t >= 0 else FloatingPointError("the model produced non-finite logits for this request")
-            for t in host]
+    return SampledTokens(torch.where(finite, tokens, -1))     # -1 marks a row that cannot be sampled
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> list[int | Exception]:
+    """One token per row of logits [B, V], or the exception standing for a row that cannot be
+    sampled."""
+    return sample_async(logits, params, generators).wait()
 
 
 def sample_reference(logits: torch.Tensor, params: list[SamplingParams],

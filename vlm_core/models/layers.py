@@ -1,4 +1,10 @@
-"""Building blocks shared by decoder families: RMSNorm, rotary embeddings, linear factory."""
+"""Building blocks shared by decoder families: RMSNorm, rotary embeddings, linear factory.
+
+RMSNorm (with the residual add folded in) and rope run as fused Triton kernels
+(`kernels/norm_rope.py`) or as their op-by-op torch references, per module: `kernels` is "torch"
+(the default until the GPU benchmark shows the kernels winning), "auto" (Triton on CUDA
+tensors, torch elsewhere) or "triton" (`LlamaDecoder.use_kernels`).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,17 @@ from typing import Callable
 import torch
 from torch import nn
 
+from kernels import norm_rope
+from kernels.utils import HAVE_TRITON
+
 from ..config import RopeConfig
+
+KERNEL_MODES = ("auto", "triton", "torch")
+
+
+def use_triton(mode: str, x: torch.Tensor) -> bool:
+    """Whether a module in kernel mode `mode` runs its Triton kernel on x."""
+    return mode == "triton" or (mode == "auto" and x.is_cuda and HAVE_TRITON)
 
 # (in_features, out_features, bias, qualified name) -> module with forward(x [.., in]) -> [.., out].
 # Quantized checkpoints pass a factory that returns a quantized linear for the names it covers.
@@ -40,16 +56,19 @@ def concat_linears(parts: list[nn.Module]) -> nn.Module:
 
 
 class RMSNorm(nn.Module):
+    """forward(x) -> norm(x); forward(x, residual) -> (norm(x + residual), x + residual)."""
+
+    kernels = "torch"
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        fn = norm_rope.rms_norm if use_triton(self.kernels, x) else norm_rope.rms_norm_reference
+        out, summed = fn(x, self.weight, self.eps, residual)
+        return out if residual is None else (out, summed)
 
 
 def rope_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:
@@ -83,7 +102,9 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               kernels: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, Hq, D] and k [T, Hkv, D] rotated by cos/sin [T, 1, D]."""
+    if use_triton(kernels, q):
+        return norm_rope.rope(q, k, cos, sin)
+    return norm_rope.rope_reference(q, cos, sin), norm_rope.rope_reference(k, cos, sin)

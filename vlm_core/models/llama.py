@@ -7,6 +7,10 @@ Parameter names mirror the Hugging Face LLaMA layout (`layers.N.self_attn.q_proj
 so checkpoint mapping is a prefix rename. Linear layers come from a factory chosen at
 construction, which is how quantized checkpoints plug in without branches here.
 
+`use_kernels(mode)` picks fused Triton RMSNorm(+residual) and rope ("auto": on CUDA) or the
+torch references ("torch", the default). A decoder layer hands the residual stream on separately from its output, so
+each residual add happens inside the next norm (one kernel for both).
+
 `fuse_projections()` (after loading, for inference) joins q/k/v into one `qkv_proj` and
 gate/up into one `gate_up_proj`, dense and AWQ alike: one launch and one read of x each. The
 separate modules are gone afterwards, so code that edits them (the AWQ calibration, tests
@@ -21,10 +25,12 @@ from torch import nn
 
 from ..config import TextConfig
 from .attention import KVView
-from .layers import LinearFactory, RMSNorm, RotaryEmbedding, apply_rope, concat_linears, dense_linear
+from .layers import KERNEL_MODES, LinearFactory, RMSNorm, RotaryEmbedding, apply_rope, concat_linears, dense_linear
 
 
 class LlamaAttention(nn.Module):
+    kernels = "torch"
+
     def __init__(self, cfg: TextConfig, layer_idx: int, linear: LinearFactory, prefix: str):
         super().__init__()
         self.layer_idx = layer_idx
@@ -52,7 +58,7 @@ class LlamaAttention(nn.Module):
         q = q.reshape(t, self.num_heads, self.head_dim)     # [T, Hq, D]
         k = k.reshape(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.reshape(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, k, cos, sin, self.kernels)
         out = kv.attend(self.layer_idx, q, k, v, self.scale)           # [T, Hq, D]
         return self.o_proj(out.reshape(t, -1))
 
@@ -87,9 +93,16 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg, linear, f"{prefix}.mlp")
 
-    def forward(self, x, cos, sin, kv):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, kv, residual=None):
+        """(output, residual): the block's result is output + residual. `residual` None: x is
+        the block's whole input; else the block's input is x + residual."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, cos, sin, kv)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaDecoder(nn.Module):
@@ -109,6 +122,15 @@ class LlamaDecoder(nn.Module):
     def fused(self) -> bool:
         return self.layers[0].self_attn.qkv_proj is not None if len(self.layers) else False
 
+    def use_kernels(self, mode: str) -> None:
+        """"torch" (the default), "auto" (Triton RMSNorm and rope on CUDA) or "triton" (anywhere
+        Triton runs)."""
+        if mode not in KERNEL_MODES:
+            raise ValueError(f"kernels must be one of {KERNEL_MODES}, got {mode!r}")
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, LlamaAttention)):
+                m.kernels = mode
+
     def fuse_projections(self) -> None:
         """Join q/k/v and gate/up of every layer (idempotent)."""
         if self.fused:
@@ -121,9 +143,10 @@ class LlamaDecoder(nn.Module):
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [T, H]
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos, sin, kv)
-        return self.norm(x)
+            x, residual = layer(x, cos, sin, kv, residual)
+        return self.norm(x, residual)[0] if residual is not None else self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -91,7 +91,8 @@ class _BlockRunner:
 
     @torch.no_grad()
     def __call__(self, layer: LlamaDecoderLayer, x: torch.Tensor) -> torch.Tensor:
-        return layer(x, self.cos, self.sin, self.kv)
+        out, residual = layer(x, self.cos, self.sin, self.kv)
+        return out + residual
 
     @torch.no_grad()
     def inputs_of(self, layer: LlamaDecoderLayer, x: torch.Tensor, names: Iterable[str]) -> dict[str, torch.Tensor]:
