@@ -67,12 +67,13 @@ class NullModel(nn.Module):
 
 
 class StepClock:
-    """Accumulates the time of the engine's schedule / execute calls."""
+    """Accumulates the time of the engine's schedule / execute calls (execute: the runner's
+    `launch`, which on CPU runs the forward and the sampler)."""
 
     def __init__(self, engine: LLMEngine):
         self.parts = {"schedule": 0.0, "execute": 0.0}
-        for name, obj in (("schedule", engine.scheduler), ("execute", engine.runner)):
-            real = getattr(obj, name)
+        for name, obj, method in (("schedule", engine.scheduler, "schedule"), ("execute", engine.runner, "launch")):
+            real = getattr(obj, method)
 
             def timed(*a, _real=real, _name=name):
                 t = time.perf_counter()
@@ -81,7 +82,7 @@ class StepClock:
                 finally:
                     self.parts[_name] += time.perf_counter() - t
 
-            setattr(obj, name, timed)
+            setattr(obj, method, timed)
 
     def reset(self):
         for k in self.parts:
