@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vlm_core.default_model import default_model_dir  # noqa: E402
 from vlm_core.default_model.data import heldout_set  # noqa: E402
 from vlm_core.engine.engine import EngineConfig, LLMEngine  # noqa: E402
+from vlm_core.engine.request import EngineRequest  # noqa: E402
 from vlm_core.engine.sampling import SamplingParams  # noqa: E402
 from vlm_core.inputs.placeholders import MultimodalPrompt  # noqa: E402
 from vlm_core.vlm import VLM  # noqa: E402
@@ -92,7 +93,7 @@ class StepClock:
 def fill_decode(engine: LLMEngine, prompts: list[MultimodalPrompt], embeds=None, params=LONG) -> None:
     """Admit every prompt and step until all of them are decoding."""
     for i, p in enumerate(prompts):
-        engine.add_request(f"r{i}", p, embeds[i] if embeds else [], params)
+        engine.add_request(f"r{i}", EngineRequest(p, embeds[i] if embeds else [], params))
     while len(engine.scheduler.running) < len(prompts) or any(
             s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running):
         engine.step()
@@ -126,7 +127,7 @@ def host_overhead(vlm: VLM, sizes: list[int], steps: int) -> list[dict]:
 
 def requests(vlm: VLM, n: int, params: SamplingParams):
     scenes = heldout_set(n, seed=77)
-    return [vlm.request(q, [scene.image()], params) for scene, q, _ in scenes]
+    return [vlm.request(q, {"image": [scene.image()]}, params) for scene, q, _ in scenes]
 
 
 def decode_steps(vlm: VLM, sizes: list[int], steps: int) -> list[dict]:
@@ -147,7 +148,7 @@ def concurrent_streams(vlm: VLM, sizes: list[int], tokens: int) -> list[dict]:
         engine = vlm.engine(EngineConfig(max_num_seqs=max(n, 1)))
         start = time.perf_counter()
         for i, r in enumerate(reqs):
-            engine.add_request(f"r{i}", r.prompt, r.image_embeds, r.params, r.image_hashes)
+            engine.add_request(f"r{i}", r)
         got = engine.run_to_completion()
         wall = time.perf_counter() - start
         produced = sum(len(o.token_ids) for outs in got.values() for o in outs)
@@ -165,7 +166,7 @@ def hf_one_at_a_time(n: int, tokens: int) -> dict:
     start = time.perf_counter()
     produced = 0
     for scene, q, _ in scenes:
-        r = vlm.request(q, [scene.image()], SamplingParams(max_new_tokens=tokens, ignore_eos=True))
+        r = vlm.request(q, {"image": [scene.image()]}, SamplingParams(max_new_tokens=tokens, ignore_eos=True))
         ids = torch.tensor([r.prompt.token_ids])
         with torch.inference_mode():
             g = hf.generate(input_ids=ids, pixel_values=vlm.image_processor([scene.image()]), do_sample=False,

@@ -169,12 +169,12 @@ def end_to_end() -> dict:
         image = Image.new("RGB", (640, 480), (120, 160, 200))
         long_question = "Describe the image in detail, " * 16
         out = {"load_s": round(load_s, 1)}
-        req = vlm.request(long_question, [image], SamplingParams(max_new_tokens=1, ignore_eos=True))
+        req = vlm.request(long_question, {"image": [image]}, SamplingParams(max_new_tokens=1, ignore_eos=True))
         engine = vlm.engine(EngineConfig(max_num_seqs=64, max_num_batched_tokens=4096))
         for i in range(3):   # warm-up, then two timed first tokens
             torch.cuda.synchronize()
             t = time.perf_counter()
-            engine.add_request(f"ttft{i}", req.prompt, req.image_embeds, req.params)
+            engine.add_request(f"ttft{i}", req)
             engine.run_to_completion()
             torch.cuda.synchronize()
             ttft = time.perf_counter() - t
@@ -182,10 +182,10 @@ def end_to_end() -> dict:
                    ttft_ms=round(ttft * 1e3, 1))
         for batch, graphs, kernels in ((b, g, k) for g in (False, True) for k in ("auto", "torch") for b in (1, 8, 64)):
             vlm.model.decoder.use_kernels(kernels)
-            text = vlm.request("Describe the image.", [], SamplingParams(max_new_tokens=64, ignore_eos=True))
+            text = vlm.request("Describe the image.", None, SamplingParams(max_new_tokens=64, ignore_eos=True))
             engine = vlm.engine(EngineConfig(max_num_seqs=batch, cuda_graphs=graphs))
             for i in range(batch):
-                engine.add_request(f"b{i}", text.prompt, [], text.params)
+                engine.add_request(f"b{i}", text)
             while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running) \
                     or len(engine.scheduler.running) < batch:
                 engine.step()

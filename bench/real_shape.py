@@ -134,9 +134,9 @@ def main() -> None:
         load_s = time.perf_counter() - t
         rss_loaded = peak_rss_gib()
         image = Image.new("RGB", (640, 480), (120, 160, 200))
-        req = vlm.request("Describe the image.", [image], SamplingParams(max_new_tokens=a.tokens, ignore_eos=True))
+        req = vlm.request("Describe the image.", {"image": [image]}, SamplingParams(max_new_tokens=a.tokens, ignore_eos=True))
         engine = vlm.engine()
-        engine.add_request("r", req.prompt, req.image_embeds, req.params)
+        engine.add_request("r", req)
         t = time.perf_counter()
         times = []
         while engine.has_unfinished():

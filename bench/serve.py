@@ -111,10 +111,9 @@ class InProcess:
         start = time.perf_counter()
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         # what the ingress and the vision replica do, off the event loop as there
-        req = await asyncio.to_thread(self.vlm.request, messages, [png], self.params)
+        req = await asyncio.to_thread(self.vlm.request, messages, {"image": [png]}, self.params)
         first, tokens = None, 0
-        async for out in self.engine.generate(uuid.uuid4().hex, req.prompt, req.image_embeds, req.params,
-                                              req.image_hashes):
+        async for out in self.engine.generate(uuid.uuid4().hex, req):
             if out.token_ids and first is None:
                 first = time.perf_counter()
             tokens += len(out.token_ids)

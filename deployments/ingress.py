@@ -28,6 +28,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from vlm_core.engine.request import EngineRequest
 from vlm_core.errors import ImageTooLargeError, VLMError
 from vlm_core.inputs.image import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, decode_image, open_image
 from vlm_core.inputs.builder import prompt_builder
@@ -359,7 +360,8 @@ class Ingress:
         if hashes:
             embeds = self.vision.encode.remote(items, hashes)
             await self._wait_done(embeds)
-        stream = self.llm.options(stream=True).generate.remote(rid, prompt, embeds, hashes, sampling)
+        request = EngineRequest(prompt, (), sampling, tuple(hashes))
+        stream = self.llm.options(stream=True).generate.remote(rid, request, embeds)
         first = await anext(stream)   # raises when not admitted (queue full, invalid, replica gone)
         return stream, first
 

@@ -10,9 +10,8 @@ import time
 
 import torch
 
-from vlm_core.engine.engine import AsyncLLMEngine, EngineConfig, RequestFailedError, merge_outputs
-from vlm_core.engine.sampling import SamplingParams
-from vlm_core.inputs.placeholders import MultimodalPrompt
+from vlm_core.engine.engine import AsyncLLMEngine, EngineConfig, RequestFailedError
+from vlm_core.engine.request import EngineRequest, merge_outputs
 from vlm_core.vlm import VLM
 
 from .metrics import metric
@@ -46,22 +45,23 @@ class LLMServer:
         self.counts = {"requests": 0, "ttft_observations": 0, "tpot_observations": 0, "aborted": 0,
                        "refused": 0}
 
-    async def generate(self, request_id: str, prompt: MultimodalPrompt, image_embeds: bytes | None,
-                       image_hashes: list[str], sampling: SamplingParams):
+    async def generate(self, request_id: str, request: EngineRequest, image_embeds: bytes | None = None):
         """Stream the engine's `RequestOutput` deltas (merged within `stream_interval_s`); a cancelled
         stream aborts the request in the engine. `image_embeds`: the VisionEncoder's packed
-        embeddings (None without images)."""
+        embeddings for the request's spans (None without images), passed beside the request so
+        that Serve hands them over through the object store."""
         if self.max_in_flight is not None and self.in_flight >= self.max_in_flight:
             self.counts["refused"] += 1
             raise ServerOverloadedError(f"{self.in_flight} requests in flight; this replica takes "
                                         f"{self.max_in_flight}")
-        image_embeds = unpack_tensors(image_embeds) if image_embeds is not None else []
+        if image_embeds is not None:
+            request = request.with_embeds(unpack_tensors(image_embeds))
         self.in_flight += 1
         self.active.add(request_id)
         start = last = sent = time.perf_counter()
         first, finish, held = True, None, None
         try:
-            async for out in self.engine.generate(request_id, prompt, image_embeds, sampling, image_hashes):
+            async for out in self.engine.generate(request_id, request):
                 now = time.perf_counter()
                 if out.token_ids:
                     if first:

@@ -6,7 +6,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from vlm_core.engine.engine import RequestOutput
+from vlm_core.engine.request import RequestOutput
 from vlm_core.engine.sampling import SEED_RANGE, SamplingParams
 
 

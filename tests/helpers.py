@@ -1,4 +1,4 @@
-"""Small helpers shared by the tests that start Ray Serve."""
+"""Small helpers shared by the tests."""
 
 import base64
 import io
@@ -16,3 +16,35 @@ def data_url(img) -> str:
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def to_v2_state(state, group_size: int):
+    """Rewrite AutoAWQ linears as llm-awq v2 tensors (what TinyChat's `-awq-v2.pt` exports hold)."""
+    from vlm_core.quant.pack import awq_to_v2
+
+    out = {}
+    for key, t in state.items():
+        if key.endswith(".qweight"):
+            prefix = key[: -len("qweight")]
+            out[key], out[prefix + "scales"], out[prefix + "scaled_zeros"] = awq_to_v2(
+                t, state[prefix + "qzeros"], state[prefix + "scales"], group_size)
+        elif not (key.endswith((".qzeros", ".scales")) and key.rsplit(".", 1)[0] + ".qweight" in state):
+            out[key] = t
+    return out
+
+
+def generate_on(engine, requests):
+    """Run `EngineRequest`s to completion on an `LLMEngine`; one merged `RequestOutput` each."""
+    from vlm_core.engine.request import merge_outputs
+
+    for i, r in enumerate(requests):
+        engine.add_request(f"req{i}", r)
+    got = engine.run_to_completion()
+    outs = []
+    for i in range(len(requests)):
+        parts = got[f"req{i}"]
+        out = parts[0]
+        for p in parts[1:]:
+            out = merge_outputs(out, p)
+        outs.append(out)
+    return outs

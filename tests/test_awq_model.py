@@ -13,11 +13,12 @@ from safetensors.torch import load_file
 from vlm_core.quant.awq import QuantizeOptions, block_output_error
 from vlm_core.quant.awq_linear import AWQLinear
 from vlm_core.quant.pack import dequantize_awq
-from vlm_core.checkpoint import to_v2_state
+from helpers import to_v2_state
 from vlm_core.quantize import main as quantize_main
 from vlm_core.quantize import quantize_checkpoint, text_samples
 from vlm_core.tiny import COLOURS, SHAPES, build_tiny_llava
 from vlm_core.vlm import VLM
+from vlm_core.generation import prompt_logits
 
 GROUP = 32
 
@@ -74,17 +75,17 @@ def test_quantized_model_matches_fake_quantized_fp32(awq_dir, images):
     assert isinstance(q.model.projector[0], torch.nn.Linear)
     fake = dense_copy(VLM.from_pretrained(awq_dir))
     for text, ims in (("What colour is the circle?", images[:1]), ("Describe both.", images[:2])):
-        a = q.prompt_logits([q.request(text, ims)])[0]
-        b = fake.prompt_logits([fake.request(text, ims)])[0]
+        a = prompt_logits(q.model, [q.request(text, {"image": ims})])[0]
+        b = prompt_logits(fake.model, [fake.request(text, {"image": ims})])[0]
         assert (a - b).abs().max().item() <= 1e-4
 
 
 def test_cpu_reference_path_matches_kernel_path(awq_dir, images, monkeypatch):
     q = VLM.from_pretrained(awq_dir)
-    req = q.request("What colour is the circle?", images[:1])
-    kernel = q.prompt_logits([req])[0]
+    req = q.request("What colour is the circle?", {"image": images[:1]})
+    kernel = prompt_logits(q.model, [req])[0]
     monkeypatch.setattr("vlm_core.quant.awq_linear.triton_available", lambda device: False)
-    ref = q.prompt_logits([req])[0]
+    ref = prompt_logits(q.model, [req])[0]
     assert (kernel - ref).abs().max().item() <= 1e-4
 
 
@@ -96,8 +97,8 @@ def test_autoawq_quant_config_json_is_read(awq_dir, tmp_path, images):
     (other / "quant_config.json").write_text(json.dumps({"zero_point": True, "q_group_size": GROUP, "w_bit": 4,
                                                          "version": "GEMM"}))
     a, b = VLM.from_pretrained(awq_dir), VLM.from_pretrained(other)
-    req = a.request("What colour is the circle?", images[:1])
-    assert torch.equal(a.prompt_logits([req])[0], b.prompt_logits([req])[0])
+    req = a.request("What colour is the circle?", {"image": images[:1]})
+    assert torch.equal(prompt_logits(a.model, [req])[0], prompt_logits(b.model, [req])[0])
 
 
 def test_llm_awq_v2_checkpoint_converts_at_load(awq_dir, tmp_path, images):
@@ -113,8 +114,8 @@ def test_llm_awq_v2_checkpoint_converts_at_load(awq_dir, tmp_path, images):
     out = to_v2_state(load_file(str(awq_dir / "model.safetensors")), GROUP)
     torch.save(out, v2 / "llava-tiny-w4-g32-v2.pt")
     a, b = VLM.from_pretrained(awq_dir), VLM.from_pretrained(v2)
-    req = a.request("What colour is the circle?", images[:1])
-    assert (a.prompt_logits([req])[0] - b.prompt_logits([req])[0]).abs().max().item() <= 1e-5
+    req = a.request("What colour is the circle?", {"image": images[:1]})
+    assert (prompt_logits(a.model, [req])[0] - prompt_logits(b.model, [req])[0]).abs().max().item() <= 1e-5
 
 
 def test_modules_to_not_convert_stay_dense(tiny_dir, tmp_path, images):
@@ -196,8 +197,8 @@ def trained_dir(tmp_path_factory):
 def perplexity(vlm, sentences):
     nll, count = 0.0, 0
     for s in sentences:
-        req = vlm.request(s, [], apply_template=False)
-        logits = vlm.prompt_logits([req])[0]
+        req = vlm.request(s, None, apply_template=False)
+        logits = prompt_logits(vlm.model, [req])[0]
         ids = torch.tensor(req.prompt.token_ids)
         nll += torch.nn.functional.cross_entropy(logits[:-1], ids[1:], reduction="sum").item()
         count += len(ids) - 1
@@ -231,7 +232,7 @@ def test_multimodal_calibration_jsonl(tiny_dir, images, tmp_path):
                                for i, p in enumerate(["What colour is the circle?", "How many shapes?"])))
     fp = VLM.from_pretrained(tiny_dir)
     samples = multimodal_samples(fp, jsonl, 8, 512)
-    req = fp.request("What colour is the circle?", images[:1])
+    req = fp.request("What colour is the circle?", {"image": images[:1]})
     span = req.prompt.spans[0]
     assert len(samples) == 2 and samples[0].shape[0] == len(req.prompt)
     assert torch.equal(samples[0][span.offset:span.end], req.image_embeds[0])
@@ -239,7 +240,7 @@ def test_multimodal_calibration_jsonl(tiny_dir, images, tmp_path):
     assert quantize_main([str(tiny_dir), str(out), "--calib-jsonl", str(jsonl), "--group-size", "64"]) == 0
     q = VLM.from_pretrained(out)
     assert q.model.decoder.layers[1].mlp.down_proj.group_size == 64
-    assert q.generate("What colour is the circle?", images[:1]).finish_reason in ("stop", "length")
+    assert q.generate("What colour is the circle?", {"image": images[:1]}).finish_reason in ("stop", "length")
 
 
 def test_quantize_cli_requires_calibration_for_awq(tiny_dir, tmp_path, capsys):

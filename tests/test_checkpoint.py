@@ -8,6 +8,7 @@ from safetensors import safe_open
 from transformers import LlavaForConditionalGeneration
 
 from vlm_core.checkpoint import load_llava_hf
+from vlm_core.generation import prompt_logits
 from vlm_core.tiny import build_tiny_llava
 from vlm_core.vlm import VLM
 
@@ -21,8 +22,8 @@ def keys_of(folder):
 
 
 def logits_of(vlm, images, text="What colour is the circle?", n_images=1):
-    req = vlm.request(text, images[:n_images])
-    return vlm.prompt_logits([req])[0]
+    req = vlm.request(text, {"image": images[:n_images]})
+    return prompt_logits(vlm.model, [req])[0]
 
 
 @pytest.mark.parametrize("layout,shards", [("old", 1), ("new", 1), ("old", 3), ("new", 2)])
@@ -46,11 +47,11 @@ def test_old_layout_reproduces_hf_logits(tmp_path, hf_model, images):
     """A checkpoint re-saved in the 'old' layout still reproduces HF's logits."""
     folder = build_tiny_llava(tmp_path / "old", seed=0, layout="old")
     ours = VLM.from_pretrained(folder)
-    req = ours.request("What colour is the circle?", images[:1])
+    req = ours.request("What colour is the circle?", {"image": images[:1]})
     with torch.no_grad():
         ref = hf_model(input_ids=torch.tensor([req.prompt.token_ids]),
                        pixel_values=ours.image_processor(images[:1])).logits[0]
-    assert (ours.prompt_logits([req])[0] - ref).abs().max().item() <= 1e-4
+    assert (prompt_logits(ours.model, [req])[0] - ref).abs().max().item() <= 1e-4
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -71,10 +72,10 @@ def test_feature_layer_and_strategy_equal_hf(tmp_path, images, layer, strategy):
     ours = VLM.from_pretrained(folder)
     expected_tokens = (32 // 8) ** 2 + (1 if strategy == "full" else 0)
     assert ours.model.config.tokens_per_image == expected_tokens
-    req = ours.request("Describe the image.", images[:2])
+    req = ours.request("Describe the image.", {"image": images[:2]})
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor([req.prompt.token_ids]), pixel_values=ours.image_processor(images[:2])).logits[0]
-    assert (ours.prompt_logits([req])[0] - ref).abs().max().item() <= 1e-4
+    assert (prompt_logits(ours.model, [req])[0] - ref).abs().max().item() <= 1e-4
 
 
 def test_vision_tower_runs_only_needed_layers(vlm):
@@ -105,10 +106,10 @@ def test_tied_word_embeddings_load(tmp_path, images):
     ours = VLM.from_pretrained(folder)
     dec = ours.model.decoder
     assert dec.lm_head.weight.data_ptr() == dec.embed_tokens.weight.data_ptr()
-    req = ours.request("What colour is the circle?", images[:1])
+    req = ours.request("What colour is the circle?", {"image": images[:1]})
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor([req.prompt.token_ids]), pixel_values=ours.image_processor(images[:1])).logits[0]
-    assert (ours.prompt_logits([req])[0] - ref).abs().max().item() <= 1e-4
+    assert (prompt_logits(ours.model, [req])[0] - ref).abs().max().item() <= 1e-4
 
 
 def test_llama3_rope_checkpoint_equals_hf(tmp_path, images):
@@ -118,10 +119,10 @@ def test_llama3_rope_checkpoint_equals_hf(tmp_path, images):
     hf = LlavaForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32).eval()
     ours = VLM.from_pretrained(folder)
     assert ours.model.config.text.rope.type == "llama3"
-    req = ours.request("Describe the two images in detail.", images[:2])
+    req = ours.request("Describe the two images in detail.", {"image": images[:2]})
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor([req.prompt.token_ids]), pixel_values=ours.image_processor(images[:2])).logits[0]
-    assert (ours.prompt_logits([req])[0] - ref).abs().max().item() <= 1e-4
+    assert (prompt_logits(ours.model, [req])[0] - ref).abs().max().item() <= 1e-4
 
 
 def test_legacy_rope_theta_and_rope_scaling_keys_parse():
@@ -173,12 +174,11 @@ def test_loading_one_side_reads_only_its_tensors(tiny_dir, vlm, images, monkeypa
     assert read and not any("vision_tower" in k or "multi_modal_projector" in k for k in read)
     monkeypatch.undo()
 
-    pixels = vlm.prepare("Describe.", images[:1])[1]
+    pixels = vlm.inputs.prepare("Describe.", images[:1])[1]
     torch.testing.assert_close(vision.embed_images(pixels), vlm.model.embed_images(pixels), rtol=0, atol=0)
-    req = vlm.request("What colour is the circle?", images[:1])
-    from vlm_core.generation import prompt_logits
+    req = vlm.request("What colour is the circle?", {"image": images[:1]})
 
-    torch.testing.assert_close(prompt_logits(llm, [req])[0], vlm.prompt_logits([req])[0], rtol=0, atol=0)
+    torch.testing.assert_close(prompt_logits(llm, [req])[0], prompt_logits(vlm.model, [req])[0], rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="without its vision tower"):
         llm.embed_images(pixels)
     with pytest.raises(ValueError, match="subset"):

@@ -8,6 +8,7 @@ import vlm_core.engine.runner as runner_module
 from vlm_core.engine.engine import EngineConfig
 from vlm_core.engine.graphs import DecodeGraphs, bucket_sizes
 from vlm_core.engine.sampling import SamplingParams
+from vlm_core.engine.request import EngineRequest
 
 QUESTIONS = ["Hi", "What colour is the circle?", "Compare them.", "How many?", "Describe it.", "Where?", "Why?"]
 
@@ -31,7 +32,7 @@ def run(vlm, reqs, config, static: bool, capture: bool = False):
                                             engine.max_model_len, scratch_block=engine.blocks.num_blocks,
                                             capture=capture)
     for i, r in enumerate(reqs):
-        engine.add_request(f"r{i}", r.prompt, r.image_embeds, r.params)
+        engine.add_request(f"r{i}", EngineRequest(r.prompt, r.image_embeds, r.params))
     out = engine.run_to_completion()
     return [[t for o in out[f"r{i}"] for t in o.token_ids] for i in range(len(reqs))], engine
 
@@ -42,7 +43,7 @@ def test_bucket_sizes():
 
 
 def test_static_padded_decode_equals_the_eager_step(vlm, images, monkeypatch):
-    reqs = [vlm.request(q, images[:i % 3], SamplingParams(max_new_tokens=10, ignore_eos=True))
+    reqs = [vlm.request(q, {"image": images[:i % 3]}, SamplingParams(max_new_tokens=10, ignore_eos=True))
             for i, q in enumerate(QUESTIONS)]                      # 7 sequences: bucket 8, one padded row
     config = EngineConfig(num_blocks=96, max_num_seqs=12, max_num_batched_tokens=512)
     seen = record_logits(monkeypatch)
@@ -64,8 +65,8 @@ def test_static_padded_decode_equals_the_eager_step(vlm, images, monkeypatch):
 def test_only_decode_only_steps_use_the_static_path(vlm, images):
     engine = vlm.engine(EngineConfig(num_blocks=32, max_num_seqs=4))
     graphs = DecodeGraphs(vlm.model, engine.cache, False, 4, engine.max_model_len, engine.blocks.num_blocks, False)
-    r = vlm.request("Hi", [], SamplingParams(max_new_tokens=3, ignore_eos=True))
-    engine.add_request("a", r.prompt, [], r.params)
+    r = vlm.request("Hi", None, SamplingParams(max_new_tokens=3, ignore_eos=True))
+    engine.add_request("a", EngineRequest(r.prompt, [], r.params))
     engine._drain()
     prefill = engine.scheduler.schedule()
     assert not graphs.fits(prefill)
@@ -86,7 +87,7 @@ def test_cuda_graph_replay_equals_eager_on_gpu(tiny_dir, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     vlm = VLM.from_pretrained(tiny_dir, dtype="float16", device="cuda", fuse_projections=True)
     image = Image.new("RGB", (64, 48), (200, 30, 30))
-    reqs = [vlm.request(q, [image] if i % 2 else [], SamplingParams(max_new_tokens=12, ignore_eos=True))
+    reqs = [vlm.request(q, {"image": [image] if i % 2 else []}, SamplingParams(max_new_tokens=12, ignore_eos=True))
             for i, q in enumerate(QUESTIONS)]
     config = EngineConfig(num_blocks=128, max_num_seqs=16)
     seen = record_logits(monkeypatch)

@@ -8,6 +8,7 @@ import torch
 from vlm_core.engine.engine import AsyncLLMEngine, EngineConfig
 from vlm_core.engine.sampling import SamplingParams
 from vlm_core.errors import ContextLengthError, InputError
+from vlm_core.engine.request import EngineRequest
 
 GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
 QUESTIONS = ["What colour is the circle?", "How many shapes are there?", "Is the square left of the triangle?",
@@ -22,18 +23,18 @@ def requests_12(vlm, images):
     for i, q in enumerate(QUESTIONS):
         n = i % 3  # 0, 1 or 2 images
         ims = [images[(i + j) % len(images)] for j in range(n)]
-        reqs.append(vlm.request(q, ims, GREEDY))
+        reqs.append(vlm.request(q, {"image": ims}, GREEDY))
     return reqs
 
 
 @pytest.fixture(scope="module")
 def alone(vlm, requests_12):
-    return [vlm.generate_requests([r])[0].token_ids for r in requests_12]
+    return [vlm.generate([r])[0].token_ids for r in requests_12]
 
 
 def run_engine(engine, reqs):
     for i, r in enumerate(reqs):
-        engine.add_request(f"r{i}", r.prompt, r.image_embeds, r.params, r.image_hashes)
+        engine.add_request(f"r{i}", r)
     got = engine.run_to_completion()
     return [[t for o in got[f"r{i}"] for t in o.token_ids] for i in range(len(reqs))], got
 
@@ -85,25 +86,25 @@ def test_second_turn_reuses_the_first_turns_blocks(vlm, images):
     bs = 4
     engine = vlm.engine(EngineConfig(num_blocks=128, block_size=bs))
     sp = SamplingParams(max_new_tokens=8, ignore_eos=True)
-    turn1 = vlm.request("What colour is the circle?", images[:1], sp)
+    turn1 = vlm.request("What colour is the circle?", {"image": images[:1]}, sp)
     got, _ = run_engine(engine, [turn1])
     answer = vlm.tokenizer.decode(got[0], skip_special_tokens=True)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the circle?"}]},
                 {"role": "assistant", "content": answer},
                 {"role": "user", "content": "And the square?"}]
-    turn2 = vlm.request(messages, images[:1], sp)
+    turn2 = vlm.request(messages, {"image": images[:1]}, sp)
     first_tokens = list(turn1.prompt.token_ids) + got[0]
     computed = len(first_tokens) - 1          # the last sampled token never entered the cache
     expected_blocks = min(_common_prefix(first_tokens, list(turn2.prompt.token_ids)), computed,
                           len(turn2.prompt) - 1) // bs
     assert expected_blocks >= len(turn1.prompt) // bs > 0
     hits_before = engine.blocks.stats.prefix_hits
-    engine.add_request("t2", turn2.prompt, turn2.image_embeds, sp, turn2.image_hashes)
+    engine.add_request("t2", EngineRequest(turn2.prompt, turn2.image_embeds, sp, turn2.image_hashes))
     out = engine.run_to_completion()["t2"]
     assert engine.blocks.stats.prefix_hits - hits_before == expected_blocks
     assert out[-1].cached_tokens == expected_blocks * bs
     fresh = vlm.engine(EngineConfig(num_blocks=128, block_size=bs, enable_prefix_caching=False))
-    fresh.add_request("t2", turn2.prompt, turn2.image_embeds, sp, turn2.image_hashes)
+    fresh.add_request("t2", EngineRequest(turn2.prompt, turn2.image_embeds, sp, turn2.image_hashes))
     assert [t for o in fresh.run_to_completion()["t2"] for t in o.token_ids] == [t for o in out for t in o.token_ids]
 
 
@@ -111,16 +112,16 @@ def test_different_images_with_identical_text_share_no_image_blocks(vlm, images)
     bs = 4
     sp = SamplingParams(max_new_tokens=2, ignore_eos=True)
     engine = vlm.engine(EngineConfig(num_blocks=128, block_size=bs))
-    a = vlm.request("What colour is the circle?", images[:1], sp)
-    b = vlm.request("What colour is the circle?", images[1:2], sp)
+    a = vlm.request("What colour is the circle?", {"image": images[:1]}, sp)
+    b = vlm.request("What colour is the circle?", {"image": images[1:2]}, sp)
     assert a.prompt.token_ids == b.prompt.token_ids and a.image_hashes != b.image_hashes
     run_engine(engine, [a])
-    engine.add_request("b", b.prompt, b.image_embeds, sp, b.image_hashes)
+    engine.add_request("b", EngineRequest(b.prompt, b.image_embeds, sp, b.image_hashes))
     out = engine.run_to_completion()["b"]
     text_only_blocks = a.prompt.spans[0].offset // bs   # blocks that end before the image starts
     assert out[-1].cached_tokens == text_only_blocks * bs
     # the same image again does reuse the image blocks
-    engine.add_request("a2", a.prompt, a.image_embeds, sp, a.image_hashes)
+    engine.add_request("a2", EngineRequest(a.prompt, a.image_embeds, sp, a.image_hashes))
     assert engine.run_to_completion()["a2"][-1].cached_tokens == (len(a.prompt) - 1) // bs * bs
 
 
@@ -128,10 +129,10 @@ def test_abort_50_requests_mid_generation_returns_all_blocks(vlm, images):
     engine = vlm.engine(EngineConfig(num_blocks=512, max_num_batched_tokens=256))
     initial = engine.blocks.num_free_blocks
     sp = SamplingParams(max_new_tokens=40, ignore_eos=True)
-    base = [vlm.request(q, images[:i % 2], sp) for i, q in enumerate(QUESTIONS[:5])]
+    base = [vlm.request(q, {"image": images[:i % 2]}, sp) for i, q in enumerate(QUESTIONS[:5])]
     for i in range(50):
         r = base[i % 5]
-        engine.add_request(f"x{i}", r.prompt, r.image_embeds, sp, r.image_hashes)
+        engine.add_request(f"x{i}", EngineRequest(r.prompt, r.image_embeds, sp, r.image_hashes))
     for _ in range(6):
         engine.step()
     assert engine.blocks.num_free_blocks < initial
@@ -156,7 +157,7 @@ def test_async_engine_streams_and_cancellation_aborts(vlm, requests_12, alone):
     async def collect(i):
         r = requests_12[i]
         ids = []
-        async for out in aengine.generate(f"a{i}", r.prompt, r.image_embeds, r.params, r.image_hashes):
+        async for out in aengine.generate(f"a{i}", r):
             ids += out.token_ids
         return ids
 
@@ -164,7 +165,7 @@ def test_async_engine_streams_and_cancellation_aborts(vlm, requests_12, alone):
         r = requests_12[0]
         long = SamplingParams(max_new_tokens=200, ignore_eos=True)
         n = 0
-        async for out in aengine.generate("gone", r.prompt, r.image_embeds, long, r.image_hashes):
+        async for out in aengine.generate("gone", EngineRequest(r.prompt, r.image_embeds, long, r.image_hashes)):
             n += len(out.token_ids)
             if n >= 3:
                 break   # the client goes away
@@ -173,7 +174,7 @@ def test_async_engine_streams_and_cancellation_aborts(vlm, requests_12, alone):
     async def slow(i):   # a consumer slower than the engine: fewer, larger deltas, the same tokens
         r = requests_12[i]
         ids, deltas = [], 0
-        async for out in aengine.generate(f"s{i}", r.prompt, r.image_embeds, r.params, r.image_hashes):
+        async for out in aengine.generate(f"s{i}", r):
             ids += out.token_ids
             deltas += 1
             await asyncio.sleep(0.05)
@@ -198,12 +199,12 @@ def test_bad_requests_are_rejected_clearly(vlm, requests_12):
     engine = vlm.engine(EngineConfig(num_blocks=4, block_size=4))
     r = requests_12[1]   # has an image
     with pytest.raises(InputError, match="1 image spans but 0 image embeddings"):
-        engine.add_request("x", r.prompt, [], GREEDY)
+        engine.add_request("x", EngineRequest(r.prompt, [], GREEDY))
     with pytest.raises(ContextLengthError, match="does not fit the KV cache"):
-        engine.add_request("y", r.prompt, r.image_embeds, GREEDY)
+        engine.add_request("y", EngineRequest(r.prompt, r.image_embeds, GREEDY))
     with pytest.raises(InputError, match="0 image hashes for 1 images"):
-        vlm.engine(EngineConfig(num_blocks=64)).add_request("h", r.prompt, r.image_embeds, GREEDY, ())
+        vlm.engine(EngineConfig(num_blocks=64)).add_request("h", EngineRequest(r.prompt, r.image_embeds, GREEDY, ()))
     big = vlm.engine(EngineConfig(num_blocks=64))
-    big.add_request("z", r.prompt, r.image_embeds, GREEDY)
+    big.add_request("z", EngineRequest(r.prompt, r.image_embeds, GREEDY))
     with pytest.raises(InputError, match="request id 'z' is already in use"):
-        big.add_request("z", r.prompt, r.image_embeds, GREEDY)
+        big.add_request("z", EngineRequest(r.prompt, r.image_embeds, GREEDY))

@@ -10,6 +10,7 @@ import vlm_core.engine.runner as runner
 from vlm_core.engine.engine import AsyncLLMEngine, EngineConfig, RequestFailedError
 from vlm_core.engine.sampling import SamplingParams, filter_logits
 from vlm_core.errors import PlaceholderMismatchError, SamplingParamsError
+from vlm_core.engine.request import EngineRequest
 
 GREEDY = SamplingParams(max_new_tokens=8, ignore_eos=True)
 
@@ -17,12 +18,12 @@ GREEDY = SamplingParams(max_new_tokens=8, ignore_eos=True)
 @pytest.fixture(scope="module")
 def three(vlm, images):
     """Three requests (0, 1, 2 images) and their greedy tokens when run alone."""
-    reqs = [vlm.request(q, images[:n], GREEDY) for n, q in enumerate(["Hi", "What colour?", "Compare them."])]
-    return reqs, [vlm.generate_requests([r])[0].token_ids for r in reqs]
+    reqs = [vlm.request(q, {"image": images[:n]}, GREEDY) for n, q in enumerate(["Hi", "What colour?", "Compare them."])]
+    return reqs, [vlm.generate([r])[0].token_ids for r in reqs]
 
 
 def add(engine, rid, r, params=None):
-    engine.add_request(rid, r.prompt, r.image_embeds, params or r.params, r.image_hashes)
+    engine.add_request(rid, EngineRequest(r.prompt, r.image_embeds, params or r.params, r.image_hashes))
 
 
 def tokens(outputs):
@@ -101,7 +102,7 @@ def test_embeddings_that_do_not_fit_their_spans_are_refused_at_admission(vlm, th
     engine = vlm.engine(EngineConfig(num_blocks=64))
     bad = [r.image_embeds[0][:-1]]
     with pytest.raises(PlaceholderMismatchError, match=r"image 0: embedding of shape"):
-        engine.add_request("x", r.prompt, bad, r.params, r.image_hashes)
+        engine.add_request("x", EngineRequest(r.prompt, bad, r.params, r.image_hashes))
     assert not engine.has_unfinished()
 
 
@@ -113,7 +114,7 @@ def test_async_streams_beside_a_failing_request_finish_normally(vlm, three, monk
         eng = AsyncLLMEngine(vlm.engine(EngineConfig(num_blocks=64)))
 
         async def collect(rid, r, params=None):
-            return [t async for o in eng.generate(rid, r.prompt, r.image_embeds, params or r.params, r.image_hashes)
+            return [t async for o in eng.generate(rid, EngineRequest(r.prompt, r.image_embeds, params or r.params, r.image_hashes))
                     for t in o.token_ids]
 
         tasks = [collect(f"r{i}", r) for i, r in enumerate(reqs)]

@@ -102,29 +102,29 @@ def test_missing_tokenizer(ckpt):
 
 def test_more_images_than_placeholders(vlm, images):
     with pytest.raises(PlaceholderMismatchError, match="prompt has 1 image placeholder but 2 images were given"):
-        vlm.generate("USER: <image>\nCompare. ASSISTANT:", images[:2], apply_template=False)
+        vlm.generate("USER: <image>\nCompare. ASSISTANT:", {"image": images[:2]}, apply_template=False)
 
 
 def test_fewer_images_than_placeholders(vlm, images):
     with pytest.raises(PlaceholderMismatchError, match="prompt has 2 image placeholders but 1 image was given"):
-        vlm.generate("<image> and <image>: compare.", images[:1])
+        vlm.generate("<image> and <image>: compare.", {"image": images[:1]})
 
 
 def test_unreadable_image_file(vlm, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"this is not a png")
     with pytest.raises(ImageError, match="cannot read image file .*bad.png"):
-        vlm.generate("What is it?", [bad])
+        vlm.generate("What is it?", {"image": [bad]})
 
 
 def test_missing_image_file(vlm, tmp_path):
     with pytest.raises(ImageError, match="cannot read image file .*nope.png.*: no such file"):
-        vlm.generate("What is it?", [tmp_path / "nope.png"])
+        vlm.generate("What is it?", {"image": [tmp_path / "nope.png"]})
 
 
 def test_undecodable_image_bytes(vlm):
     with pytest.raises(ImageError, match="cannot read image bytes"):
-        vlm.generate("What is it?", [b"\x89PNG\r\n\x1a\n garbage"])
+        vlm.generate("What is it?", {"image": [b"\x89PNG\r\n\x1a\n garbage"]})
 
 
 def test_cli_answers_and_reports_errors_cleanly(tiny_dir, images, vlm):
@@ -134,7 +134,7 @@ def test_cli_answers_and_reports_errors_cleanly(tiny_dir, images, vlm):
                          str(images[0]), "--prompt", "What colour is the circle?", "--max-new-tokens", "8"],
                         capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
-    expected = vlm.generate("What colour is the circle?", [images[0]], SamplingParams(max_new_tokens=8)).text
+    expected = vlm.generate("What colour is the circle?", {"image": [images[0]]}, SamplingParams(max_new_tokens=8)).text
     assert ok.stdout == expected + "\n"
     bad = subprocess.run([sys.executable, "-m", "vlm_core.generate", "--model", str(tiny_dir), "--image",
                           str(tiny_dir / "config.json"), "--prompt", "What?"], capture_output=True, text=True,

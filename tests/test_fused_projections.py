@@ -7,6 +7,7 @@ from vlm_core.engine.engine import EngineConfig
 from vlm_core.engine.sampling import SamplingParams
 from vlm_core.generation import prompt_logits
 from vlm_core.vlm import VLM
+from vlm_core.engine.request import EngineRequest
 
 
 def both(folder):
@@ -15,11 +16,11 @@ def both(folder):
 
 
 def check_equal(plain, fused, images):
-    reqs = [plain.request("Describe the image.", images[:1], SamplingParams(max_new_tokens=8, ignore_eos=True)),
-            plain.request("Hi", [], SamplingParams(max_new_tokens=8, ignore_eos=True))]
+    reqs = [plain.request("Describe the image.", {"image": images[:1]}, SamplingParams(max_new_tokens=8, ignore_eos=True)),
+            plain.request("Hi", None, SamplingParams(max_new_tokens=8, ignore_eos=True))]
     for a, b in zip(prompt_logits(plain.model, reqs), prompt_logits(fused.model, reqs)):
         assert (a - b).abs().max().item() <= 1e-5
-    tokens = [[o.token_ids for o in v.generate_requests(reqs)] for v in (plain, fused)]
+    tokens = [[o.token_ids for o in v.generate(reqs)] for v in (plain, fused)]
     assert tokens[0] == tokens[1]
     layer = fused.model.decoder.layers[0]
     assert layer.self_attn.qkv_proj is not None and not hasattr(layer.self_attn, "q_proj")
@@ -54,13 +55,13 @@ def test_qwen2_biases_and_saving_refused(tmp_path, images):
 
 def test_engine_on_a_fused_model_matches_unfused(tiny_dir, images):
     plain, fused = both(tiny_dir)
-    reqs = [plain.request(q, images[:n], SamplingParams(max_new_tokens=6, ignore_eos=True))
+    reqs = [plain.request(q, {"image": images[:n]}, SamplingParams(max_new_tokens=6, ignore_eos=True))
             for n, q in enumerate(["Hi", "What colour?", "Compare."])]
     got = []
     for v in (plain, fused):
         engine = v.engine(EngineConfig(num_blocks=64, max_num_batched_tokens=16))
         for i, r in enumerate(reqs):
-            engine.add_request(f"r{i}", r.prompt, r.image_embeds, r.params)
+            engine.add_request(f"r{i}", EngineRequest(r.prompt, r.image_embeds, r.params))
         out = engine.run_to_completion()
         got.append([[t for o in out[f"r{i}"] for t in o.token_ids] for i in range(3)])
     assert got[0] == got[1]

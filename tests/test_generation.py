@@ -6,49 +6,49 @@ import torch
 from vlm_core.engine.sampling import SamplingParams, filter_logits, sample
 from vlm_core.errors import SamplingParamsError
 from vlm_core.engine.detokenizer import IncrementalDetokenizer
+from helpers import generate_on
 
 GREEDY = SamplingParams(max_new_tokens=24, ignore_eos=True)
 
 
 def test_stream_concatenates_to_generate_text(vlm, images):
-    out = vlm.generate("What colour is the circle?", images[:1], GREEDY)
-    deltas = list(vlm.stream("What colour is the circle?", images[:1], GREEDY))
+    out = vlm.generate("What colour is the circle?", {"image": images[:1]}, GREEDY)
+    deltas = list(vlm.stream("What colour is the circle?", {"image": images[:1]}, GREEDY))
     assert "".join(deltas) == out.text
     assert out.text == vlm.tokenizer.decode(out.token_ids, skip_special_tokens=True)
     assert out.completion_tokens == 24 and out.finish_reason == "length"
-    assert out.prompt_tokens == len(vlm.request("What colour is the circle?", images[:1]).prompt)
+    assert out.prompt_tokens == len(vlm.request("What colour is the circle?", {"image": images[:1]}).prompt)
 
 
 def test_stop_string_truncates_and_is_never_streamed(vlm, images):
-    full = vlm.generate("Describe the image.", images[:1], GREEDY).text
+    full = vlm.generate("Describe the image.", {"image": images[:1]}, GREEDY).text
     stop = full[5:8]
     assert len(stop) == 3 and stop in full
     sp = SamplingParams(max_new_tokens=24, ignore_eos=True, stop=(stop,))
-    out = vlm.generate("Describe the image.", images[:1], sp)
+    out = vlm.generate("Describe the image.", {"image": images[:1]}, sp)
     assert out.finish_reason == "stop"
     assert out.text == full[:full.index(stop)]
-    assert "".join(vlm.stream("Describe the image.", images[:1], sp)) == out.text
+    assert "".join(vlm.stream("Describe the image.", {"image": images[:1]}, sp)) == out.text
 
 
 def test_stop_token_id_and_eos_end_generation(vlm, images):
-    ids = vlm.generate("Describe the image.", images[:1], GREEDY).token_ids
+    ids = vlm.generate("Describe the image.", {"image": images[:1]}, GREEDY).token_ids
     target = ids[3]
-    out = vlm.generate("Describe the image.", images[:1],
+    out = vlm.generate("Describe the image.", {"image": images[:1]},
                        SamplingParams(max_new_tokens=24, ignore_eos=True, stop_token_ids=(target,)))
     first = ids.index(target)
     assert out.token_ids == ids[:first] and out.finish_reason == "stop"
     # the same token declared as EOS stops too, unless ignore_eos
     engine = vlm.engine()
     engine.eos.add(target)
-    stopped = vlm.generate_requests([vlm.request("Describe the image.", images[:1], SamplingParams(max_new_tokens=24))],
-                                    engine)[0]
-    ignored = vlm.generate_requests([vlm.request("Describe the image.", images[:1], GREEDY)], engine)[0]
+    stopped = generate_on(engine, [vlm.request("Describe the image.", {"image": images[:1]}, SamplingParams(max_new_tokens=24))])[0]
+    ignored = generate_on(engine, [vlm.request("Describe the image.", {"image": images[:1]}, GREEDY)])[0]
     assert stopped.token_ids == ids[:first] and stopped.finish_reason == "stop"
     assert ignored.token_ids == ids
 
 
 def test_max_new_tokens_is_exact(vlm, images):
-    out = vlm.generate("Hi", [], SamplingParams(max_new_tokens=5, ignore_eos=True))
+    out = vlm.generate("Hi", None, SamplingParams(max_new_tokens=5, ignore_eos=True))
     assert len(out.token_ids) == 5 and out.finish_reason == "length"
 
 
@@ -100,25 +100,25 @@ def test_sampling_never_leaves_the_top_k_set():
 
 def test_seeded_sampling_is_reproducible_and_top_k1_is_greedy(vlm, images):
     sp = SamplingParams(max_new_tokens=12, temperature=1.5, seed=123, ignore_eos=True)
-    a = vlm.generate("What colour is the circle?", images[:1], sp)
-    b = vlm.generate("What colour is the circle?", images[:1], sp)
-    c = vlm.generate("What colour is the circle?", images[:1],
+    a = vlm.generate("What colour is the circle?", {"image": images[:1]}, sp)
+    b = vlm.generate("What colour is the circle?", {"image": images[:1]}, sp)
+    c = vlm.generate("What colour is the circle?", {"image": images[:1]},
                      SamplingParams(max_new_tokens=12, temperature=1.5, seed=124, ignore_eos=True))
     assert a.token_ids == b.token_ids
     assert a.token_ids != c.token_ids
-    greedy = vlm.generate("What colour is the circle?", images[:1], SamplingParams(max_new_tokens=12, ignore_eos=True))
-    top1 = vlm.generate("What colour is the circle?", images[:1],
+    greedy = vlm.generate("What colour is the circle?", {"image": images[:1]}, SamplingParams(max_new_tokens=12, ignore_eos=True))
+    top1 = vlm.generate("What colour is the circle?", {"image": images[:1]},
                         SamplingParams(max_new_tokens=12, temperature=1.5, top_k=1, seed=5, ignore_eos=True))
-    tiny_p = vlm.generate("What colour is the circle?", images[:1],
+    tiny_p = vlm.generate("What colour is the circle?", {"image": images[:1]},
                           SamplingParams(max_new_tokens=12, temperature=1.0, top_p=1e-6, seed=5, ignore_eos=True))
     assert top1.token_ids == greedy.token_ids == tiny_p.token_ids
 
 
 def test_seeded_request_is_independent_of_its_batch(vlm, images):
     sp = SamplingParams(max_new_tokens=10, temperature=1.0, seed=7, ignore_eos=True)
-    alone = vlm.generate("What colour is the circle?", images[:1], sp)
-    batch = vlm.generate_batch(["How many shapes?", "What colour is the circle?"], [[], images[:1]],
-                               [SamplingParams(max_new_tokens=4, temperature=1.0, seed=1, ignore_eos=True), sp])
+    alone = vlm.generate("What colour is the circle?", {"image": images[:1]}, sp)
+    batch = vlm.generate(["How many shapes?", "What colour is the circle?"], [None, {"image": images[:1]}],
+                         [SamplingParams(max_new_tokens=4, temperature=1.0, seed=1, ignore_eos=True), sp])
     assert batch[1].token_ids == alone.token_ids
 
 

@@ -5,6 +5,8 @@ import torch
 
 from vlm_core.engine.engine import EngineConfig
 from vlm_core.engine.sampling import SamplingParams
+from helpers import generate_on
+from vlm_core.generation import prompt_logits
 
 LOGIT_TOL = 1e-4
 CHUNK_TOL = 1e-5
@@ -23,7 +25,7 @@ def build_requests(vlm, images, case, sampling=None):
     for text, n in CASES[case]:
         ims = images[k:k + n] if n else []
         k = (k + n) % len(images)
-        req = vlm.request(text, ims, sampling)
+        req = vlm.request(text, {"image": ims}, sampling)
         reqs.append(req)
         if n:
             pixels.append(vlm.image_processor(ims))
@@ -46,7 +48,7 @@ def hf_batch_inputs(reqs, pad_id):
 @pytest.mark.parametrize("case", list(CASES))
 def test_prompt_logits_equal_hf(vlm, hf_model, images, case):
     reqs, pixels = build_requests(vlm, images, case)
-    ours = vlm.prompt_logits(reqs)
+    ours = prompt_logits(vlm.model, reqs)
     ids, mask, pos = hf_batch_inputs(reqs, vlm.tokenizer.pad_token_id)
     with torch.no_grad():
         ref = hf_model(input_ids=ids, pixel_values=pixels, attention_mask=mask, position_ids=pos).logits
@@ -60,7 +62,7 @@ def test_prompt_logits_equal_hf(vlm, hf_model, images, case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_greedy_16_tokens_equal_hf_generate(vlm, hf_model, images, case):
     reqs, pixels = build_requests(vlm, images, case, SamplingParams(max_new_tokens=16, ignore_eos=True))
-    ours = vlm.generate_requests(reqs)
+    ours = vlm.generate(reqs)
     for i, r in enumerate(reqs):
         # HF generate one prompt at a time (its own padding-free path) ...
         n_img = len(r.image_embeds)
@@ -85,9 +87,9 @@ def test_greedy_16_tokens_equal_hf_generate(vlm, hf_model, images, case):
 @pytest.mark.parametrize("chunk", [1, 7, 64])
 def test_chunked_prefill_matches_one_shot(vlm, images, chunk):
     reqs, _ = build_requests(vlm, images, "batch_of_three")
-    reqs.append(vlm.request("Compare these four pictures.", [images[0], images[1], images[2], images[0]]))
-    one_shot = vlm.prompt_logits(reqs)
-    chunked = vlm.prompt_logits(reqs, chunk_size=chunk)
+    reqs.append(vlm.request("Compare these four pictures.", {"image": [images[0], images[1], images[2], images[0]]}))
+    one_shot = prompt_logits(vlm.model, reqs)
+    chunked = prompt_logits(vlm.model, reqs, chunk_size=chunk)
     # the chunk grid cuts through an image's placeholder run in these prompts
     spans = [s for r in reqs for s in r.prompt.spans]
     assert any(s.offset // chunk != (s.end - 1) // chunk for s in spans)
@@ -97,21 +99,21 @@ def test_chunked_prefill_matches_one_shot(vlm, images, chunk):
 
 def test_chunked_prefill_generation_equals_one_shot(vlm, images):
     reqs, _ = build_requests(vlm, images, "batch_of_three", SamplingParams(max_new_tokens=8, ignore_eos=True))
-    a = vlm.generate_requests(reqs)
-    b = vlm.generate_requests(reqs, engine=vlm.engine(EngineConfig(max_num_batched_tokens=5)))
+    a = vlm.generate(reqs)
+    b = generate_on(vlm.engine(EngineConfig(max_num_batched_tokens=5)), reqs)
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
 
 
 def test_incremental_decoding_matches_full_forward(vlm, images):
     """Logits of decode steps from start_pos equal the logits of the whole sequence in one pass."""
-    req = vlm.request("What colour is the circle?", images[:1], SamplingParams(max_new_tokens=6, ignore_eos=True))
-    out = vlm.generate_requests([req])[0]
-    from vlm_core.generation import GenerationRequest
+    req = vlm.request("What colour is the circle?", {"image": images[:1]}, SamplingParams(max_new_tokens=6, ignore_eos=True))
+    out = vlm.generate([req])[0]
+    from vlm_core.engine.request import EngineRequest
     from vlm_core.inputs.placeholders import MultimodalPrompt
 
-    full = GenerationRequest(MultimodalPrompt(req.prompt.token_ids + tuple(out.token_ids), req.prompt.spans),
+    full = EngineRequest(MultimodalPrompt(req.prompt.token_ids + tuple(out.token_ids), req.prompt.spans),
                              req.image_embeds)
-    logits = vlm.prompt_logits([full])[0]
+    logits = prompt_logits(vlm.model, [full])[0]
     n = len(req.prompt)
     # greedy token at each step = argmax of the full-pass logits at the previous position
     assert logits[n - 1:n - 1 + len(out.token_ids)].argmax(-1).tolist() == out.token_ids
@@ -121,7 +123,7 @@ def test_batch_api_equals_single_requests(vlm, images):
     sp = SamplingParams(max_new_tokens=10, ignore_eos=True)
     prompts = ["What colour is the circle?", "How many shapes?", "Describe both."]
     ims = [images[:1], [], images[1:3]]
-    batch = vlm.generate_batch(prompts, ims, sp)
-    single = [vlm.generate(p, im, sp) for p, im in zip(prompts, ims)]
+    batch = vlm.generate(prompts, [{"image": im} for im in ims], sp)
+    single = [vlm.generate(p, {"image": im}, sp) for p, im in zip(prompts, ims)]
     assert [b.token_ids for b in batch] == [s.token_ids for s in single]
     assert [b.text for b in batch] == [s.text for s in single]

@@ -412,7 +412,7 @@ def test_http_greedy_output_equals_the_in_process_engine(client, monkeypatch):
     for seed in (21, 22):
         scene, q, _ = heldout_set(1, seed=seed)[0]
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
-        ref = vlm.generate(messages, [scene.image()], SamplingParams(max_new_tokens=24, ignore_eos=True))
+        ref = vlm.generate(messages, {"image": [scene.image()]}, SamplingParams(max_new_tokens=24, ignore_eos=True))
         r = ask(client, scene.image(), q, max_tokens=24, extra_body={"ignore_eos": True})
         assert r.choices[0].message.content == ref.text
         assert r.usage.completion_tokens == len(ref.token_ids) == 24
@@ -584,7 +584,7 @@ def test_nvila_served_over_http_equals_in_process(nvila_app, monkeypatch):
         Image.fromarray(arr).save(buf, "PNG")
         png = buf.getvalue()
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
-        ref = vlm.generate_content(messages, {"image": [png]}, SamplingParams(max_new_tokens=12, ignore_eos=True))
+        ref = vlm.generate(messages, {"image": [png]}, SamplingParams(max_new_tokens=12, ignore_eos=True))
         r = client.chat.completions.create(
             model="tiny-nvila", temperature=0, max_tokens=12, extra_body={"ignore_eos": True},
             messages=[{"role": "user", "content": [
@@ -599,7 +599,7 @@ def test_nvila_served_over_http_equals_in_process(nvila_app, monkeypatch):
                         .numpy()).save(buf, "PNG")
         frames.append(buf.getvalue())
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
-    ref = vlm.generate_content(messages, {"video": [frames]}, SamplingParams(max_new_tokens=10, ignore_eos=True))
+    ref = vlm.generate(messages, {"video": [frames]}, SamplingParams(max_new_tokens=10, ignore_eos=True))
     r = client.chat.completions.create(
         model="tiny-nvila", temperature=0, max_tokens=10, extra_body={"ignore_eos": True},
         messages=[{"role": "user", "content": [

@@ -16,6 +16,8 @@ from vlm_core.inputs.tiling import split_chessboard
 from vlm_core.models.s2 import merge_chessboard
 from vlm_core.tiny_vila import build_tiny_vila
 from vlm_core.vlm import VLM
+from helpers import generate_on
+from vlm_core.generation import prompt_logits
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -96,14 +98,14 @@ def test_folder_llm_and_tower_equal_transformers(folders, models):
         vlm = models[fam]
         hf = AutoModelForCausalLM.from_pretrained(str(d / "llm")).eval()
         ids = torch.randint(5, 300, (40,), generator=torch.Generator().manual_seed(0))
-        from vlm_core.generation import GenerationRequest
+        from vlm_core.engine.request import EngineRequest
 
-        req = GenerationRequest(vlm.inputs.prepare_media(vlm.tokenizer.decode(ids), {}, apply_template=False)[0],
+        req = EngineRequest(vlm.inputs.prepare_media(vlm.tokenizer.decode(ids), {}, apply_template=False)[0],
                                 [], SamplingParams())
         ref_ids = torch.tensor(req.prompt.token_ids)
         with torch.no_grad():
             ref = hf(ref_ids[None]).logits[0]
-        assert (vlm.prompt_logits([req])[0] - ref).abs().max() <= 1e-4
+        assert (prompt_logits(vlm.model, [req])[0] - ref).abs().max() <= 1e-4
         tower = SiglipVisionModel.from_pretrained(str(d / "vision_tower")).eval()
         px = torch.randn(2, 3, vlm.model.config.vision.image_size, vlm.model.config.vision.image_size)
         with torch.no_grad():
@@ -159,10 +161,10 @@ def test_media_tokens_match_embeddings_and_generation_runs(models):
         nl = vlm.tokenizer("\n", add_special_tokens=False)["input_ids"]
         for s in mm.spans:   # each image run is followed by its end token ("\n")
             assert list(mm.token_ids[s.end:s.end + len(nl)]) == nl
-        out = vlm.generate_content("What colour is the circle?", {"image": [picture()]},
+        out = vlm.generate("What colour is the circle?", {"image": [picture()]},
                                    SamplingParams(max_new_tokens=8, ignore_eos=True))
         assert len(out.token_ids) == 8
-        streamed = "".join(vlm.stream_content("What colour is the circle?", {"image": [picture()]},
+        streamed = "".join(vlm.stream("What colour is the circle?", {"image": [picture()]},
                                               SamplingParams(max_new_tokens=8, ignore_eos=True)))
         assert streamed == out.text
 
@@ -172,8 +174,8 @@ def test_save_and_load_round_trip_keeps_logits(models, tmp_path):
         vlm.save_pretrained(tmp_path / fam)
         again = VLM.from_pretrained(tmp_path / fam)
         media = {"image": [picture(120, 100, seed=3)]}
-        a = vlm.prompt_logits([vlm.request("Describe the image.", media=media)])[0]
-        b = again.prompt_logits([again.request("Describe the image.", media=media)])[0]
+        a = prompt_logits(vlm.model, [vlm.request("Describe the image.", media=media)])[0]
+        b = prompt_logits(again.model, [again.request("Describe the image.", media=media)])[0]
         assert torch.equal(a, b)
 
 
@@ -188,7 +190,7 @@ def test_video_of_8_frames_and_frame_limit(models):
     assert all(mm.spans[i + 1].offset == mm.spans[i].end + len(nl) for i in range(7))
     text_only, _ = vlm.inputs.prepare_media("What happens?", {})
     assert len(mm) == len(text_only) + 1 * 0 + 8 * (tpt + len(nl))   # the video token becomes 8 frames
-    out = vlm.generate_content("What happens?", {"video": [frames]}, SamplingParams(max_new_tokens=4, ignore_eos=True))
+    out = vlm.generate("What happens?", {"video": [frames]}, SamplingParams(max_new_tokens=4, ignore_eos=True))
     assert len(out.token_ids) == 4
     _, items = vlm.inputs.prepare_media("What happens?", {"video": [frames + frames[:4]]})
     assert len(items) == 8                                                # 12 frames sampled to the limit
@@ -199,9 +201,9 @@ def test_vila_requests_batch_in_the_engine_like_alone(models):
         reqs = [vlm.request(q, sampling=SamplingParams(max_new_tokens=6, ignore_eos=True), media=m)
                 for q, m in [("Describe.", {"image": [picture(seed=1)]}), ("Hello there", {}),
                              ("Count the shapes.", {"image": [picture(64, 200, seed=2)]})]]
-        alone = [vlm.generate_requests([r], vlm.engine(EngineConfig(max_num_batched_tokens=32)))[0].token_ids
+        alone = [generate_on(vlm.engine(EngineConfig(max_num_batched_tokens=32)), [r])[0].token_ids
                  for r in reqs]
-        together = vlm.generate_requests(reqs, vlm.engine(EngineConfig(max_num_batched_tokens=32)))
+        together = generate_on(vlm.engine(EngineConfig(max_num_batched_tokens=32)), reqs)
         assert [o.token_ids for o in together] == alone
 
 
@@ -213,7 +215,7 @@ def test_dynamic_tiling_mode(tmp_path):
     nl = vlm.tokenizer("\n", add_special_tokens=False)["input_ids"]
     for s in mm.spans[:-1]:   # "<image>\n" per tile: the end token, then the separator line
         assert list(mm.token_ids[s.end:s.end + 2 * len(nl)]) == nl + nl
-    out = vlm.generate_content("Describe.", {"image": [picture(210, 70)]}, SamplingParams(max_new_tokens=3))
+    out = vlm.generate("Describe.", {"image": [picture(210, 70)]}, SamplingParams(max_new_tokens=3))
     assert 1 <= len(out.token_ids) <= 3
 
 
@@ -259,8 +261,8 @@ def test_awq_llm_in_the_folder_loads_and_matches_its_dequantized_twin(folders, n
             fc = dense.model.decoder.get_submodule(name)
             fc.weight.copy_(dequantize_awq(t["qweight"], t["qzeros"], t["scales"].float(), 32).t())
     media = {"image": [picture(100, 140, seed=5)]}
-    a = q.prompt_logits([q.request("Describe the image.", media=media)])[0]
-    b = dense.prompt_logits([dense.request("Describe the image.", media=media)])[0]
+    a = prompt_logits(q.model, [q.request("Describe the image.", media=media)])[0]
+    b = prompt_logits(dense.model, [dense.request("Describe the image.", media=media)])[0]
     assert (a - b).abs().max() <= 1e-4
 
 
@@ -272,7 +274,7 @@ def test_tinychat_v2_export_in_llm_folder_loads_like_autoawq(nvila_awq, tmp_path
 
     from safetensors.torch import load_file
 
-    from vlm_core.checkpoint import to_v2_state
+    from helpers import to_v2_state
     from vlm_core.errors import CheckpointError
     from vlm_core.quant.awq_linear import AWQLinear
 
@@ -291,8 +293,8 @@ def test_tinychat_v2_export_in_llm_folder_loads_like_autoawq(nvila_awq, tmp_path
     a, b = VLM.from_pretrained(src), VLM.from_pretrained(dst)
     assert isinstance(b.model.decoder.layers[1].mlp.down_proj, AWQLinear)
     media = {"image": [picture(100, 140, seed=6)]}
-    la = a.prompt_logits([a.request("Describe the image.", media=media)])[0]
-    lb = b.prompt_logits([b.request("Describe the image.", media=media)])[0]
+    la = prompt_logits(a.model, [a.request("Describe the image.", media=media)])[0]
+    lb = prompt_logits(b.model, [b.request("Describe the image.", media=media)])[0]
     assert (la - lb).abs().max() <= 1e-5
     (dst / "llm" / "nvila-tiny-w4-g32-awq-v2.pt").rename(dst / "llm" / "nvila-tiny-w4-g32-awq.pt")
     with pytest.raises(CheckpointError, match="not a v2 one"):
@@ -324,7 +326,7 @@ def test_tsp_video_pooling_averages_frame_embeddings(folders, models, tmp_path):
     assert list(mm.token_ids[mm.spans[1].end:mm.spans[2].offset]) == nl + nl   # end token, then the separator
     with pytest.raises(Exception, match="groups of 4"):
         tsp.inputs.prepare_media("What happens?", {"video": [frames[:6]]})
-    assert len(tsp.generate_content("What happens?", {"video": [frames]},
+    assert len(tsp.generate("What happens?", {"video": [frames]},
                                     SamplingParams(max_new_tokens=3, ignore_eos=True)).token_ids) == 3
 
 
@@ -344,8 +346,8 @@ def test_other_projectors_load_run_and_round_trip(tmp_path, projector):
     again = VLM.from_pretrained(tmp_path / "copy")
     with safe_open(str(tmp_path / "copy" / "mm_projector" / "model.safetensors"), "pt") as st:
         assert set(st.keys()) == keys
-    a = vlm.prompt_logits([vlm.request("Describe.", media=media)])[0]
-    assert torch.equal(a, again.prompt_logits([again.request("Describe.", media=media)])[0])
+    a = prompt_logits(vlm.model, [vlm.request("Describe.", media=media)])[0]
+    assert torch.equal(a, prompt_logits(again.model, [again.request("Describe.", media=media)])[0])
 
 
 # ---- VILA-1.5-S2 (static S2) and CLIP towers ----------------------------------------------------
@@ -403,19 +405,19 @@ def test_static_s2_folder_generates_round_trips_and_encodes_video_frames(tmp_pat
     media = {"image": [picture(120, 200, seed=1), picture(64, 64, seed=2)]}
     mm, items = vlm.inputs.prepare_media("Compare the pictures.", media)
     assert [it.pixels.shape[0] for it in items] == [14, 14] and [s.length for s in mm.spans] == [9, 9]
-    out = vlm.generate_content("Compare the pictures.", media, SamplingParams(max_new_tokens=4, ignore_eos=True))
+    out = vlm.generate("Compare the pictures.", media, SamplingParams(max_new_tokens=4, ignore_eos=True))
     assert len(out.token_ids) == 4
     vlm.save_pretrained(tmp_path / "copy")
     again = VLM.from_pretrained(tmp_path / "copy")
     assert again.model.config.s2_scales == (70, 140, 210) and not again.model.config.s2_dynamic
-    a = vlm.prompt_logits([vlm.request("Compare the pictures.", media=media)])[0]
-    assert torch.equal(a, again.prompt_logits([again.request("Compare the pictures.", media=media)])[0])
+    a = prompt_logits(vlm.model, [vlm.request("Compare the pictures.", media=media)])[0]
+    assert torch.equal(a, prompt_logits(again.model, [again.request("Compare the pictures.", media=media)])[0])
     frames = [picture(80, 60, seed=10 + i) for i in range(8)]
     mm, items = vlm.inputs.prepare_media("What happens?", {"video": [frames]})
     assert len(items) == 8 and all(it.kind == "video" and it.pixels.shape[0] == 14 for it in items)
     assert [s.length for s in mm.spans] == [9] * 8
     assert [e.shape[0] for e in vlm.model.embed_media(items)] == [9] * 8
-    assert len(vlm.generate_content("What happens?", {"video": [frames]},
+    assert len(vlm.generate("What happens?", {"video": [frames]},
                                     SamplingParams(max_new_tokens=3, ignore_eos=True)).token_ids) == 3
 
 
@@ -452,5 +454,5 @@ def test_clip_tower_folder_equals_transformers_and_round_trips(tmp_path):
     torch.testing.assert_close(vlm.model.vision(ref_px), want, rtol=1e-5, atol=1e-5)
     vlm.save_pretrained(tmp_path / "copy")
     again = VLM.from_pretrained(tmp_path / "copy")
-    a = vlm.prompt_logits([vlm.request("Describe.", media={"image": [img]})])[0]
-    assert torch.equal(a, again.prompt_logits([again.request("Describe.", media={"image": [img]})])[0])
+    a = prompt_logits(vlm.model, [vlm.request("Describe.", media={"image": [img]})])[0]
+    assert torch.equal(a, prompt_logits(again.model, [again.request("Describe.", media={"image": [img]})])[0])

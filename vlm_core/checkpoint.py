@@ -29,7 +29,7 @@ from .models.llava import LlavaModel
 from .models.projector import build_projector
 from .models.vision import VisionTower
 from .quant.awq_linear import awq_linear_factory
-from .quant.pack import awq_to_v2, v2_to_awq
+from .quant.pack import v2_to_awq
 
 Rename = str | Callable[[re.Match], str]
 
@@ -203,19 +203,6 @@ def read_quant_config(model_dir: Path, raw_config: dict) -> AWQConfig | None:
                                       f"llm-awq's v2 packing or as AutoAWQ safetensors")
             d = {"quant_method": "awq", "bits": int(m.group(1)), "group_size": int(m.group(2)), "version": "v2"}
     return AWQConfig.from_dict(d) if d is not None else None
-
-
-def to_v2_state(state: dict[str, torch.Tensor], group_size: int) -> dict[str, torch.Tensor]:
-    """Rewrite AutoAWQ linears as llm-awq v2 tensors (what TinyChat's `-awq-v2.pt` exports hold)."""
-    out = {}
-    for key, t in state.items():
-        if key.endswith(".qweight"):
-            prefix = key[: -len("qweight")]
-            out[key], out[prefix + "scales"], out[prefix + "scaled_zeros"] = awq_to_v2(
-                t, state[prefix + "qzeros"], state[prefix + "scales"], group_size)
-        elif not (key.endswith((".qzeros", ".scales")) and key.rsplit(".", 1)[0] + ".qweight" in state):
-            out[key] = t
-    return out
 
 
 def convert_v2_state(state: dict[str, torch.Tensor], group_size: int) -> dict[str, torch.Tensor]:

@@ -48,11 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         vlm = VLM.from_pretrained(model, dtype=args.dtype, device=args.device, engine_config=engine_config,
                                   fuse_projections=True)
         if args.stream:
-            for delta in vlm.stream(args.prompt, args.image, sampling):
+            for delta in vlm.stream(args.prompt, {"image": args.image}, sampling):
                 print(delta, end="", flush=True)
             print()
         else:
-            print(vlm.generate(args.prompt, args.image, sampling).text)
+            print(vlm.generate(args.prompt, {"image": args.image}, sampling).text)
     except VLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

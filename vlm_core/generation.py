@@ -1,4 +1,4 @@
-"""Generation requests and results, and prompt scoring.
+"""Prompt scoring: the logits of every prompt position, outside the engine.
 
 `prompt_logits` runs prompts through the model in chunks over a contiguous KV cache; a chunk
 may cut through an image's placeholder run.
@@ -6,41 +6,18 @@ may cut through an image's placeholder run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
-from .engine.sampling import SamplingParams
-from .inputs.placeholders import MultimodalPrompt, chunk_embeddings
+from .engine.request import EngineRequest
+from .inputs.placeholders import chunk_embeddings
 from .models.attention import ContiguousKVCache, SeqChunk
 from .models.llava import LlavaModel
 
 
-@dataclass
-class GenerationRequest:
-    prompt: MultimodalPrompt
-    image_embeds: list[torch.Tensor]          # one [tokens_per_image, H] per prompt span
-    params: SamplingParams = field(default_factory=SamplingParams)
-    image_hashes: tuple[str, ...] | None = None   # content hash per image (prefix / encoder cache keys);
-                                                  # None: the engine hashes the embeddings
-
-
-@dataclass
-class GenerationOutput:
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    prompt_tokens: int
-    cached_tokens: int = 0     # prompt tokens served from the prefix cache
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.token_ids)
-
-
 @torch.inference_mode()
-def prompt_logits(model: LlavaModel, requests: Sequence[GenerationRequest], chunk_size: int | None = None
+def prompt_logits(model: LlavaModel, requests: Sequence[EngineRequest], chunk_size: int | None = None
                   ) -> list[torch.Tensor]:
     """fp32 logits [len, V] of every prompt position, prefilled in chunks of `chunk_size` tokens
     per request (the whole prompt when None) over a contiguous KV cache. For scoring and tests;

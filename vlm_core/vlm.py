@@ -1,39 +1,47 @@
-"""`VLM`: a loaded model with its tokenizer and image processor, and the generate/stream API.
+"""`VLM`: a loaded model with its tokenizer and processor, and the offline API (shaped like vLLM's `LLM`).
 
-    vlm = VLM.from_pretrained("path/to/llava-hf-checkpoint")
-    out = vlm.generate("What is in the picture?", images=["cat.png"],
-                       sampling=SamplingParams(max_new_tokens=64))
-    for delta in vlm.stream("Describe it.", images=["cat.png"]):
+    vlm = VLM.from_pretrained("path/to/checkpoint")          # llava-hf, VILA-1.5 or NVILA folder
+    out = vlm.generate("What is in the picture?", {"image": ["cat.png"]}, SamplingParams(max_new_tokens=64))
+    outs = vlm.generate(["What colour?", "How many?"], [{"image": ["a.png"]}, None])
+    for delta in vlm.stream("Describe the video.", {"video": [["f0.png", "f1.png"]]}):
         print(delta, end="")
+    engine = vlm.engine(EngineConfig(max_num_seqs=32))         # the continuous-batching engine
+    engine.add_request("r1", vlm.request("Hi", sampling=SamplingParams(max_new_tokens=8)))
 
-Generation runs on a continuous-batching `LLMEngine` (paged KV cache, chunked prefill, prefix
-cache) created on first use from `engine_config`.
+A prompt is a user question (the chat template applied, media placed before the text unless the
+text holds `<image>` itself), a list of chat messages, or an `EngineRequest` already prepared
+(`vlm.request`). Media are always a dict of lists: `{"image": [...], "video": [[frame, ...], ...]}`
+(videos for VILA-family models). `generate` returns one merged `RequestOutput` per prompt — the
+engine's output type — and `stream` the text deltas of one prompt.
 
-`prompt` is either a user question (wrapped in the chat template, images placed before the
-text unless the text holds `<image>` itself) or a list of chat messages.
-
-VILA-1.5 / NVILA folders (`llm/`, `vision_tower/`, `mm_projector/`) load the same way; their
-media come as a dict of lists through `generate_content` / `stream_content`:
-
-    vlm.generate_content("Describe the video.", {"video": [frame0, frame1, ...]})
+Public entry points: `from_pretrained`, `generate`, `stream`, `request`, `engine`, and
+`save_pretrained` for VILA-family folders. Scoring lives in `vlm_core.generation.prompt_logits`.
 """
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from .checkpoint import MODEL_PARTS, is_vila_folder, load_llava_hf, load_vila, save_vila
-from .engine.engine import EngineConfig, RequestOutput
+from .engine.engine import EngineConfig, LLMEngine
+from .engine.request import EngineRequest, RequestOutput, merge_outputs
 from .engine.sampling import SamplingParams
-from .generation import GenerationOutput, GenerationRequest, prompt_logits
-from .inputs.image import ImageInput
-from .inputs.placeholders import MultimodalPrompt
 from .inputs.prompt import Prompt, PromptBuilder
 from .models.llava import LlavaModel
+
+Media = dict[str, Sequence[Any]]
+
+
+def _is_one(prompts) -> bool:
+    """A single prompt (text, a message list or a prepared request) rather than a list of them."""
+    if isinstance(prompts, (str, EngineRequest)):
+        return True
+    return isinstance(prompts, Sequence) and len(prompts) > 0 and isinstance(prompts[0], dict)
 
 
 class VLM:
@@ -81,56 +89,81 @@ class VLM:
         top, raw = self._folder_configs
         return save_vila(self.model, self.tokenizer, self.image_processor.cfg, out_dir, top, raw)
 
-    # ---- inputs -------------------------------------------------------------------------
+    # ---- requests ---------------------------------------------------------------------------
 
-    def prepare(self, prompt: Prompt, images: Sequence[ImageInput] = (), apply_template: bool = True
-                ) -> tuple[MultimodalPrompt, torch.Tensor]:
-        """Token ids with one placeholder span per image, and pixel values [N, 3, S, S]."""
-        return self.inputs.prepare(prompt, images, apply_template)
+    def request(self, prompt: Prompt, media: Media | None = None, sampling: SamplingParams | None = None,
+                apply_template: bool = True) -> EngineRequest:
+        """An engine request: the prompt's token ids with one span per media item, and the items'
+        embeddings (the vision tower runs here)."""
+        return self._requests([prompt], [media], [sampling], apply_template)[0]
 
-    def request(self, prompt: Prompt, images: Sequence[ImageInput] = (), sampling: SamplingParams | None = None,
-                apply_template: bool = True, media: dict | None = None) -> GenerationRequest:
-        """A request with its media encoded; `media` ({"image": [...], "video": [[frames]]}) or `images`."""
-        if media is None:
-            media = {"image": list(images)} if len(images) else {}
-        elif len(images):
-            raise ValueError("give images either in `images` or in `media`, not both")
-        mm, items = self.inputs.prepare_media(prompt, media, apply_template)
-        embeds = self.model.embed_media(items)
-        return GenerationRequest(mm, embeds, sampling or SamplingParams(), tuple(it.hash for it in items))
-
-    def generate_content(self, prompt: Prompt, media: dict | None = None,
-                         sampling: SamplingParams | None = None) -> GenerationOutput:
-        """Generation over a dict of media lists (the VILA / NVILA interface; LLaVA takes images)."""
-        return self.generate_requests([self.request(prompt, sampling=sampling, media=media or {})])[0]
-
-    def stream_content(self, prompt: Prompt, media: dict | None = None,
-                       sampling: SamplingParams | None = None) -> Iterator[str]:
-        for _, out in self.run([self.request(prompt, sampling=sampling, media=media or {})]):
-            if out.text:
-                yield out.text
+    def _requests(self, prompts: Sequence, media: Sequence[Media | None],
+                  sampling: Sequence[SamplingParams | None], apply_template: bool) -> list[EngineRequest]:
+        """Requests for many prompts; the vision tower runs once over every media item. A prepared
+        `EngineRequest` keeps its own sampling unless one is given for it."""
+        for p, m in zip(prompts, media):
+            if m is not None and not isinstance(m, dict):
+                raise TypeError(f"media must be a dict of lists, {{'image': [...], 'video': [[...]]}}, "
+                                f"got {type(m).__name__}")
+            if isinstance(p, EngineRequest) and m:
+                raise ValueError("an EngineRequest carries its media already; give no media dict with it")
+        prepared = [p if isinstance(p, EngineRequest) else self.inputs.prepare_media(p, m, apply_template)
+                    for p, m in zip(prompts, media)]
+        embeds = self.model.embed_media([it for p in prepared if not isinstance(p, EngineRequest) for it in p[1]])
+        out, k = [], 0
+        for p, sp in zip(prepared, sampling):
+            if isinstance(p, EngineRequest):
+                out.append(p if sp is None else replace(p, params=sp))
+                continue
+            sp = sp or SamplingParams()
+            mm, items = p
+            out.append(EngineRequest(mm, embeds[k:k + len(items)], sp, tuple(it.hash for it in items)))
+            k += len(items)
+        return out
 
     # ---- generation (through the continuous-batching engine) ------------------------------------
 
-    def engine(self, config=None):
+    def engine(self, config: EngineConfig | None = None) -> LLMEngine:
         """A new continuous-batching `LLMEngine` over this model (see `vlm_core.engine`)."""
-        from .engine.engine import LLMEngine
-
         return LLMEngine(self.model, self.tokenizer, sorted(self.eos_token_ids), config or self.engine_config)
 
-    @property
-    def default_engine(self):
+    def generate(self, prompts, media: Media | Sequence[Media | None] | None = None,
+                 sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+                 apply_template: bool = True) -> RequestOutput | list[RequestOutput]:
+        """One prompt -> its `RequestOutput`; a list of prompts (each with its media dict and
+        sampling, or one sampling for all) -> a list, run together on the engine."""
+        one = _is_one(prompts)
+        prompts = [prompts] if one else list(prompts)
+        media = [media] if one else (list(media) if media is not None else [None] * len(prompts))
+        if len(media) != len(prompts):
+            raise ValueError(f"{len(media)} media dicts for {len(prompts)} prompts")
+        if isinstance(sampling, (list, tuple)):
+            if len(sampling) != len(prompts):
+                raise ValueError(f"{len(sampling)} sampling params for {len(prompts)} prompts")
+        else:
+            sampling = [sampling] * len(prompts)
+        requests = self._requests(prompts, media, sampling, apply_template)
+        final: list[RequestOutput | None] = [None] * len(requests)
+        for i, out in self._run(requests):
+            final[i] = out if final[i] is None else merge_outputs(final[i], out)
+        return final[0] if one else final
+
+    def stream(self, prompt, media: Media | None = None, sampling: SamplingParams | None = None,
+               apply_template: bool = True) -> Iterator[str]:
+        """Text deltas of one prompt as they are generated."""
+        for _, out in self._run([self.request(prompt, media, sampling, apply_template)]):
+            if out.text:
+                yield out.text
+
+    def _run(self, requests: Sequence[EngineRequest]) -> Iterator[tuple[int, RequestOutput]]:
+        """Submit requests to this VLM's engine and yield (index, output delta) as it produces them."""
         if self._engine is None:
             self._engine = self.engine()
-        return self._engine
-
-    def run(self, requests: Sequence[GenerationRequest], engine=None) -> Iterator[tuple[int, "RequestOutput"]]:
-        """Submit requests and yield (index, output delta) as the engine produces them."""
-        engine = engine or self.default_engine
+        engine = self._engine
         ids = {}
         for i, r in enumerate(requests):
             rid = f"vlm-{next(self._ids)}"
-            engine.add_request(rid, r.prompt, r.image_embeds, r.params, r.image_hashes)
+            engine.add_request(rid, r)
             ids[rid] = i
         open_ids = set(ids)
         try:
@@ -143,46 +176,3 @@ class VLM:
         finally:
             for rid in open_ids:   # the caller stopped early
                 engine.abort(rid)
-
-    def generate_requests(self, requests: Sequence[GenerationRequest], engine=None) -> list[GenerationOutput]:
-        texts = [""] * len(requests)
-        toks: list[list[int]] = [[] for _ in requests]
-        last = [None] * len(requests)
-        for i, out in self.run(requests, engine):
-            texts[i] += out.text
-            toks[i] += out.token_ids
-            last[i] = out
-        return [GenerationOutput(t, ids, o.finish_reason, o.prompt_tokens, o.cached_tokens)
-                for t, ids, o in zip(texts, toks, last)]
-
-    def generate(self, prompt: Prompt, images: Sequence[ImageInput] = (), sampling: SamplingParams | None = None,
-                 apply_template: bool = True) -> GenerationOutput:
-        return self.generate_requests([self.request(prompt, images, sampling, apply_template)])[0]
-
-    def stream(self, prompt: Prompt, images: Sequence[ImageInput] = (), sampling: SamplingParams | None = None,
-               apply_template: bool = True) -> Iterator[str]:
-        """Text deltas as they are generated."""
-        for _, out in self.run([self.request(prompt, images, sampling, apply_template)]):
-            if out.text:
-                yield out.text
-
-    def generate_batch(self, prompts: Sequence[Prompt], images: Sequence[Sequence[ImageInput]] | None = None,
-                       sampling: SamplingParams | Sequence[SamplingParams] | None = None,
-                       apply_template: bool = True) -> list[GenerationOutput]:
-        """Several prompts of any lengths at once; the vision tower runs once for all images."""
-        images = images if images is not None else [()] * len(prompts)
-        if len(images) != len(prompts):
-            raise ValueError("images must hold one list per prompt")
-        params = sampling if isinstance(sampling, (list, tuple)) else [sampling or SamplingParams()] * len(prompts)
-        prepared = [self.inputs.prepare_media(p, {"image": list(im)} if len(im) else {}, apply_template)
-                    for p, im in zip(prompts, images)]
-        embeds = self.model.embed_media([it for _, items in prepared for it in items])
-        requests, k = [], 0
-        for (mm, items), sp in zip(prepared, params):
-            requests.append(GenerationRequest(mm, embeds[k:k + len(items)], sp, tuple(it.hash for it in items)))
-            k += len(items)
-        return self.generate_requests(requests)
-
-    def prompt_logits(self, requests: Sequence[GenerationRequest], chunk_size: int | None = None) -> list[torch.Tensor]:
-        """fp32 logits of every prompt position (scoring)."""
-        return prompt_logits(self.model, requests, chunk_size)

@@ -28,7 +28,7 @@ def answer_all(vlm, items, batch: int = 64) -> list[str]:
     answers = []
     for i in range(0, len(items), batch):
         chunk = items[i:i + batch]
-        outs = vlm.generate_batch([q for _, q, _ in chunk], [[s.image()] for s, _, _ in chunk], ANSWER_PARAMS)
+        outs = vlm.generate([q for _, q, _ in chunk], [{"image": [s.image()]} for s, _, _ in chunk], ANSWER_PARAMS)
         answers += [o.text.strip() for o in outs]
     return answers
 
@@ -40,7 +40,7 @@ def hf_answers(model_dir: Path, vlm, items) -> list[str]:
     hf = LlavaForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     out = []
     for scene, q, _ in items:
-        mm, pixels = vlm.prepare(q, [scene.image()])
+        mm, pixels = vlm.inputs.prepare(q, [scene.image()])
         ids = torch.tensor([mm.token_ids])
         g = hf.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=12, do_sample=False,
                         pad_token_id=vlm.tokenizer.pad_token_id, eos_token_id=vlm.tokenizer.eos_token_id)

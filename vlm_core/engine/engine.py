@@ -30,13 +30,12 @@ from kernels.utils import triton_available
 
 from ..errors import ContextLengthError, InputError, PlaceholderMismatchError
 from ..inputs.media import content_hash
-from ..inputs.placeholders import MultimodalPrompt
 from ..models.llava import LlavaModel
 from .graphs import DecodeGraphs
 from .kv_cache import BlockManager, PagedKVCache
 from .output import OutputProcessor
+from .request import EngineRequest, RequestOutput, merge_outputs
 from .runner import ModelRunner
-from .sampling import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from .sequence import Sequence
 
@@ -64,24 +63,6 @@ class EngineConfig:
             raise ValueError(f"attention must be auto, triton or torch, got {self.attention!r}")
         if self.block_size < 1:
             raise ValueError("block_size must be positive")
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    text: str                    # new text since the previous output of this request
-    token_ids: list[int]         # new tokens since the previous output
-    finish_reason: str | None    # "stop" | "length" | "abort" | "error" on the last output
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int           # prompt tokens served from the prefix cache
-    error: str | None = None     # with finish_reason "error": what failed
-
-
-def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
-    """Two consecutive deltas of one request as one."""
-    return RequestOutput(a.request_id, a.text + b.text, a.token_ids + b.token_ids, b.finish_reason,
-                         b.prompt_tokens, b.completion_tokens, b.cached_tokens, b.error)
 
 
 class LLMEngine:
@@ -124,9 +105,10 @@ class LLMEngine:
 
     # ---- requests ---------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: MultimodalPrompt, image_embeds: Seq[torch.Tensor] = (),
-                    params: SamplingParams | None = None, image_hashes: Seq[str] | None = None) -> None:
-        params = params or SamplingParams()
+    def add_request(self, request_id: str, request: EngineRequest) -> None:
+        """Queue `request` under `request_id` (checked now; admitted at the next step)."""
+        prompt, image_embeds, params, image_hashes = (request.prompt, request.image_embeds, request.params,
+                                                      request.image_hashes)
         if len(image_embeds) != len(prompt.spans):
             raise PlaceholderMismatchError(f"prompt has {len(prompt.spans)} image spans but "
                                            f"{len(image_embeds)} image embeddings were given")
@@ -274,12 +256,10 @@ class AsyncLLMEngine:
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
 
-    async def generate(self, request_id: str, prompt: MultimodalPrompt, image_embeds: Seq[torch.Tensor] = (),
-                       params: SamplingParams | None = None, image_hashes: Seq[str] | None = None
-                       ) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         self._ensure_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        self.engine.add_request(request_id, prompt, image_embeds, params, image_hashes)
+        self.engine.add_request(request_id, request)
         self._queues[request_id] = queue
         self._wake.set()
         finished = False

@@ -20,7 +20,7 @@ from itertools import chain
 import numpy as np
 import torch
 
-from ..inputs.placeholders import splice_images
+from ..inputs.placeholders import embed_chunks
 from ..models.llava import LlavaModel
 from .batch import block_table_array, slot_mapping, to_device
 from .graphs import DecodeGraphs
@@ -78,24 +78,10 @@ class ModelRunner:
         return Launched(seqs, sample_async(logits, [s.params for s in seqs], [s.generator for s in seqs]))
 
     def _embeddings(self, out: SchedulerOutput, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings [T, H] with image slices spliced in (placeholder ids are never looked up)."""
-        mask = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-        off, splices = 0, []
-        for c in out.chunks:
-            p = c.seq.prompt
-            if c.start < len(p) and p.spans:
-                end = min(c.start + c.num_tokens, len(p))
-                for s in p.spans:
-                    lo, hi = max(s.offset, c.start), min(s.end, end)
-                    if lo < hi:
-                        mask[off + lo - c.start:off + hi - c.start] = True
-                splices.append((off, c))
-            off += c.num_tokens
-        emb = self.model.embed_tokens(input_ids.masked_fill(mask, 0).to(self.device))
-        for off, c in splices:
-            end = min(c.start + c.num_tokens, len(c.seq.prompt))
-            splice_images(emb[off:off + end - c.start], c.seq.prompt.spans, c.seq.image_embeds, c.start, end)
-        return emb
+        """Token embeddings [T, H] with image slices spliced in (decode rows: no image work)."""
+        chunks = [(c.seq.prompt.spans if c.start < c.seq.num_prompt_tokens else (), c.seq.image_embeds, c.start,
+                   c.num_tokens) for c in out.chunks]
+        return embed_chunks(self.model.embed_tokens, input_ids, chunks, self.device)
 
 
 class Launched:

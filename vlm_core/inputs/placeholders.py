@@ -7,9 +7,9 @@ Two strategies, both ending in the same `MultimodalPrompt` (token ids plus one s
       accepted as is;
   (b) a run of patch tokens already in the prompt (TinyChat's `<im_patch>` * N path).
 
-`chunk_embeddings` builds the input embeddings of any token range [start, end) of a prompt,
-splicing in just the slice of each image's embeddings that falls inside the range, so a
-prefill chunk may cut through an image's run.
+`embed_chunks` builds the input embeddings of a flat batch of token ranges, splicing in just
+the slice of each image's embeddings that falls inside each range, so a prefill chunk may cut
+through an image's run (`chunk_embeddings`: one range of one prompt).
 """
 
 from __future__ import annotations
@@ -119,36 +119,41 @@ def _check_count(placeholders: int, images: int) -> None:
 
 def chunk_embeddings(embed_tokens: Callable[[torch.Tensor], torch.Tensor], prompt: MultimodalPrompt,
                      image_embeds: Sequence[torch.Tensor], start: int, end: int) -> torch.Tensor:
-    """Input embeddings [end - start, H] of prompt positions [start, end).
-
-    image_embeds[i] [tokens_per_image, H] is spliced at span i; placeholder ids themselves are
-    never looked up (they may lie outside the vocabulary, as LLaVA's -200 does).
-    """
+    """Input embeddings [end - start, H] of prompt positions [start, end) (`embed_chunks` of one)."""
     if len(image_embeds) != len(prompt.spans):
         raise PlaceholderMismatchError(
             f"prompt has {_plural(len(prompt.spans), 'image span')} but {len(image_embeds)} embeddings were given")
     ids = torch.tensor(prompt.token_ids[start:end], dtype=torch.long)
-    inside = [(s, emb) for s, emb in zip(prompt.spans, image_embeds) if s.offset < end and s.end > start]
-    if inside:
-        mask = torch.zeros(end - start, dtype=torch.bool)
-        for s, _ in inside:
-            mask[max(s.offset, start) - start:min(s.end, end) - start] = True
-        ids = ids.masked_fill(mask, 0)
-    emb = embed_tokens(ids.to(_device_of(embed_tokens)))
-    return splice_images(emb, prompt.spans, image_embeds, start, end)
+    return embed_chunks(embed_tokens, ids, [(prompt.spans, image_embeds, start, end - start)],
+                        _device_of(embed_tokens))
 
 
-def splice_images(emb: torch.Tensor, spans: Sequence[ImageSpan], image_embeds: Sequence[torch.Tensor],
-                  start: int, end: int) -> torch.Tensor:
-    """Write into emb [end - start, H] (rows for positions start..end-1) each image's slice that
-    falls in that range. Returns emb."""
-    for s, img in zip(spans, image_embeds):
-        lo, hi = max(s.offset, start), min(s.end, end)
-        if lo >= hi:
-            continue
-        if img.shape[0] != s.length:
-            raise PlaceholderMismatchError(f"image embedding has {img.shape[0]} tokens, its span {s.length}")
-        emb[lo - start:hi - start] = img[lo - s.offset:hi - s.offset].to(emb.dtype)
+def embed_chunks(embed_tokens: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor,
+                 chunks: Sequence[tuple[Sequence[ImageSpan], Sequence[torch.Tensor], int, int]],
+                 device: torch.device) -> torch.Tensor:
+    """Input embeddings [T, H] of a flat batch: ids [T] (host) hold the chunks' tokens one after
+    another, chunk j being (spans, image embeddings, first position, number of tokens).
+
+    Each image's slice that falls inside a chunk replaces the token embeddings there (a chunk may
+    cut through an image's run); placeholder ids themselves are never looked up (they may lie
+    outside the vocabulary, as LLaVA's -200 does). The one place image embeddings are spliced.
+    """
+    mask, splices, off = None, [], 0
+    for spans, images, start, n in chunks:
+        for s, img in zip(spans, images):
+            lo, hi = max(s.offset, start), min(s.end, start + n)
+            if lo >= hi:
+                continue
+            if img.shape[0] != s.length:
+                raise PlaceholderMismatchError(f"image embedding has {img.shape[0]} tokens, its span {s.length}")
+            if mask is None:
+                mask = torch.zeros(ids.shape[0], dtype=torch.bool)
+            mask[off + lo - start:off + hi - start] = True
+            splices.append((off + lo - start, off + hi - start, img, lo - s.offset, hi - s.offset))
+        off += n
+    emb = embed_tokens((ids if mask is None else ids.masked_fill(mask, 0)).to(device))
+    for a, b, img, i, j in splices:
+        emb[a:b] = img[i:j].to(emb.dtype)
     return emb
 
 

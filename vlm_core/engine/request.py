@@ -1,0 +1,48 @@
+"""The one request type and the one output type of every entry point.
+
+`EngineRequest` is what `VLM.request` builds, `LLMEngine.add_request` / `AsyncLLMEngine.generate`
+take and the ingress sends to `LLMServer` (it pickles as it is; over Serve its embeddings travel
+beside it, through the object store). `RequestOutput` is what comes back: a delta while a
+request runs, and — from `VLM.generate`, merged — the whole result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import torch
+
+from ..inputs.placeholders import MultimodalPrompt
+from .sampling import SamplingParams
+
+
+@dataclass
+class EngineRequest:
+    prompt: MultimodalPrompt
+    image_embeds: Sequence[torch.Tensor] = ()      # one [span length, H] per prompt span
+    params: SamplingParams = field(default_factory=SamplingParams)
+    image_hashes: tuple[str, ...] | None = None    # content hash per span (prefix / encoder cache keys);
+                                                   # None: the engine hashes the embeddings
+
+    def with_embeds(self, image_embeds: Sequence[torch.Tensor]) -> "EngineRequest":
+        """This request with its embeddings (for a request that crossed a process without them)."""
+        return replace(self, image_embeds=list(image_embeds))
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    text: str                    # new text since the previous output of this request
+    token_ids: list[int]         # new tokens since the previous output
+    finish_reason: str | None    # "stop" | "length" | "abort" | "error" on the last output
+    prompt_tokens: int
+    completion_tokens: int       # tokens generated so far
+    cached_tokens: int           # prompt tokens served from the prefix cache
+    error: str | None = None     # with finish_reason "error": what failed
+
+
+def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """Two consecutive deltas of one request as one."""
+    return RequestOutput(a.request_id, a.text + b.text, a.token_ids + b.token_ids, b.finish_reason,
+                         b.prompt_tokens, b.completion_tokens, b.cached_tokens, b.error)
