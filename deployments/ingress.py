@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from vlm_core.engine.request import EngineRequest
 from vlm_core.errors import ImageTooLargeError, VLMError
 from vlm_core.inputs.image import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, decode_image, open_image
-from vlm_core.inputs.builder import prompt_builder
+from vlm_core.families import load_processor
 
 from .frontdoor import FrontDoor, FrontDoorLimits
 from .media import ImagePolicy, new_http_client, read_image_url
@@ -174,7 +174,7 @@ def text_chars(body: ChatCompletionRequest) -> int:
 class Ingress:
     def __init__(self, vision, llm, model_dir: str, options: IngressOptions = IngressOptions()):
         self.vision, self.llm = vision, llm
-        self.inputs = prompt_builder(model_dir)      # LLaVA or VILA-family prompts; no weights
+        self.inputs = load_processor(model_dir)      # the family's processor; no weights
         self.options = o = options
         self.model_name = o.model_name
         self.max_model_len = self.inputs.config.text.max_position_embeddings

@@ -18,7 +18,7 @@ from collections import OrderedDict
 import torch
 from ray import serve
 
-from vlm_core.checkpoint import load_model
+from vlm_core.families import family_of
 from vlm_core.inputs.media import MediaItem
 
 from .metrics import metric
@@ -29,20 +29,6 @@ Request = tuple[list[MediaItem], list[str]]
 
 def tiles_in(requests: list[Request]) -> int:
     return sum(it.pixels.shape[0] for items, _ in requests for it in items)
-
-
-def max_item_tiles(config) -> int:
-    """The most tiles one media item of this model can have (a LLaVA image: 1)."""
-    scales = getattr(config, "s2_scales", ())
-    most = 1
-    if scales and getattr(config, "image_mode", None) != "dynamic":
-        grids = [(s // scales[0]) ** 2 for s in scales]
-        if config.s2_dynamic:   # the last scale's grid: at least its square, at most max_tiles
-            grids[-1] = max(config.max_tiles, grids[-1])
-        most = sum(grids)
-    for pool in getattr(config, "video_pool_sizes", ()):
-        most = max(most, pool[0])
-    return most
 
 
 def split_by_tiles(items: list[MediaItem], hashes: list[str], budget: int) -> list[Request]:
@@ -64,8 +50,9 @@ class VisionEncoder:
     def __init__(self, model_dir: str, dtype: str | None = None, device: str | None = None, cache_size: int = 512,
                  max_batch_images: int = 32, batch_wait_timeout_s: float = 0.002):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_model(model_dir, dtype=dtype, device=device, parts=("vision",))
-        need = max_item_tiles(self.model.config)
+        family = family_of(model_dir)
+        self.model = family.load(model_dir, dtype=dtype, device=device, parts=("vision",))
+        need = family.max_item_tiles(self.model.config)
         if max_batch_images < need:
             raise ValueError(f"vision_max_batch_images ({max_batch_images}) is below the {need} tiles one media item "
                              f"of {model_dir} can have")

@@ -120,7 +120,7 @@ def test_llm_awq_v2_checkpoint_converts_at_load(awq_dir, tmp_path, images):
 
 def test_modules_to_not_convert_stay_dense(tiny_dir, tmp_path, images):
     """A checkpoint whose MLPs were left 16-bit loads them as dense linears."""
-    from vlm_core.checkpoint import save_awq_checkpoint
+    from vlm_core.families.llava import save_awq_checkpoint
     from vlm_core.quant.awq import quantize_linears
 
     fp = VLM.from_pretrained(tiny_dir)

@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 from transformers import LlavaForConditionalGeneration
 
-from vlm_core.checkpoint import load_llava_hf
+from vlm_core.families.llava import load as load_llava_hf
 from vlm_core.generation import prompt_logits
 from vlm_core.tiny import build_tiny_llava
 from vlm_core.vlm import VLM
@@ -142,7 +142,7 @@ def test_loader_returns_model_on_requested_dtype(tiny_dir):
 def test_loading_one_side_reads_only_its_tensors(tiny_dir, vlm, images, monkeypatch):
     import safetensors
 
-    from vlm_core.checkpoint import load_llava_hf as load
+    from vlm_core.families.llava import load
 
     read = []
     real = safetensors.safe_open

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from vlm_core.checkpoint import load_llava_hf
+from vlm_core.families.llava import load as load_llava_hf
 from vlm_core.errors import CheckpointError, ConfigError, ImageError, PlaceholderMismatchError, UnknownProjectorError
 from vlm_core.vlm import VLM
 

@@ -22,17 +22,17 @@ def import_graph() -> dict[str, set[str]]:
             if isinstance(node, ast.ImportFrom):
                 base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
                 target = ".".join(base + ([node.module] if node.module else [])) if node.level else node.module
-                candidates = [f"{target}.{a.name}" for a in node.names] + [target]
+                # `from pkg import a, b`: each name that is a module, else the package itself
+                candidates = [f"{target}.{a.name}" if f"{target}.{a.name}" in modules else target for a in node.names]
             elif isinstance(node, ast.Import):
                 candidates = [a.name for a in node.names]
             else:
                 continue
             for c in candidates:
-                while c and c not in modules:          # `from pkg import name`: the module it names, else pkg
+                while c and c not in modules:          # the innermost module that exists
                     c = c.rpartition(".")[0]
                 if c and c != name and c.startswith("vlm_core"):
                     graph[name].add(c)
-                    break
     return graph
 
 
@@ -72,11 +72,30 @@ def test_the_module_import_graph_has_no_cycle():
     assert cycles(import_graph()) == []
 
 
+def within(module: str, packages) -> bool:
+    packages = (packages,) if isinstance(packages, str) else packages
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def below(graph, packages, forbidden) -> dict[str, list[str]]:
+    """Modules of `packages` that import a module of `forbidden`."""
+    bad = {m: sorted(t for t in ts if within(t, forbidden)) for m, ts in graph.items() if within(m, packages)}
+    return {m: ts for m, ts in bad.items() if ts}
+
+
 def test_inputs_import_neither_checkpoint_nor_models():
     graph = import_graph()
-    bad = {m: sorted(t for t in ts if t.startswith(("vlm_core.checkpoint", "vlm_core.models")))
-           for m, ts in graph.items() if m.startswith("vlm_core.inputs")}
-    assert {m: ts for m, ts in bad.items() if ts} == {}
+    assert below(graph, "vlm_core.inputs", ("vlm_core.checkpoint", "vlm_core.models", "vlm_core.families")) == {}
+
+
+def test_families_sit_above_models_inputs_and_checkpoint():
+    """Model knowledge flows one way: families use the generic layers, never the reverse, and the
+    engine types against the model protocol, not a family."""
+    graph = import_graph()
+    generic = ("vlm_core.models", "vlm_core.inputs", "vlm_core.checkpoint", "vlm_core.config", "vlm_core.engine",
+               "vlm_core.quant")
+    assert below(graph, generic, "vlm_core.families") == {}
+    assert {"vlm_core.families.llava", "vlm_core.families.vila"} <= set(graph["vlm_core.families"])
 
 
 def test_the_checker_finds_a_cycle():

@@ -5,13 +5,13 @@ import asyncio
 import pytest
 import torch
 
-from deployments.vision import VisionEncoder, max_item_tiles, split_by_tiles
+from deployments.vision import VisionEncoder, split_by_tiles
 from deployments.wire import unpack_tensors
 from vlm_core.default_model import default_model_dir
 from vlm_core.default_model.data import heldout_set
 from vlm_core.inputs.media import MediaItem
 from vlm_core.inputs.media import content_hash
-from vlm_core.inputs.prompt import PromptBuilder
+from vlm_core.families.llava import LlavaProcessor
 from vlm_core.vlm import VLM
 
 pytestmark = pytest.mark.timeout(120)
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 def pixels():
-    builder = PromptBuilder.from_pretrained(default_model_dir("awq"))
+    builder = LlavaProcessor.from_pretrained(default_model_dir("awq"))
     return [builder.image_processor([s.image()]) for s, _, _ in heldout_set(5, seed=51)]
 
 
@@ -83,13 +83,15 @@ def test_split_by_tiles_keeps_order_and_budget():
 
 
 def test_tile_budget_must_hold_the_largest_media_item(tmp_path):
-    from vlm_core.config import read_vila_config
+    from vlm_core.families import family_of
+    from vlm_core.families.vila import read_vila_config
     from vlm_core.tiny_vila import build_tiny_vila
 
     nvila = build_tiny_vila(tmp_path / "nvila", "nvila")
     s2 = build_tiny_vila(tmp_path / "s2", "vila15", s2=True)
-    assert max_item_tiles(read_vila_config(nvila)[0]) == 1 + 4 + 12     # 1x, 2x, then up to max_tiles
-    assert max_item_tiles(read_vila_config(s2)[0]) == 1 + 4 + 9
-    assert max_item_tiles(VLM.from_pretrained(default_model_dir("awq")).model.config) == 1
+    assert family_of(nvila).max_item_tiles(read_vila_config(nvila)[0]) == 1 + 4 + 12   # 1x, 2x, then up to max_tiles
+    assert family_of(s2).max_item_tiles(read_vila_config(s2)[0]) == 1 + 4 + 9
+    llava = default_model_dir("awq")
+    assert family_of(llava).max_item_tiles(VLM.from_pretrained(llava).model.config) == 1
     with pytest.raises(ValueError, match="below the 17 tiles"):
         VisionEncoder(str(nvila), device="cpu", max_batch_images=16)

@@ -1,48 +1,29 @@
-"""Checkpoint loading. Weight names are translated by tables, not code paths.
-
-llava-hf (`LlavaForConditionalGeneration`) checkpoints exist in two key layouts:
-  old (transformers < 4.52, and what the Hub mostly holds):
-      language_model.model.*, language_model.lm_head.*, vision_tower.vision_model.*,
-      multi_modal_projector.*
-  current: model.language_model.*, lm_head.*, model.vision_tower.*, model.multi_modal_projector.*
-and the vision tower may or may not carry the `vision_model.` infix. Both load through
-`LLAVA_HF_MAPPING`. Weights may be one `model.safetensors` or shards listed in
-`model.safetensors.index.json`.
+"""Checkpoint loading shared by the model families: weight files (one `model.safetensors` or
+shards listed in `model.safetensors.index.json`), streaming tensors, renaming them by a family's
+table (not code paths), AWQ quantization configs and the llm-awq v2 conversion, and building a
+composed model with only the parts a replica needs. What a family's folder looks like and how
+its names map lives in `vlm_core.families`.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 from pathlib import Path
 from typing import Callable, Collection, Iterator
 
 import torch
 from torch import nn
 
-from .config import VILA_SUBFOLDERS, AWQConfig, VLMConfig, is_vila_folder, read_json, read_vila_config
+from .config import AWQConfig, read_json
 from .errors import CheckpointError
-from .models.layers import dense_linear, LinearFactory
+from .models.layers import LinearFactory
 from .models.qwen2 import build_decoder
-from .models.llava import LlavaModel
 from .models.projector import build_projector
 from .models.vision import VisionTower
-from .quant.awq_linear import awq_linear_factory
 from .quant.pack import v2_to_awq
 
 Rename = str | Callable[[re.Match], str]
 
-# (checkpoint-name pattern, our-name replacement); the first matching row wins.
-LLAVA_HF_MAPPING: tuple[tuple[str, Rename], ...] = (
-    (r"^(?:model\.)?language_model\.lm_head\.", "decoder.lm_head."),
-    (r"^lm_head\.", "decoder.lm_head."),
-    (r"^language_model\.model\.", "decoder."),
-    (r"^model\.language_model\.", "decoder."),
-    (r"^(?:model\.)?vision_tower\.(?:vision_model\.)?", "vision.tower."),
-    # llava-hf linear_1/linear_2 -> Sequential indices 0/2
-    (r"^(?:model\.)?multi_modal_projector\.linear_(\d+)\.", lambda m: f"projector.{2 * (int(m.group(1)) - 1)}."),
-)
 # Buffers some exporters write that we recompute.
 IGNORED_KEYS = (r"rotary_emb\.inv_freq$", r"\.position_ids$")
 
@@ -226,17 +207,17 @@ def convert_v2_state(state: dict[str, torch.Tensor], group_size: int) -> dict[st
 
 
 MODEL_PARTS = ("vision", "llm")
-_PART_PREFIXES = {"vision": ("vision.", "projector."), "llm": ("decoder.",)}
+PART_PREFIXES = {"vision": ("vision.", "projector."), "llm": ("decoder.",)}
 
 
-def _check_parts(parts: Collection[str]) -> set[str]:
+def check_parts(parts: Collection[str]) -> set[str]:
     parts = set(parts)
     if not parts or parts - set(MODEL_PARTS):
         raise ValueError(f"parts must be a non-empty subset of {MODEL_PARTS}, got {sorted(parts)}")
     return parts
 
 
-def _build_parts(cls, config, parts: set[str], dtype: torch.dtype, linear: LinearFactory):
+def build_parts(cls, config, parts: set[str], dtype: torch.dtype, linear: LinearFactory):
     """The composed model with only `parts` built: the tower in `dtype` (transformers module,
     loaded in place), projector and decoder on the meta device (their tensors are assigned)."""
     vision = projector = decoder = None
@@ -250,200 +231,7 @@ def _build_parts(cls, config, parts: set[str], dtype: torch.dtype, linear: Linea
     return cls(config, vision, projector, decoder)
 
 
-def _tie_head(model) -> None:
+def tie_head(model) -> None:
     decoder = model.decoder
     if decoder is not None and decoder.config.tie_word_embeddings:
         decoder.lm_head.weight = decoder.embed_tokens.weight
-
-
-def load_llava_hf(model_dir: str | Path, dtype: str | torch.dtype | None = None,
-                  device: str | torch.device = "cpu", linear: LinearFactory = dense_linear,
-                  parts: Collection[str] = MODEL_PARTS) -> LlavaModel:
-    """Load a llava-hf `LlavaForConditionalGeneration` checkpoint into our `LlavaModel`.
-
-    `parts` chooses what is built and loaded: "vision" (tower + projector) and/or "llm" (the
-    decoder). A vision replica loads only the first, an LLM replica only the second; the
-    other part's tensors are never read.
-    """
-    parts = _check_parts(parts)
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise CheckpointError(f"model directory {model_dir} does not exist")
-    raw = read_json(model_dir / "config.json")
-    config = VLMConfig.from_llava_hf(raw)
-    quant = read_quant_config(model_dir, raw)
-    if quant is not None:
-        linear = awq_linear_factory(quant)
-    files = weight_files(model_dir)
-    dtype = parse_dtype(dtype, default_dtype(raw, device))
-
-    model = _build_parts(LlavaModel, config, parts, dtype, linear)
-    kept = config.vision.layers_needed
-    dropped = re.compile(r"^vision\.tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.")
-    not_built = tuple(p for part in MODEL_PARTS if part not in parts for p in _PART_PREFIXES[part])
-
-    def skip(name: str) -> bool:
-        if name.startswith(not_built):
-            return True
-        m = dropped.match(name)
-        return m is not None and int(m.group(1)) >= kept
-
-    def wanted(key: str) -> bool:
-        name = rename(key, LLAVA_HF_MAPPING)
-        return name is None or not skip(name)
-
-    tensors = iter_weights(files, wanted)
-    if quant is not None and quant.version == "v2":
-        tensors = iter(convert_v2_state(dict(tensors), quant.group_size).items())
-    load_weights(model, tensors, LLAVA_HF_MAPPING, dtype, skip)
-    _tie_head(model)
-    return model.to(device).eval()
-
-
-# ---- VILA-1.5 / NVILA folder layout ------------------------------------------------------------
-# <folder>/config.json (top level: image mode, S2 scales, media encoders), llm/ (a transformers
-# LlamaForCausalLM / Qwen2ForCausalLM folder with the tokenizer; 16-bit or AWQ), vision_tower/
-# (SiglipVisionModel / CLIPVisionModel + preprocessor_config.json), mm_projector/ (config.json
-# with mm_projector_type, weights `layers.N.*`). Tensors are read with their subfolder as a
-# prefix so one table maps them all.
-VILA_MAPPING: tuple[tuple[str, Rename], ...] = (
-    (r"^llm/(?:model\.)?lm_head\.", "decoder.lm_head."),
-    (r"^llm/model\.", "decoder."),
-    (r"^vision_tower/(?:vision_model\.)?", "vision.tower."),
-    (r"^mm_projector/layers\.(weight|bias)$", r"projector.0.\1"),     # `linear`: layers is the Linear itself
-    (r"^mm_projector/layers\.", "projector."),
-)
-_VILA_PARTS = {"vision": ("vision_tower", "mm_projector"), "llm": ("llm",)}
-
-
-def load_vila(model_dir: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-              parts: Collection[str] = MODEL_PARTS):
-    """Load a VILA-1.5 / NVILA folder into our `VilaModel` (`parts` as for `load_llava_hf`)."""
-    from .models.vila import VilaModel
-
-    parts = _check_parts(parts)
-    model_dir = Path(model_dir)
-    if not is_vila_folder(model_dir):
-        raise CheckpointError(f"{model_dir} is not a VILA folder (needs {', '.join(VILA_SUBFOLDERS)} subfolders)")
-    config, top, raw = read_vila_config(model_dir)
-    quant = read_quant_config(model_dir / "llm", raw["llm"])
-    linear = awq_linear_factory(quant) if quant is not None else dense_linear
-    dtype = parse_dtype(dtype, default_dtype(raw["llm"], device))
-
-    model = _build_parts(VilaModel, config, parts, dtype, linear)
-    kept = config.vision.layers_needed
-    dropped = re.compile(r"^vision\.tower\.(?:vision_model\.)?(?:encoder\.layers\.(\d+)\.|head\.)")
-
-    def skip(name: str) -> bool:
-        m = dropped.match(name)
-        return m is not None and (m.group(1) is None or int(m.group(1)) >= kept)
-
-    def tensors():
-        for part in sorted(parts):
-            for sub in _VILA_PARTS[part]:
-                it = iter_weights(weight_files(model_dir / sub))
-                if sub == "llm" and quant is not None and quant.version == "v2":
-                    it = iter(convert_v2_state(dict(it), quant.group_size).items())
-                for key, t in it:
-                    yield f"{sub}/{key}", t
-
-    load_weights(model, tensors(), VILA_MAPPING, dtype, skip)
-    _tie_head(model)
-    return model.to(device).eval(), top, raw
-
-
-def save_vila(model, tokenizer, image_processor_config, out_dir: str | Path, top: dict, raw: dict) -> Path:
-    """Write a `VilaModel` back in the folder layout it loads from (16-bit or AWQ tensors as held).
-
-    The vision tower holds only the layers the selected feature needs; its config keeps the
-    original depth, so the folder loads back here with identical outputs.
-    """
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    for sub in VILA_SUBFOLDERS:
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
-    tied = model.config.text.tie_word_embeddings
-    groups: dict[str, dict[str, torch.Tensor]] = {sub: {} for sub in VILA_SUBFOLDERS}
-    for name, t in state.items():
-        if name.startswith("decoder."):
-            rest = name[len("decoder."):]
-            if rest.startswith("lm_head."):
-                if tied:
-                    continue
-                groups["llm"][rest] = t
-            else:
-                groups["llm"]["model." + rest] = t
-        elif name.startswith("vision.tower."):
-            groups["vision_tower"][name[len("vision.tower."):]] = t
-        elif name.startswith("projector."):
-            rest = name[len("projector."):]
-            if model.config.projector.type == "linear":
-                rest = rest.removeprefix("0.")
-            groups["mm_projector"]["layers." + rest] = t
-    for sub, tensors in groups.items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(out / sub / "model.safetensors"),
-                  metadata={"format": "pt"})
-        (out / sub / "config.json").write_text(json.dumps(raw[sub], indent=2) + "\n")
-    (out / "config.json").write_text(json.dumps(top, indent=2) + "\n")
-    tokenizer.save_pretrained(str(out / "llm"))
-    c = image_processor_config
-    (out / "vision_tower" / "preprocessor_config.json").write_text(json.dumps({
-        "size": {"height": c.crop_size, "width": c.crop_size} if c.square_resize else {"shortest_edge": c.shortest_edge},
-        **({} if c.square_resize else {"crop_size": {"height": c.crop_size, "width": c.crop_size},
-                                        "do_center_crop": True}),
-        "image_mean": list(c.mean), "image_std": list(c.std)}, indent=2) + "\n")
-    return out
-
-
-def load_model(model_dir: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-               parts: Collection[str] = MODEL_PARTS):
-    """A llava-hf checkpoint or a VILA-family folder, whichever `model_dir` holds."""
-    if is_vila_folder(model_dir):
-        return load_vila(model_dir, dtype=dtype, device=device, parts=parts)[0]
-    return load_llava_hf(model_dir, dtype=dtype, device=device, parts=parts)
-
-
-# ---- writing AWQ checkpoints ---------------------------------------------------------------------
-
-def save_awq_checkpoint(src_dir: str | Path, out_dir: str | Path, model, packed: dict[str, dict[str, torch.Tensor]],
-                        group_size: int, scale_dtype: torch.dtype = torch.float16) -> Path:
-    """Write an AutoAWQ gemm checkpoint in the key layout of `src_dir`.
-
-    Every tensor of the source checkpoint is written under its own name, with our (AWQ-scaled)
-    values; each quantized linear's `weight` becomes `qweight`/`qzeros`/`scales`. Non-weight files
-    (tokenizer, preprocessor config) are copied; config.json gains `quantization_config`.
-    """
-    from safetensors.torch import save_file
-
-    src, out = Path(src_dir), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ours = model.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    for key, src_tensor in iter_weights(weight_files(src)):
-        if any(re.search(p, key) for p in IGNORED_KEYS):
-            continue
-        name = rename(key, LLAVA_HF_MAPPING)
-        if name is None:
-            raise CheckpointError(f"cannot map checkpoint weight {key!r}")
-        module = name[len("decoder."):-len(".weight")] if name.startswith("decoder.") else None
-        if module in packed and name.endswith(".weight"):
-            base = key[:-len("weight")]
-            for suffix, t in packed[module].items():
-                tensors[base + suffix] = t.to(scale_dtype) if t.is_floating_point() else t
-            continue
-        if name not in ours:
-            name = name.replace("vision.tower.", "vision.tower.vision_model.", 1)
-        # vision layers past the selected feature layer are not built: keep the source tensor
-        tensors[key] = (ours[name].to(src_tensor.dtype) if name in ours else src_tensor).contiguous()
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    for f in src.iterdir():
-        if f.is_file() and f.suffix not in (".safetensors", ".pt") and f.name not in (
-                "config.json", "model.safetensors.index.json"):
-            shutil.copy2(f, out / f.name)
-    cfg = read_json(src / "config.json")
-    cfg["quantization_config"] = AWQConfig(
-        group_size=group_size, modules_to_not_convert=("vision_tower", "multi_modal_projector", "lm_head")).to_hf()
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    return out

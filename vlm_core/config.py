@@ -1,9 +1,10 @@
-"""Internal model configuration: frozen dataclasses parsed from checkpoint configs.
+"""Internal configuration of the model parts every family shares (decoder, vision tower,
+projector, AWQ): frozen dataclasses parsed from checkpoint configs, and reading config files.
 
 Checkpoint `config.json` files come in several dialects (transformers 4.x `rope_theta` +
-`rope_scaling`, transformers 5.x `rope_parameters`, llava-hf nesting of `text_config` and
-`vision_config`). The parsers here turn each into one internal form and validate it, so
-model code never looks at raw dictionaries.
+`rope_scaling`, transformers 5.x `rope_parameters`). The parsers here turn each into one
+internal form and validate it, so model code never looks at raw dictionaries. A family's own
+config (how its parts are put together) lives in its module, `vlm_core.families.*`.
 """
 
 from __future__ import annotations
@@ -222,68 +223,6 @@ class VisionConfig:
         return max(i if i >= 0 else self.num_layers + 1 + i for i in self.feature_layers)
 
 
-@dataclass(frozen=True)
-class VLMConfig:
-    text: TextConfig
-    vision: VisionConfig
-    projector: ProjectorConfig
-    image_token_id: int
-    # `<im_start>`/`<im_end>` markers around each image's placeholder run (LLaVA
-    # `mm_use_im_start_end`); their ids come from the tokenizer.
-    use_im_start_end: bool = False
-    # LLaVA-1.5 pads images to a square with the mean colour before CLIP preprocessing.
-    pad_to_square: bool = False
-
-    @property
-    def tokens_per_image(self) -> int:
-        return self.vision.tokens_per_image
-
-    @classmethod
-    def from_llava_hf(cls, d: dict[str, Any]) -> "VLMConfig":
-        if "text_config" not in d or "vision_config" not in d:
-            raise ConfigError("a llava config needs both 'text_config' and 'vision_config'")
-        text = TextConfig.from_hf(d["text_config"])
-        vd = d["vision_config"]
-        vtype = vd.get("model_type", "clip_vision_model")
-        if vtype not in ("clip_vision_model",):
-            raise ConfigError(f"vision model_type {vtype!r} is not supported by this loader")
-        layer = d.get("vision_feature_layer", -2)
-        layers = tuple(layer) if isinstance(layer, (list, tuple)) else (layer,)
-        try:
-            vision = VisionConfig(
-                hf_config=dict(vd),
-                image_size=int(vd.get("image_size", 224)),
-                patch_size=int(vd.get("patch_size", 32)),
-                hidden_size=int(vd.get("hidden_size", 768)),
-                num_layers=int(vd.get("num_hidden_layers", 12)),
-                feature_layers=tuple(int(x) for x in layers),
-                select_strategy=d.get("vision_feature_select_strategy", "default"),
-            )
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"vision config has a malformed value: {e}") from None
-        act = d.get("projector_hidden_act", "gelu")
-        ptype = d.get("mm_projector_type", "mlp2x_gelu")
-        if act != "gelu" and ptype != "linear":
-            raise ConfigError(f"projector_hidden_act {act!r} is not supported (only 'gelu')")
-        projector = ProjectorConfig(
-            type=ptype,
-            in_features=vision.hidden_size * len(layers),
-            out_features=text.hidden_size,
-            bias=bool(d.get("multimodal_projector_bias", True)),
-        )
-        image_token = d.get("image_token_index", d.get("image_token_id"))
-        if image_token is None:
-            raise ConfigError("llava config is missing 'image_token_index'")
-        return cls(
-            text=text,
-            vision=vision,
-            projector=projector,
-            image_token_id=int(image_token),
-            use_im_start_end=bool(d.get("mm_use_im_start_end", False)),
-            pad_to_square=d.get("image_aspect_ratio") == "pad",
-        )
-
-
 AWQ_GROUP_SIZES = (32, 64, 128)
 
 
@@ -330,130 +269,7 @@ class AWQConfig:
                 "modules_to_not_convert": list(self.modules_to_not_convert)}
 
 
-IMAGE_MODES = ("resize", "pad", "dynamic", "dynamic_s2")
-_SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}
-
-
-def _scales(v) -> tuple[int, ...]:
-    if v is None:
-        return ()
-    if isinstance(v, str):
-        return tuple(int(x) for x in v.split(",") if x.strip())
-    return tuple(int(x) for x in v)
-
-
-def _encoder_entry(encoder: Any) -> dict:
-    """A VILA `image_encoder` / `video_encoder` entry (a dict or its JSON)."""
-    if isinstance(encoder, str):
-        import json
-
-        try:
-            encoder = json.loads(encoder)
-        except ValueError:
-            raise ConfigError(f"media encoder config is not JSON: {encoder!r}") from None
-    return encoder if isinstance(encoder, dict) else {}
-
-
-@dataclass(frozen=True)
-class VilaConfig:
-    """VILA-1.5 / NVILA: a folder with `llm/`, `vision_tower/`, `mm_projector/` and a top-level
-    config.json naming how images are cut (`image_aspect_ratio`) and the S2 scales, if any: NVILA's
-    dynamic S2 (`dynamic_s2`, the last scale's grid follows the aspect ratio) or VILA-1.5-S2's
-    static S2 (`s2`, every scale a square grid of the largest-scale picture)."""
-    text: TextConfig
-    vision: VisionConfig
-    projector: ProjectorConfig
-    image_mode: str = "resize"
-    s2_scales: tuple[int, ...] = ()           # non-empty: S2
-    s2_dynamic: bool = True                   # NVILA's dynamic S2; False: VILA-1.5's static S2
-    s2_output_scale_idx: int = 0
-    max_tiles: int = 12
-    image_token: str = "<image>"
-    video_token: str = "<vila/video>"
-    image_end_tokens: str | None = "\n"
-    video_end_tokens: str | None = "\n"
-    video_sep_tokens: str | None = None
-    video_pool_sizes: tuple[tuple[int, int, int], ...] = ()   # TSP video encoder; () = frame by frame
-    num_video_frames: int = 8
-    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
-
-    def __post_init__(self):
-        if self.image_mode not in IMAGE_MODES:
-            raise ConfigError(f"image_aspect_ratio {self.image_mode!r} is not one of {IMAGE_MODES}")
-        if self.s2_scales:
-            if sorted(self.s2_scales) != list(self.s2_scales) or any(s % self.s2_scales[0] for s in self.s2_scales):
-                raise ConfigError(f"s2_scales {self.s2_scales} must ascend in multiples of the first")
-            if self.s2_scales[0] != self.vision.image_size:
-                raise ConfigError(f"the first S2 scale ({self.s2_scales[0]}) must equal the tower's image size "
-                                  f"({self.vision.image_size})")
-            if not self.s2_dynamic and self.image_mode in ("dynamic", "dynamic_s2"):
-                raise ConfigError(f"static S2 does not combine with image_aspect_ratio {self.image_mode!r}")
-            if not self.s2_dynamic and self.video_pool_sizes:
-                raise ConfigError("static S2 with a pooling (TSP) video encoder is not supported")
-            if not -len(self.s2_scales) <= self.s2_output_scale_idx < len(self.s2_scales):
-                raise ConfigError(f"s2_resize_output_to_scale_idx {self.s2_output_scale_idx} is out of range for "
-                                  f"{len(self.s2_scales)} scales")
-        if self.num_video_frames < 1:
-            raise ConfigError("num_video_frames must be at least 1")
-        for pool in self.video_pool_sizes:
-            if len(pool) != 3 or min(pool) < 1:
-                raise ConfigError(f"video pool sizes are (frames, rows, cols) of positive ints, got {pool}")
-
-    @property
-    def grid(self) -> int:
-        return self.vision.image_size // self.vision.patch_size
-
-    @property
-    def tokens_per_tile(self) -> int:
-        """LLM tokens per tile-sized block after the projector."""
-        return self.projector.tokens_out(self.grid)
-
-    @classmethod
-    def from_folder_configs(cls, top: dict[str, Any], llm: dict[str, Any], tower: dict[str, Any],
-                            projector: dict[str, Any]) -> "VilaConfig":
-        text = TextConfig.from_hf(llm)
-        vtype = tower.get("model_type", "siglip_vision_model")
-        if vtype not in VISION_MODEL_TYPES:
-            raise ConfigError(f"vision tower model_type {vtype!r} is not supported; supported: {VISION_MODEL_TYPES}")
-        feature = top.get("mm_vision_select_feature", "patch")
-        if feature not in _SELECT_FEATURE:
-            raise ConfigError(f"mm_vision_select_feature {feature!r} is not one of {tuple(_SELECT_FEATURE)}")
-        mode = top.get("image_aspect_ratio") or "resize"
-        dynamic = bool(top.get("dynamic_s2") or mode == "dynamic_s2")
-        scales = _scales(top.get("s2_scales")) if (dynamic or top.get("s2")) else ()
-        split = top.get("s2_max_split_size")
-        if scales and split is not None and int(split) != scales[0]:
-            raise ConfigError(f"s2_max_split_size {split} differs from the first S2 scale {scales[0]}; tiles are "
-                              f"encoded at the tower's size, so they must be equal")
-        image_enc, video_enc = _encoder_entry(top.get("image_encoder")), _encoder_entry(top.get("video_encoder"))
-        try:
-            vision = VisionConfig(
-                hf_config=dict(tower), image_size=int(tower.get("image_size", 384)),
-                patch_size=int(tower.get("patch_size", 14)), hidden_size=int(tower["hidden_size"]),
-                num_layers=int(tower["num_hidden_layers"]),
-                feature_layers=(int(top.get("mm_vision_select_layer", -2)),),
-                select_strategy=_SELECT_FEATURE[feature])
-            ptype = projector.get("mm_projector_type", top.get("mm_projector_type", "mlp2x_gelu"))
-            proj = ProjectorConfig(type=ptype, in_features=vision.hidden_size * max(1, len(scales)),
-                                   out_features=text.hidden_size)
-            return cls(text=text, vision=vision, projector=proj, image_mode=mode, s2_scales=scales, s2_dynamic=dynamic,
-                       s2_output_scale_idx=int(top.get("s2_resize_output_to_scale_idx", 0)),
-                       max_tiles=int(top.get("max_tiles", 12)),
-                       image_end_tokens=image_enc.get("end_tokens", "\n"),
-                       video_end_tokens=video_enc.get("end_tokens", "\n"),
-                       video_sep_tokens=video_enc.get("sep_tokens"),
-                       video_pool_sizes=tuple(tuple(int(v) for v in p) for p in video_enc.get("pool_sizes") or ()),
-                       num_video_frames=int(top.get("num_video_frames", 8)), raw=dict(top))
-        except KeyError as e:
-            raise ConfigError(f"vision tower config is missing {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"VILA config has a malformed value: {e}") from None
-
-
 # ---- reading config files ------------------------------------------------------------------
-
-VILA_SUBFOLDERS = ("llm", "vision_tower", "mm_projector")
-
 
 def read_json(path: Path) -> dict:
     if not path.is_file():
@@ -465,15 +281,3 @@ def read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} must hold a JSON object")
     return data
-
-
-def is_vila_folder(model_dir: str | Path) -> bool:
-    d = Path(model_dir)
-    return all((d / sub).is_dir() for sub in VILA_SUBFOLDERS)
-
-
-def read_vila_config(model_dir: Path):
-    raw = {name: read_json(model_dir / name / "config.json") for name in VILA_SUBFOLDERS}
-    top = read_json(model_dir / "config.json")
-    config = VilaConfig.from_folder_configs(top, raw["llm"], raw["vision_tower"], raw["mm_projector"])
-    return config, top, raw

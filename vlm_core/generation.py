@@ -13,11 +13,11 @@ import torch
 from .engine.request import EngineRequest
 from .inputs.placeholders import chunk_embeddings
 from .models.attention import ContiguousKVCache, SeqChunk
-from .models.llava import LlavaModel
+from .models.composed import MultimodalLM
 
 
 @torch.inference_mode()
-def prompt_logits(model: LlavaModel, requests: Sequence[EngineRequest], chunk_size: int | None = None
+def prompt_logits(model: MultimodalLM, requests: Sequence[EngineRequest], chunk_size: int | None = None
                   ) -> list[torch.Tensor]:
     """fp32 logits [len, V] of every prompt position, prefilled in chunks of `chunk_size` tokens
     per request (the whole prompt when None) over a contiguous KV cache. For scoring and tests;

@@ -18,7 +18,7 @@ import torch
 
 from .errors import InputError, VLMError
 from .inputs.placeholders import chunk_embeddings
-from .checkpoint import save_awq_checkpoint
+from .families.llava import save_awq_checkpoint
 from .quant.awq import QuantizeOptions, calibrate_decoder, quantize_linears
 
 

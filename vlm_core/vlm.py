@@ -27,12 +27,13 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .checkpoint import MODEL_PARTS, is_vila_folder, load_llava_hf, load_vila, save_vila
+from .checkpoint import MODEL_PARTS
+from .families import VILA, family_of, vila
 from .engine.engine import EngineConfig, LLMEngine
 from .engine.request import EngineRequest, RequestOutput, merge_outputs
 from .engine.sampling import SamplingParams
-from .inputs.prompt import Prompt, PromptBuilder
-from .models.llava import LlavaModel
+from .inputs.processor import BaseProcessor, Prompt
+from .models.composed import ComposedVLM
 
 Media = dict[str, Sequence[Any]]
 
@@ -45,7 +46,7 @@ def _is_one(prompts) -> bool:
 
 
 class VLM:
-    def __init__(self, model: LlavaModel, inputs: PromptBuilder, engine_config: EngineConfig | None = None,
+    def __init__(self, model: ComposedVLM, inputs: BaseProcessor, engine_config: EngineConfig | None = None,
                  folder_configs: tuple[dict, dict] | None = None):
         self.model = model
         self.inputs = inputs
@@ -66,14 +67,14 @@ class VLM:
         a vision encoder elsewhere); image inputs then need precomputed embeddings.
         `fuse_projections=True` joins each layer's q/k/v and gate/up linears for inference (what
         serving does); leave it off to inspect, edit, quantize or save the model's linears."""
-        if is_vila_folder(model_dir):
-            from .inputs.vila_prompt import VilaPromptBuilder
-
-            model, top, raw = load_vila(model_dir, dtype=dtype, device=device, parts=parts)
-            vlm = cls(model, VilaPromptBuilder.from_pretrained(model_dir, model.config), engine_config, (top, raw))
+        family = family_of(model_dir)
+        folder_configs = None
+        if family is VILA:        # keep the folder's configs, which `save_pretrained` writes back
+            model, top, raw = vila.load_with_configs(model_dir, dtype=dtype, device=device, parts=parts)
+            folder_configs = (top, raw)
         else:
-            model = load_llava_hf(model_dir, dtype=dtype, device=device, parts=parts)
-            vlm = cls(model, PromptBuilder.from_pretrained(model_dir, model.config), engine_config)
+            model = family.load(model_dir, dtype=dtype, device=device, parts=parts)
+        vlm = cls(model, family.processor.from_pretrained(model_dir, model.config), engine_config, folder_configs)
         if fuse_projections and model.decoder is not None:
             model.decoder.fuse_projections()
         return vlm
@@ -87,7 +88,7 @@ class VLM:
             raise ValueError("this model's projections are fused for inference; load it with "
                              "fuse_projections=False to save it")
         top, raw = self._folder_configs
-        return save_vila(self.model, self.tokenizer, self.image_processor.cfg, out_dir, top, raw)
+        return vila.save_vila(self.model, self.tokenizer, self.image_processor.cfg, out_dir, top, raw)
 
     # ---- requests ---------------------------------------------------------------------------
 

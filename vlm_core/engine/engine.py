@@ -30,7 +30,7 @@ from kernels.utils import triton_available
 
 from ..errors import ContextLengthError, InputError, PlaceholderMismatchError
 from ..inputs.media import content_hash
-from ..models.llava import LlavaModel
+from ..models.composed import MultimodalLM
 from .graphs import DecodeGraphs
 from .kv_cache import BlockManager, PagedKVCache
 from .output import OutputProcessor
@@ -66,7 +66,7 @@ class EngineConfig:
 
 
 class LLMEngine:
-    def __init__(self, model: LlavaModel, tokenizer, eos_token_ids: Seq[int] = (), config: EngineConfig = EngineConfig()):
+    def __init__(self, model: MultimodalLM, tokenizer, eos_token_ids: Seq[int] = (), config: EngineConfig = EngineConfig()):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.eos = set(eos_token_ids)
         t = model.config.text

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..inputs.placeholders import embed_chunks
-from ..models.llava import LlavaModel
+from ..models.composed import MultimodalLM
 from .batch import block_table_array, slot_mapping, to_device
 from .graphs import DecodeGraphs
 from .kv_cache import PagedKVCache, PagedKVView
@@ -30,7 +30,7 @@ from .scheduler import SchedulerOutput
 
 
 class ModelRunner:
-    def __init__(self, model: LlavaModel, cache: PagedKVCache, use_triton: bool, graphs: DecodeGraphs | None = None):
+    def __init__(self, model: MultimodalLM, cache: PagedKVCache, use_triton: bool, graphs: DecodeGraphs | None = None):
         self.model = model
         self.cache = cache
         self.use_triton = use_triton

@@ -1,26 +1,50 @@
-"""LLaVA: a vision tower, a projector and a decoder, composed (no mixins).
+"""A vision-language model composed of parts (no mixins), and the protocol the engine runs.
 
-embed_images(pixel_values [N, 3, S, S]) -> [N, tokens_per_image, H]
-embed_tokens(ids [T]) -> [T, H]
-forward(input_ids [T], positions [T], kv, inputs_embeds [T, H] | None) -> hidden [T, H]
-compute_logits(hidden [N, H]) -> [N, V]
+    embed_media(items) -> one [n_i, H] tensor per media item       (the family's model class)
+    embed_tokens(ids [T]) -> [T, H]
+    forward(input_ids [T], positions [T], kv, inputs_embeds [T, H] | None) -> hidden [T, H]
+    compute_logits(hidden [N, H]) -> [N, V]
 
-Placeholder expansion and the splicing of image embeddings into token embeddings happen
-before `forward` (see `vlm_core.inputs.placeholders`), so the decoder only ever sees
-embeddings and positions.
+Placeholder expansion and the splicing of media embeddings into token embeddings happen before
+`forward` (`vlm_core.inputs.placeholders.embed_chunks`), so the decoder only ever sees
+embeddings and positions. Each family (`vlm_core.families`) subclasses `ComposedVLM` with its
+`embed_media`.
 """
 
 from __future__ import annotations
 
+from typing import Any, Protocol, Sequence
+
 import torch
 from torch import nn
 
-from ..config import VLMConfig
 from .attention import KVView
 from .layers import LinearFactory, dense_linear
 from .projector import build_projector
 from .qwen2 import build_decoder
 from .vision import VisionTower
+
+
+class MultimodalLM(Protocol):
+    """What the engine, the runner and prompt scoring need of a model."""
+
+    config: Any            # a family config: `.text` is the decoder's TextConfig
+    decoder: nn.Module | None
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def embed_media(self, items: Sequence[Any]) -> list[torch.Tensor]: ...
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVView,
+                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
 
 class ComposedVLM(nn.Module):
@@ -74,19 +98,3 @@ class ComposedVLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.decoder.compute_logits(hidden)
-
-
-class LlavaModel(ComposedVLM):
-    config: VLMConfig
-
-    @torch.inference_mode()
-    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        self._check_vision()
-        feats = self.vision(pixel_values.to(self.device))         # [N, n_tok, C_v]
-        return self.projector(feats.to(self.dtype))               # [N, n_tok, H]
-
-    def embed_media(self, items) -> list[torch.Tensor]:
-        """One embedding [tokens_per_image, H] per one-tile `MediaItem`, in one tower forward."""
-        if not items:
-            return []
-        return list(self.embed_images(torch.cat([it.pixels for it in items])))

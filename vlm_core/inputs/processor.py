@@ -1,0 +1,48 @@
+"""What every family's processor shares: the tokenizer, its special-token lookup, the EOS set and
+BOS-aware tokenizing. A family's processor (`vlm_core.families.*`) adds its prompt rendering
+and media handling on top:
+
+    prepare_media(prompt, media, apply_template) -> (MultimodalPrompt, [MediaItem])
+
+with `media` a dict of lists (`{"image": [...], "video": [[frames]]}`) and one placeholder span per
+returned item, as long as that item's embedding.
+"""
+
+from __future__ import annotations
+
+from typing import Collection, Sequence
+
+from ..errors import CheckpointError
+from .template import Message
+
+Prompt = str | Sequence[Message]
+
+
+class BaseProcessor:
+    media_kinds: tuple[str, ...] = ("image",)
+
+    def __init__(self, tokenizer, config_eos_ids: Collection[int]):
+        self.tokenizer = tokenizer
+        eos = set(config_eos_ids)
+        if tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+
+    def token_id(self, token: str, required: bool = False) -> int | None:
+        """The id of a single token of the vocabulary (None when absent and not required)."""
+        tid = self.tokenizer.convert_tokens_to_ids(token)
+        if tid is None or tid == self.tokenizer.unk_token_id:
+            if required:
+                raise CheckpointError(f"the tokenizer has no {token!r} token")
+            return None
+        return int(tid)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of rendered text; BOS is added unless the text already starts with it."""
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and text.startswith(bos))
+        return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+    def text_ids(self, text: str | None) -> list[int]:
+        """Token ids of a text fragment, no special tokens."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
