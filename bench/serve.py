@@ -263,12 +263,12 @@ def main() -> None:
             print(f"  {mode:>10} concurrency {c:>3}: {rows[-1]['requests_per_s']:.2f} req/s", flush=True)
 
     print("in-process engine ...", flush=True)
-    asyncio.run(measure("in-process", InProcess(model_dir, app_args.get("engine") or {}, a.max_tokens)))
+    asyncio.run(measure("in-process", InProcess(model_dir, (app_args.get("llm") or {}).get("engine") or {}, a.max_tokens)))
     print("Serve over HTTP ...", flush=True)
     base = start_serve(a.config, overrides)
     try:
         async def over_http():
-            runner = OverHTTP(base, app_args.get("model_name", "vlm-serve-default"), a.max_tokens)
+            runner = OverHTTP(base, (app_args.get("ingress") or {}).get("model_name", "vlm-serve-default"), a.max_tokens)
             try:
                 await measure("http", runner)
             finally:
@@ -295,7 +295,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"device": device, "platform": platform.platform(), "torch": torch.__version__,
               "model_dir": str(model_dir), "max_tokens": a.max_tokens, "requests_per_level": a.requests,
-              "engine": app_args.get("engine") or {}, "rows": rows, "serve_overhead": overhead,
+              "engine": (app_args.get("llm") or {}).get("engine") or {}, "rows": rows, "serve_overhead": overhead,
               "command": "python bench/serve.py " + " ".join(sys.argv[1:])}
     out.write_text(json.dumps(result, indent=2) + "\n")
     png = out.with_suffix(".png")

@@ -47,8 +47,8 @@ def cluster_serve_config(source: Path = ROOT / "serve_config.yaml") -> dict:
     cfg["proxy_location"] = "EveryNode"
     for app in cfg["applications"]:
         args = app.setdefault("args", {})
-        args["vision_resources"] = {VISION_RESOURCE: 1}
-        args["llm_resources"] = {LLM_RESOURCE: 1}
+        args.setdefault("vision", {})["resources"] = {VISION_RESOURCE: 1}
+        args.setdefault("llm", {})["resources"] = {LLM_RESOURCE: 1}
     return cfg
 
 

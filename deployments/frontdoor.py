@@ -28,11 +28,12 @@ OPEN_PATHS = ("/health",)
 
 @dataclass(frozen=True)
 class FrontDoorLimits:
-    api_key: str | None = None
-    max_request_bytes: int = 32 * 1024 * 1024
-    body_timeout_s: float = 30.0
-    max_concurrent_requests: int = 512
-    retry_after_s: int = 1
+    """What the middleware checks (`IngressSettings.front_door()` makes it)."""
+    api_key: str | None
+    max_request_bytes: int
+    body_timeout_s: float
+    max_concurrent_requests: int
+    retry_after_s: int
 
 
 async def send_error(send, e: APIError) -> None:

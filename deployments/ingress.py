@@ -16,7 +16,6 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -30,14 +29,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlm_core.engine.request import EngineRequest
 from vlm_core.errors import ImageTooLargeError, VLMError
-from vlm_core.inputs.image import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, decode_image, open_image
 from vlm_core.families import load_processor
+from vlm_core.inputs.image import decode_image, open_image
 
-from .frontdoor import FrontDoor, FrontDoorLimits
-from .media import ImagePolicy, new_http_client, read_image_url
+from .frontdoor import FrontDoor
+from .media import new_http_client, read_image_url
 from .protocol import (APIError, AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
                        Choice, ChunkChoice, Delta, ErrorResponse, Health, ModelCard, ModelList,
                        ServerOverloadedError, usage_of)
+from .settings import IngressSettings
 
 log = logging.getLogger("ray.serve")
 
@@ -117,28 +117,6 @@ async def _internal_error(request: Request, exc: Exception):
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-@dataclass(frozen=True)
-class IngressOptions:
-    model_name: str = "vlm-serve-default"
-    max_images: int = 8
-    max_video_frames: int = 64
-    max_image_bytes: int = 10 * 1024 * 1024
-    max_image_pixels: int = MAX_IMAGE_PIXELS
-    max_request_pixels: int = MAX_IMAGE_PIXELS
-    max_aspect_ratio: float = MAX_ASPECT_RATIO
-    max_request_bytes: int = 32 * 1024 * 1024
-    max_prompt_chars: int | None = None          # None: context length x the longest token's characters
-    body_timeout_s: float = 30.0
-    max_concurrent_requests: int = 512
-    default_max_tokens: int = 64
-    allowed_file_dirs: tuple[str, ...] = field(default_factory=tuple)
-    allow_http_images: bool = False
-    allowed_image_hosts: tuple[str, ...] = field(default_factory=tuple)
-    http_timeout_s: float = 10.0
-    api_key: str | None = None
-    retry_after_s: int = 1
-
-
 def api_error_of(e: BaseException, retry_after_s: int = 1, request_id: str | None = None) -> APIError:
     """The client-facing error for an exception. Anything not a client error becomes a 500 that
     says "internal error" and a request id; the log line for it carries the id and the traceback."""
@@ -172,19 +150,16 @@ def text_chars(body: ChatCompletionRequest) -> int:
 
 
 class Ingress:
-    def __init__(self, vision, llm, model_dir: str, options: IngressOptions = IngressOptions()):
+    def __init__(self, vision, llm, model_dir: str, settings: IngressSettings = IngressSettings()):
         self.vision, self.llm = vision, llm
         self.inputs = load_processor(model_dir)      # the family's processor; no weights
-        self.options = o = options
+        self.options = o = settings
         self.model_name = o.model_name
         self.max_model_len = self.inputs.config.text.max_position_embeddings
         self.max_prompt_chars = o.max_prompt_chars or self.max_model_len * max(
             16, max(len(t) for t in self.inputs.tokenizer.get_vocab()))
-        self.policy = ImagePolicy.create(o.max_image_bytes, o.allowed_file_dirs, o.allow_http_images, o.http_timeout_s,
-                                         o.allowed_image_hosts)
-        # what the front-door middleware checks before any route runs
-        self.front_door = FrontDoorLimits(o.api_key, o.max_request_bytes, o.body_timeout_s,
-                                          o.max_concurrent_requests, o.retry_after_s)
+        self.policy = o.image_policy()
+        self.front_door = o.front_door()      # what the middleware checks before any route runs
         self.created = int(time.time())
         self._http = None
 

@@ -10,30 +10,29 @@ import time
 
 import torch
 
-from vlm_core.engine.engine import AsyncLLMEngine, EngineConfig, RequestFailedError
+from vlm_core.engine.engine import AsyncLLMEngine, RequestFailedError
 from vlm_core.engine.request import EngineRequest, merge_outputs
 from vlm_core.vlm import VLM
 
 from .metrics import metric
 from .protocol import ServerOverloadedError
+from .settings import LLMSettings
 from .wire import unpack_tensors
 
 
 class LLMServer:
-    def __init__(self, model_dir: str, dtype: str | None = None, device: str | None = None,
-                 engine: dict | None = None, max_waiting_requests: int | None = None,
-                 stream_interval_s: float = 0.0):
+    def __init__(self, model_dir: str, dtype: str | None = None, settings: LLMSettings = LLMSettings(),
+                 device: str | None = None):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         vlm = VLM.from_pretrained(model_dir, dtype=dtype, device=device, parts=("llm",), fuse_projections=True)
-        config = EngineConfig(**(engine or {}))
-        self.engine = AsyncLLMEngine(vlm.engine(config))
+        self.engine = AsyncLLMEngine(vlm.engine(settings.engine))
         # admitted requests beyond what one engine step runs are refused past this many
-        self.max_in_flight = None if max_waiting_requests is None else config.max_num_seqs + max_waiting_requests
+        self.max_in_flight = settings.max_in_flight
         self.in_flight = 0
         self.active: set[str] = set()         # request ids being generated here
         # tokens produced within this long of the last message sent ride in the next one (fewer
         # messages through the ingress and proxy; the first token and the last go at once)
-        self.stream_interval_s = stream_interval_s
+        self.stream_interval_s = settings.stream_interval_s
         latency = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30]
         self.m_ttft = metric("Histogram", "vlm_time_to_first_token_s", "time to first token", latency)
         self.m_tpot = metric("Histogram", "vlm_time_per_output_token_s", "time per output token after the first",

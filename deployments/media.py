@@ -34,9 +34,12 @@ MAX_REDIRECTS = 3
 FETCH_FAILED = "could not fetch the image from image_url"
 
 
+MAX_IMAGE_BYTES = 10 * 1024 * 1024     # encoded bytes per image, unless the settings say otherwise
+
+
 @dataclass(frozen=True)
 class ImagePolicy:
-    max_bytes: int = 10 * 1024 * 1024
+    max_bytes: int = MAX_IMAGE_BYTES
     allowed_file_dirs: tuple[Path, ...] = field(default_factory=tuple)
     allow_http: bool = False
     http_timeout_s: float = 10.0

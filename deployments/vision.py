@@ -3,7 +3,7 @@
 A request sends its `MediaItem`s (a LLaVA image is one tile; an NVILA image all its S2 tiles;
 a video frame one tile) with their content hashes. `@serve.batch` gathers requests' items and
 runs every tile through the tower in one forward. A batch is bounded by tiles, not requests
-(`max_batch_images`, counted by `batch_size_fn`), and waits at most `batch_wait_timeout_s` to
+(`vision.max_batch_images`, counted by `batch_size_fn`), and waits at most `vision.batch_wait_s` to
 fill; a request with more tiles than that is encoded in several batches. An LRU cache keyed by the content hash skips items seen recently. Only the tower and
 projector are loaded (LLaVA or VILA-family checkpoints alike). Each request's embeddings go
 back as one msgpack buffer (`deployments.wire`), one tensor per item.
@@ -22,6 +22,7 @@ from vlm_core.families import family_of
 from vlm_core.inputs.media import MediaItem
 
 from .metrics import metric
+from .settings import VisionSettings
 from .wire import pack_tensors
 
 Request = tuple[list[MediaItem], list[str]]
@@ -47,20 +48,21 @@ def split_by_tiles(items: list[MediaItem], hashes: list[str], budget: int) -> li
 
 
 class VisionEncoder:
-    def __init__(self, model_dir: str, dtype: str | None = None, device: str | None = None, cache_size: int = 512,
-                 max_batch_images: int = 32, batch_wait_timeout_s: float = 0.002):
+    def __init__(self, model_dir: str, dtype: str | None = None, settings: VisionSettings = VisionSettings(),
+                 device: str | None = None):
+        max_batch_images = settings.max_batch_images
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         family = family_of(model_dir)
         self.model = family.load(model_dir, dtype=dtype, device=device, parts=("vision",))
         need = family.max_item_tiles(self.model.config)
         if max_batch_images < need:
-            raise ValueError(f"vision_max_batch_images ({max_batch_images}) is below the {need} tiles one media item "
+            raise ValueError(f"vision.max_batch_images ({max_batch_images}) is below the {need} tiles one media item "
                              f"of {model_dir} can have")
         self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.cache_size = cache_size
+        self.cache_size = settings.cache_size
         self.max_batch_images = max_batch_images
         self._encode_batch.set_max_batch_size(max_batch_images)
-        self._encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._encode_batch.set_batch_wait_timeout_s(settings.batch_wait_s)
         self.hits = self.misses = 0
         self.in_flight = 0                     # encode calls waiting for or inside a batch
         self.batch_sizes: list[int] = []      # items encoded per tower forward

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster"))
 FAST = {"upscale_delay_s": 1, "downscale_delay_s": 3, "metrics_interval_s": 0.5, "look_back_period_s": 2}
 OVERRIDES = {
     # vision calls wait 0.3 s for their batch to fill, so image-heavy load keeps the encoder busy
-    "vision_batch_wait_s": 0.3,
-    "deployment_options": {
+    "vision": {"batch_wait_s": 0.3},
+    "deployments": {
         "Ingress": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
         "VisionEncoder": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
                                                  **FAST}},
@@ -255,7 +255,7 @@ def test_config_update_under_load_drops_nothing(cluster):
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(client, k) for k in range(6)]
         time.sleep(2)
-        name, prefix, app = app_from_config(str(CONFIG), {**OVERRIDES, "default_max_tokens": 48})
+        name, prefix, app = app_from_config(str(CONFIG), {**OVERRIDES, "ingress": {"default_max_tokens": 48}})
         serve.run(app, name=name, route_prefix=prefix)          # returns once the new version runs
         time.sleep(2)
         stop.set()

@@ -43,7 +43,7 @@ def test_rayservice_has_the_fields_kuberay_requires():
     groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
     assert set(groups) == {"vision", "llm"}
     args = serve_cfg["applications"][0]["args"]
-    for name, wanted in (("vision", args["vision_resources"]), ("llm", args["llm_resources"])):
+    for name, wanted in (("vision", args["vision"]["resources"]), ("llm", args["llm"]["resources"])):
         g = groups[name]
         assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
         offered = json.loads(json.loads(g["rayStartParams"]["resources"]))   # KubeRay's quoted-JSON string

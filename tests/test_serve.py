@@ -35,9 +35,9 @@ def server():
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         one = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}   # stats() then sees every request
-        name, prefix, app = app_from_config(CONFIG, {"api_key": API_KEY, "vision_batch_wait_s": 0.05,
-                                                     "body_timeout_s": 2,
-                                                     "deployment_options": {d: one for d in DEPLOYMENTS}})
+        name, prefix, app = app_from_config(CONFIG, {"ingress": {"api_key": API_KEY, "body_timeout_s": 2},
+                                                     "vision": {"batch_wait_s": 0.05},
+                                                     "deployments": {d: one for d in DEPLOYMENTS}})
         assert (name, prefix) == ("vlm", "/")
         serve.run(app, name=name, route_prefix=prefix, blocking=False)
         yield f"http://127.0.0.1:{port}"
@@ -513,8 +513,8 @@ def overload_app(server):
 
     from deployments.app import build_app
 
-    serve.run(build_app({"api_key": API_KEY, "retry_after_s": 2, "engine": {"max_num_seqs": 1},
-                         "max_waiting_requests": 1, "max_concurrent_requests": 3}),
+    serve.run(build_app({"ingress": {"api_key": API_KEY, "retry_after_s": 2, "max_concurrent_requests": 3},
+                         "llm": {"engine": {"max_num_seqs": 1}, "max_waiting_requests": 1}}),
               name="overload", route_prefix="/overload", blocking=False)
     yield server + "/overload"
     serve.delete("overload")
@@ -560,7 +560,7 @@ def nvila_app(server, tmp_path_factory):
     from vlm_core.tiny_vila import build_tiny_vila
 
     folder = build_tiny_vila(tmp_path_factory.mktemp("nvila") / "tiny-nvila", "nvila", seed=2)
-    serve.run(build_app({"model_dir": str(folder), "model_name": "tiny-nvila", "api_key": API_KEY}),
+    serve.run(build_app({"model_dir": str(folder), "ingress": {"model_name": "tiny-nvila", "api_key": API_KEY}}),
               name="nvila", route_prefix="/nvila", blocking=False)
     yield server + "/nvila", folder
     serve.delete("nvila")

@@ -5,6 +5,7 @@ import asyncio
 import pytest
 import torch
 
+from deployments.settings import VisionSettings
 from deployments.vision import VisionEncoder, split_by_tiles
 from deployments.wire import unpack_tensors
 from vlm_core.default_model import default_model_dir
@@ -34,7 +35,7 @@ def items_of(requests):
 
 def test_batch_step_matches_the_model_and_caches_by_content(pixels):
     ref = VLM.from_pretrained(default_model_dir("awq")).model
-    enc = VisionEncoder(str(default_model_dir("awq")), device="cpu", cache_size=2, max_batch_images=8)
+    enc = VisionEncoder(str(default_model_dir("awq")), None, VisionSettings(cache_size=2, max_batch_images=8), "cpu")
     assert enc.model.decoder is None            # a vision replica holds no LLM weights
     requests = [torch.cat(pixels[:2]), pixels[2], torch.cat([pixels[0], pixels[3]])]   # pixels[0] twice
     outs = enc.encode_items(items_of(requests))
@@ -50,14 +51,14 @@ def test_batch_step_matches_the_model_and_caches_by_content(pixels):
     torch.testing.assert_close(again[0][0], outs[2][1], rtol=0, atol=0)
     assert enc.stats()["hits"] == 1 and enc.stats()["images_encoded"] == 5
 
-    no_cache = VisionEncoder(str(default_model_dir("awq")), device="cpu", cache_size=0)
+    no_cache = VisionEncoder(str(default_model_dir("awq")), None, VisionSettings(cache_size=0), "cpu")
     got = no_cache.encode_items(items_of([torch.cat(pixels[:3])]))[0]
     assert len(got) == 3 and len(no_cache.cache) == 0
 
 
 def test_requests_beyond_the_tile_budget_are_encoded_in_several_batches(pixels):
     ref = VLM.from_pretrained(default_model_dir("awq")).model
-    enc = VisionEncoder(str(default_model_dir("awq")), device="cpu", max_batch_images=3)
+    enc = VisionEncoder(str(default_model_dir("awq")), None, VisionSettings(max_batch_images=3), "cpu")
     p = torch.cat(pixels[:5])
     (items, hashes), = items_of([p])
     assert hashes == [content_hash(x) for x in p]       # a one-tile item hashes as its pixels
@@ -94,4 +95,4 @@ def test_tile_budget_must_hold_the_largest_media_item(tmp_path):
     llava = default_model_dir("awq")
     assert family_of(llava).max_item_tiles(VLM.from_pretrained(llava).model.config) == 1
     with pytest.raises(ValueError, match="below the 17 tiles"):
-        VisionEncoder(str(nvila), device="cpu", max_batch_images=16)
+        VisionEncoder(str(nvila), None, VisionSettings(max_batch_images=16), "cpu")

@@ -1,0 +1,183 @@
+"""The application's settings, in one place: what `serve_config.yaml`'s `args` map onto.
+
+    args:
+      model_dir: ...            # checkpoint folder (default: the embedded 4-bit model)
+      dtype: ...
+      ingress: {...}            # IngressSettings: the API, request limits, image URLs, API key
+      vision:  {...}            # VisionSettings: GPUs, tower batching, encoder cache
+      llm:     {...}            # LLMSettings: GPUs, engine (EngineConfig fields), queueing, streaming
+      deployments: {...}        # Serve options per deployment, over the derived ones (Python callers)
+
+Every section is validated (unknown keys are refused, values bounded). Each deployment receives
+its section as it is, and each section computes its deployment's Serve options
+(`serve_options`): the derived rules (an LLMServer replica takes `engine.max_num_seqs +
+max_waiting_requests` ongoing requests; an Ingress replica twice the generations it holds; a
+VisionEncoder replica twice a tower batch) live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from vlm_core.engine.engine import EngineConfig
+from vlm_core.inputs.image import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS
+
+from .frontdoor import FrontDoorLimits
+from .media import MAX_IMAGE_BYTES, ImagePolicy
+
+DEPLOYMENTS = ("Ingress", "VisionEncoder", "LLMServer")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+def _actor_options(gpus_present: bool, gpu_fraction: float, resources: dict[str, float]) -> dict[str, Any]:
+    """A replica's Ray resources: its GPU fraction on GPU clusters, half a CPU otherwise."""
+    opts: dict[str, Any] = {"num_gpus": gpu_fraction} if gpus_present else {"num_cpus": 0.5}
+    if resources:
+        opts["resources"] = dict(resources)
+    return opts
+
+
+class IngressSettings(_Section):
+    model_name: str = Field("vlm-serve-default", description="the model id the API reports and accepts")
+    default_max_tokens: int = Field(64, ge=1, description="max_tokens of a request that names none")
+    max_images: int = Field(8, ge=0, description="images per request (and videos per request)")
+    max_video_frames: int = Field(64, ge=1, description="frames per video part (VILA-family models sample them "
+                                                        "down to num_video_frames)")
+    max_image_bytes: int = Field(MAX_IMAGE_BYTES, ge=1, description="encoded bytes per image (413 above)")
+    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1, description="pixels per image, checked before decoding "
+                                                                     "(413)")
+    max_request_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1, description="pixels of all images and video frames of "
+                                                                       "one request, checked before decoding (413)")
+    max_aspect_ratio: float = Field(MAX_ASPECT_RATIO, ge=1, description="longest over shortest side of a picture "
+                                                                       "(400 above)")
+    max_request_bytes: int = Field(32 * 1024 * 1024, ge=1, description="request body size, checked before parsing "
+                                                                      "(413)")
+    max_prompt_chars: int | None = Field(None, ge=1, description="characters of message text, checked before "
+                                                                 "tokenizing (400); default: the context length "
+                                                                 "times the longest token's characters (at least 16)")
+    body_timeout_s: float = Field(30.0, gt=0, description="deadline for receiving a request body (408)")
+    max_concurrent_requests: int = Field(512, ge=1, description="generation requests one Ingress replica holds at "
+                                                                "once; beyond: 503 + Retry-After")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After of 503 answers when queues are full")
+    api_key: str | None = Field(None, description="when set, requests need 'Authorization: Bearer <key>'")
+    allowed_file_dirs: tuple[str, ...] = Field((), description="folders file:// image URLs may read")
+    allow_http_images: bool = Field(False, description="fetch http(s) image URLs (public addresses only)")
+    allowed_image_hosts: tuple[str, ...] = Field((), description="hosts ('host' or 'host:port') fetched even at "
+                                                                 "non-public addresses")
+    http_timeout_s: float = Field(10.0, gt=0, description="deadline for one image fetch")
+
+    def image_policy(self) -> ImagePolicy:
+        return ImagePolicy.create(self.max_image_bytes, self.allowed_file_dirs, self.allow_http_images,
+                                  self.http_timeout_s, self.allowed_image_hosts)
+
+    def front_door(self) -> FrontDoorLimits:
+        return FrontDoorLimits(self.api_key, self.max_request_bytes, self.body_timeout_s,
+                               self.max_concurrent_requests, self.retry_after_s)
+
+    def serve_options(self) -> dict[str, Any]:
+        # the replica answers 503 itself past max_concurrent_requests; room beyond it for the
+        # other routes (health, models) and for those answers
+        return {"max_ongoing_requests": 2 * self.max_concurrent_requests}
+
+
+class VisionSettings(_Section):
+    gpus: float = Field(0.25, ge=0, description="GPU fraction per VisionEncoder replica on GPU clusters")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per replica (pins "
+                                                                          "it to nodes that offer them)")
+    max_batch_images: int = Field(32, ge=1, description="images (tiles) per tower forward, across requests")
+    batch_wait_s: float = Field(0.002, ge=0, description="how long a vision batch waits to fill")
+    cache_size: int = Field(512, ge=0, description="embeddings kept in each replica's LRU cache")
+
+    def serve_options(self, gpus_present: bool) -> dict[str, Any]:
+        return {"max_ongoing_requests": 2 * self.max_batch_images,
+                "ray_actor_options": _actor_options(gpus_present, self.gpus, self.resources)}
+
+
+class LLMSettings(_Section):
+    gpus: float = Field(1.0, ge=0, description="GPU fraction per LLMServer replica on GPU clusters")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per replica")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="EngineConfig fields")
+    max_waiting_requests: int | None = Field(256, ge=0, description="requests a replica holds beyond "
+                                                                    "engine.max_num_seqs before it answers 503; "
+                                                                    "None: no limit")
+    stream_interval_s: float = Field(0.02, ge=0, description="tokens made within this long of the last streamed "
+                                                             "message are sent together (0: every step)")
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _engine(cls, v):
+        if isinstance(v, dict):
+            try:
+                return EngineConfig(**v)
+            except TypeError as e:      # an unknown field
+                raise ValueError(f"engine: {e}") from None
+        return v
+
+    @property
+    def max_in_flight(self) -> int | None:
+        """Requests a replica takes before refusing the next one itself (None: no limit)."""
+        if self.max_waiting_requests is None:
+            return None
+        return self.engine.max_num_seqs + self.max_waiting_requests
+
+    def serve_options(self, gpus_present: bool) -> dict[str, Any]:
+        # Serve must let every request the replica takes reach it, so that the replica, not
+        # Serve's queue, answers the one beyond (503 + Retry-After)
+        ongoing = self.max_in_flight or 5 * self.engine.max_num_seqs
+        return {"max_ongoing_requests": ongoing,
+                "ray_actor_options": _actor_options(gpus_present, self.gpus, self.resources)}
+
+
+class AppSettings(_Section):
+    model_dir: str | None = Field(None, description="checkpoint folder (llava-hf or VILA layout); default: the "
+                                                    "embedded AWQ model")
+    dtype: str | None = None
+    ingress: IngressSettings = Field(default_factory=IngressSettings)
+    vision: VisionSettings = Field(default_factory=VisionSettings)
+    llm: LLMSettings = Field(default_factory=LLMSettings)
+    deployments: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Serve options per deployment over the derived ones (e.g. "
+                                          "{'LLMServer': {'max_queued_requests': 8}}); serve_config.yaml's "
+                                          "`deployments` list does this for `serve run`")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.vision.max_batch_images < self.ingress.max_images:
+            raise ValueError(f"vision.max_batch_images ({self.vision.max_batch_images}) must be at least "
+                             f"ingress.max_images ({self.ingress.max_images})")
+        unknown = set(self.deployments) - set(DEPLOYMENTS)
+        if unknown:
+            raise ValueError(f"deployments names unknown deployments {sorted(unknown)}; known: {DEPLOYMENTS}")
+        given = self.deployments.get("LLMServer", {}).get("max_ongoing_requests")
+        need = self.llm.max_in_flight
+        if given is not None and need is not None and given < need:
+            raise ValueError(f"LLMServer max_ongoing_requests ({given}) is below engine.max_num_seqs + "
+                             f"max_waiting_requests ({need}): Serve would queue requests the replica should take")
+        return self
+
+    def resolved_model_dir(self) -> str:
+        if self.model_dir:
+            return self.model_dir
+        from vlm_core.default_model import default_model_dir
+
+        return str(default_model_dir("awq"))
+
+    def serve_options(self, name: str, gpus_present: bool) -> dict[str, Any]:
+        """A deployment's Serve options: derived from its section, then the `deployments` overrides."""
+        derived = {"Ingress": lambda: self.ingress.serve_options(),
+                   "VisionEncoder": lambda: self.vision.serve_options(gpus_present),
+                   "LLMServer": lambda: self.llm.serve_options(gpus_present)}[name]()
+        return {**derived, **self.deployments.get(name, {})}
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """`extra` over `base`, sections merged key by key."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
