@@ -87,57 +87,53 @@ class TextConfig:
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "TextConfig":
+        """From a decoder's config.json, read through transformers' config class for its model
+        type (which also brings the rope dialects — transformers 4.x `rope_theta` + `rope_scaling`,
+        5.x `rope_parameters` — into one form); the sizes must be given, not defaulted."""
+        from transformers import AutoConfig
+
         model_type = d.get("model_type", "llama")
         if model_type not in TEXT_MODEL_TYPES:
             raise ConfigError(f"text model_type {model_type!r} is not supported (expected one of {TEXT_MODEL_TYPES})")
-        if model_type == "qwen2" and d.get("use_sliding_window"):
+        for key in _TEXT_REQUIRED:
+            if key not in d:
+                raise ConfigError(f"text config is missing required field {key!r}")
+        try:
+            hf = AutoConfig.for_model(model_type, **{k: v for k, v in d.items() if k != "model_type"})
+        except Exception as e:      # transformers' own validation (rope fields, value types)
+            raise ConfigError(f"text config is invalid: {e}") from None
+        if getattr(hf, "use_sliding_window", False):
             raise ConfigError("Qwen2 with use_sliding_window is not supported")
         try:
-            heads = int(d["num_attention_heads"])
-            hidden = int(d["hidden_size"])
-            eos = d.get("eos_token_id")
+            eos = hf.eos_token_id
             eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+            heads = int(hf.num_attention_heads)
             return cls(
-                vocab_size=int(d["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(d["intermediate_size"]),
-                num_layers=int(d["num_hidden_layers"]),
-                num_heads=heads,
-                num_kv_heads=int(d.get("num_key_value_heads") or heads),
-                head_dim=int(d.get("head_dim") or hidden // heads),
-                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                rope=_parse_rope(d),
-                max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
-                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                attention_bias=bool(d.get("attention_bias", False)),
-                mlp_bias=bool(d.get("mlp_bias", False)),
-                hidden_act=d.get("hidden_act", "silu"),
-                model_type=model_type,
-                bos_token_id=d.get("bos_token_id"),
+                vocab_size=int(hf.vocab_size), hidden_size=int(hf.hidden_size),
+                intermediate_size=int(hf.intermediate_size), num_layers=int(hf.num_hidden_layers),
+                num_heads=heads, num_kv_heads=int(hf.num_key_value_heads or heads),
+                head_dim=int(getattr(hf, "head_dim", None) or int(hf.hidden_size) // heads),
+                rms_norm_eps=float(hf.rms_norm_eps), rope=_rope_of(hf.rope_parameters),
+                max_position_embeddings=int(hf.max_position_embeddings),
+                tie_word_embeddings=bool(hf.tie_word_embeddings),
+                attention_bias=bool(getattr(hf, "attention_bias", False)), mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+                hidden_act=hf.hidden_act, model_type=model_type, bos_token_id=hf.bos_token_id,
                 eos_token_ids=tuple(int(e) for e in eos_ids),
             )
-        except KeyError as e:
-            raise ConfigError(f"text config is missing required field {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
             raise ConfigError(f"text config has a malformed value: {e}") from None
 
 
-def _parse_rope(d: dict[str, Any]) -> RopeConfig:
-    """Read both the transformers-5 `rope_parameters` and the older `rope_theta`/`rope_scaling`."""
-    params = d.get("rope_parameters")
-    if params is None:
-        params = dict(d.get("rope_scaling") or {})
-        params.setdefault("rope_theta", d.get("rope_theta", 10000.0))
+_TEXT_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _rope_of(params: dict[str, Any]) -> RopeConfig:
+    """Our RopeConfig from transformers' standardised `rope_parameters`."""
     rope_type = params.get("rope_type", params.get("type", "default"))
-    kw: dict[str, Any] = {"theta": float(params.get("rope_theta", d.get("rope_theta", 10000.0))), "type": rope_type}
+    kw: dict[str, Any] = {"theta": float(params.get("rope_theta", 10000.0)), "type": rope_type}
     if rope_type in ("linear", "llama3"):
-        if "factor" not in params:
-            raise ConfigError(f"rope scaling of type {rope_type!r} needs a 'factor'")
         kw["factor"] = float(params["factor"])
     if rope_type == "llama3":
-        for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-            if key not in params:
-                raise ConfigError(f"llama3 rope scaling needs {key!r}")
         kw["low_freq_factor"] = float(params["low_freq_factor"])
         kw["high_freq_factor"] = float(params["high_freq_factor"])
         kw["original_max_position_embeddings"] = int(params["original_max_position_embeddings"])
@@ -201,6 +197,26 @@ class VisionConfig:
                                   f"{self.num_layers} layers")
         if self.image_size % self.patch_size:
             raise ConfigError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], feature_layers: tuple[int, ...], select_strategy: str,
+                default_type: str = "clip_vision_model") -> "VisionConfig":
+        """From a tower's config dict, read through transformers' config class for its model type."""
+        from transformers import CLIPVisionConfig, SiglipVisionConfig
+
+        model_type = d.get("model_type", default_type)
+        if model_type not in VISION_MODEL_TYPES:
+            raise ConfigError(f"vision tower model_type {model_type!r} is not supported; supported: "
+                              f"{VISION_MODEL_TYPES}")
+        hf_cls = CLIPVisionConfig if model_type == "clip_vision_model" else SiglipVisionConfig
+        try:
+            hf = hf_cls(**{k: v for k, v in d.items() if k != "model_type"})
+            return cls(hf_config={**d, "model_type": model_type}, image_size=int(hf.image_size),
+                       patch_size=int(hf.patch_size), hidden_size=int(hf.hidden_size),
+                       num_layers=int(hf.num_hidden_layers), feature_layers=tuple(int(x) for x in feature_layers),
+                       select_strategy=select_strategy)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"vision config has a malformed value: {e}") from None
 
     @property
     def model_type(self) -> str:

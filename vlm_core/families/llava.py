@@ -88,15 +88,8 @@ class LlavaConfig:
         layer = d.get("vision_feature_layer", -2)
         layers = tuple(layer) if isinstance(layer, (list, tuple)) else (layer,)
         try:
-            vision = VisionConfig(
-                hf_config=dict(vd),
-                image_size=int(vd.get("image_size", 224)),
-                patch_size=int(vd.get("patch_size", 32)),
-                hidden_size=int(vd.get("hidden_size", 768)),
-                num_layers=int(vd.get("num_hidden_layers", 12)),
-                feature_layers=tuple(int(x) for x in layers),
-                select_strategy=d.get("vision_feature_select_strategy", "default"),
-            )
+            vision = VisionConfig.from_hf(vd, tuple(int(x) for x in layers),
+                                          d.get("vision_feature_select_strategy", "default"))
         except (TypeError, ValueError) as e:
             raise ConfigError(f"vision config has a malformed value: {e}") from None
         act = d.get("projector_hidden_act", "gelu")

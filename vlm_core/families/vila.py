@@ -157,12 +157,11 @@ class VilaConfig:
                               f"encoded at the tower's size, so they must be equal")
         image_enc, video_enc = _encoder_entry(top.get("image_encoder")), _encoder_entry(top.get("video_encoder"))
         try:
-            vision = VisionConfig(
-                hf_config=dict(tower), image_size=int(tower.get("image_size", 384)),
-                patch_size=int(tower.get("patch_size", 14)), hidden_size=int(tower["hidden_size"]),
-                num_layers=int(tower["num_hidden_layers"]),
-                feature_layers=(int(top.get("mm_vision_select_layer", -2)),),
-                select_strategy=_SELECT_FEATURE[feature])
+            for key in ("hidden_size", "num_hidden_layers"):
+                if key not in tower:
+                    raise KeyError(key)
+            vision = VisionConfig.from_hf(tower, (int(top.get("mm_vision_select_layer", -2)),),
+                                          _SELECT_FEATURE[feature], default_type="siglip_vision_model")
             ptype = projector.get("mm_projector_type", top.get("mm_projector_type", "mlp2x_gelu"))
             proj = ProjectorConfig(type=ptype, in_features=vision.hidden_size * max(1, len(scales)),
                                    out_features=text.hidden_size)
