@@ -7,7 +7,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from vlm_core.config import TextConfig
 from vlm_core.errors import ConfigError
 from vlm_core.models.attention import SeqChunk
-from vlm_core.models.qwen2 import Qwen2Decoder, build_decoder
+from vlm_core.models.composed import build_decoder
+from vlm_core.models.qwen2 import Qwen2Decoder
 
 from test_llama_decoder import run_ours   # noqa: E402  (tests/ is on sys.path)
 

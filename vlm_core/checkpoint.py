@@ -16,10 +16,6 @@ from torch import nn
 
 from .config import AWQConfig, read_json
 from .errors import CheckpointError
-from .models.layers import LinearFactory
-from .models.qwen2 import build_decoder
-from .models.projector import build_projector
-from .models.vision import VisionTower
 from .quant.pack import v2_to_awq
 
 Rename = str | Callable[[re.Match], str]
@@ -215,23 +211,3 @@ def check_parts(parts: Collection[str]) -> set[str]:
     if not parts or parts - set(MODEL_PARTS):
         raise ValueError(f"parts must be a non-empty subset of {MODEL_PARTS}, got {sorted(parts)}")
     return parts
-
-
-def build_parts(cls, config, parts: set[str], dtype: torch.dtype, linear: LinearFactory):
-    """The composed model with only `parts` built: the tower in `dtype` (transformers module,
-    loaded in place), projector and decoder on the meta device (their tensors are assigned)."""
-    vision = projector = decoder = None
-    if "vision" in parts:
-        vision = VisionTower(config.vision).to(dtype)
-        with torch.device("meta"):
-            projector = build_projector(config.projector)
-    if "llm" in parts:
-        with torch.device("meta"):
-            decoder = build_decoder(config.text, linear)
-    return cls(config, vision, projector, decoder)
-
-
-def tie_head(model) -> None:
-    decoder = model.decoder
-    if decoder is not None and decoder.config.tie_word_embeddings:
-        decoder.lm_head.weight = decoder.embed_tokens.weight

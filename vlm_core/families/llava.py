@@ -26,9 +26,9 @@ from typing import Any, Collection, Sequence
 
 import torch
 
-from ..checkpoint import (IGNORED_KEYS, MODEL_PARTS, PART_PREFIXES, Rename, build_parts, check_parts, convert_v2_state,
+from ..checkpoint import (IGNORED_KEYS, MODEL_PARTS, PART_PREFIXES, Rename, check_parts, convert_v2_state,
                           default_dtype, iter_weights, load_weights, parse_dtype, read_quant_config, rename,
-                          tie_head, weight_files)
+                          weight_files)
 from ..config import AWQConfig, ProjectorConfig, TextConfig, VisionConfig, read_json
 from ..errors import CheckpointError, ConfigError, InputError
 from ..inputs.image import CLIP_MEAN, CLIP_STD, ImageInput, ImageProcessor, ImageProcessorConfig
@@ -153,7 +153,7 @@ def load(model_dir: str | Path, dtype: str | torch.dtype | None = None, device: 
     files = weight_files(model_dir)
     dtype = parse_dtype(dtype, default_dtype(raw, device))
 
-    model = build_parts(LlavaModel, config, parts, dtype, linear)
+    model = LlavaModel.build_parts(config, parts, dtype, linear)
     kept = config.vision.layers_needed
     dropped = re.compile(r"^vision\.tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.")
     not_built = tuple(p for part in MODEL_PARTS if part not in parts for p in PART_PREFIXES[part])
@@ -172,7 +172,7 @@ def load(model_dir: str | Path, dtype: str | torch.dtype | None = None, device: 
     if quant is not None and quant.version == "v2":
         tensors = iter(convert_v2_state(dict(tensors), quant.group_size).items())
     load_weights(model, tensors, LLAVA_HF_MAPPING, dtype, skip)
-    tie_head(model)
+    model.tie_head()
     return model.to(device).eval()
 
 
@@ -273,13 +273,10 @@ class LlavaProcessor(BaseProcessor):
     def from_pretrained(cls, model_dir: str | Path, config: LlavaConfig | None = None) -> "LlavaProcessor":
         model_dir = Path(model_dir)
         config = config or read_config(model_dir)
-        pre = model_dir / "preprocessor_config.json"
-        if pre.is_file():
-            proc_cfg = ImageProcessorConfig.from_preprocessor_json(read_json(pre), config.pad_to_square)
-        else:
-            size = config.vision.image_size
-            proc_cfg = ImageProcessorConfig(size, size, CLIP_MEAN, CLIP_STD, config.pad_to_square)
-        return cls(config, load_tokenizer(model_dir), ImageProcessor(proc_cfg))
+        size = config.vision.image_size
+        images = cls.image_processor_from(model_dir / "preprocessor_config.json", config.pad_to_square,
+                                          ImageProcessorConfig(size, size, CLIP_MEAN, CLIP_STD, config.pad_to_square))
+        return cls(config, load_tokenizer(model_dir), images)
 
     def prompt_text(self, prompt: Prompt, num_images: int) -> str:
         messages = user_turn(prompt, num_images) if isinstance(prompt, str) else prompt

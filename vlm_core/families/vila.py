@@ -34,8 +34,8 @@ from typing import Any, Collection, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import (MODEL_PARTS, Rename, build_parts, check_parts, convert_v2_state, default_dtype,
-                          iter_weights, load_weights, parse_dtype, read_quant_config, tie_head, weight_files)
+from ..checkpoint import (MODEL_PARTS, Rename, check_parts, convert_v2_state, default_dtype,
+                          iter_weights, load_weights, parse_dtype, read_quant_config, weight_files)
 from ..config import VISION_MODEL_TYPES, ProjectorConfig, TextConfig, VisionConfig, read_json
 from ..errors import CheckpointError, ConfigError, InputError, PlaceholderMismatchError
 from ..inputs.image import ImageInput, ImageProcessor, ImageProcessorConfig, expand_to_square, load_image, resize
@@ -230,7 +230,7 @@ def load_with_configs(model_dir: str | Path, dtype: str | torch.dtype | None = N
     linear = awq_linear_factory(quant) if quant is not None else dense_linear
     dtype = parse_dtype(dtype, default_dtype(raw["llm"], device))
 
-    model = build_parts(VilaModel, config, parts, dtype, linear)
+    model = VilaModel.build_parts(config, parts, dtype, linear)
     kept = config.vision.layers_needed
     dropped = re.compile(r"^vision\.tower\.(?:vision_model\.)?(?:encoder\.layers\.(\d+)\.|head\.)")
 
@@ -248,7 +248,7 @@ def load_with_configs(model_dir: str | Path, dtype: str | torch.dtype | None = N
                     yield f"{sub}/{key}", t
 
     load_weights(model, tensors(), VILA_MAPPING, dtype, skip)
-    tie_head(model)
+    model.tie_head()
     return model.to(device).eval(), top, raw
 
 
@@ -419,14 +419,11 @@ class VilaProcessor(BaseProcessor):
     def from_pretrained(cls, folder: str | Path, config: VilaConfig | None = None) -> "VilaProcessor":
         folder = Path(folder)
         config = config or read_config(folder)
-        pre = folder / "vision_tower" / "preprocessor_config.json"
-        if pre.is_file():
-            proc = ImageProcessorConfig.from_preprocessor_json(read_json(pre), config.image_mode == "pad")
-        else:
-            size = config.vision.image_size
-            proc = ImageProcessorConfig(size, size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), config.image_mode == "pad",
-                                        square_resize=True)
-        return cls(config, load_tokenizer(folder / "llm"), ImageProcessor(proc))
+        size, pad = config.vision.image_size, config.image_mode == "pad"
+        images = cls.image_processor_from(folder / "vision_tower" / "preprocessor_config.json", pad,
+                                          ImageProcessorConfig(size, size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), pad,
+                                                               square_resize=True))
+        return cls(config, load_tokenizer(folder / "llm"), images)
 
     @property
     def media_kinds(self) -> tuple[str, ...]:

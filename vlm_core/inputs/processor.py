@@ -12,7 +12,11 @@ from __future__ import annotations
 
 from typing import Collection, Sequence
 
+from pathlib import Path
+
+from ..config import read_json
 from ..errors import CheckpointError
+from .image import ImageProcessor, ImageProcessorConfig
 from .template import Message
 
 Prompt = str | Sequence[Message]
@@ -27,6 +31,15 @@ class BaseProcessor:
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
+
+    @staticmethod
+    def image_processor_from(preprocessor_json: Path, pad_to_square: bool,
+                             fallback: ImageProcessorConfig) -> ImageProcessor:
+        """The folder's `preprocessor_config.json` when it has one, else the family's fallback."""
+        if preprocessor_json.is_file():
+            return ImageProcessor(ImageProcessorConfig.from_preprocessor_json(read_json(preprocessor_json),
+                                                                              pad_to_square))
+        return ImageProcessor(fallback)
 
     def token_id(self, token: str, required: bool = False) -> int | None:
         """The id of a single token of the vocabulary (None when absent and not required)."""

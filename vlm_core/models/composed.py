@@ -21,7 +21,8 @@ from torch import nn
 from .attention import KVView
 from .layers import LinearFactory, dense_linear
 from .projector import build_projector
-from .qwen2 import build_decoder
+from .llama import LlamaDecoder
+from .qwen2 import Qwen2Decoder
 from .vision import VisionTower
 
 
@@ -47,6 +48,14 @@ class MultimodalLM(Protocol):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
 
+DECODERS = {"llama": LlamaDecoder, "qwen2": Qwen2Decoder}
+
+
+def build_decoder(cfg, linear: LinearFactory = dense_linear) -> LlamaDecoder:
+    """The decoder class for a text config's model_type."""
+    return DECODERS[cfg.model_type](cfg, linear)
+
+
 class ComposedVLM(nn.Module):
     """Tower + projector + decoder. `vision`/`projector` or `decoder` may be None when only one
     side was loaded (`parts=`): a vision replica has no decoder, an LLM replica no tower."""
@@ -63,6 +72,26 @@ class ComposedVLM(nn.Module):
         """Randomly initialised model (weights come from a checkpoint loader in practice)."""
         return cls(config, VisionTower(config.vision), build_projector(config.projector),
                    build_decoder(config.text, linear))
+
+    @classmethod
+    def build_parts(cls, config, parts: set[str], dtype: torch.dtype, linear: LinearFactory = dense_linear):
+        """The model with only `parts` built, for a loader to fill: the tower in `dtype`
+        (transformers module, loaded in place), projector and decoder on the meta device (their
+        tensors are assigned)."""
+        vision = projector = decoder = None
+        if "vision" in parts:
+            vision = VisionTower(config.vision).to(dtype)
+            with torch.device("meta"):
+                projector = build_projector(config.projector)
+        if "llm" in parts:
+            with torch.device("meta"):
+                decoder = build_decoder(config.text, linear)
+        return cls(config, vision, projector, decoder)
+
+    def tie_head(self) -> None:
+        """Share the embedding with the output head when the decoder's config ties them."""
+        if self.decoder is not None and self.decoder.config.tie_word_embeddings:
+            self.decoder.lm_head.weight = self.decoder.embed_tokens.weight
 
     def _reference_weight(self) -> torch.Tensor:
         if self.decoder is not None:

@@ -19,11 +19,3 @@ class Qwen2Decoder(LlamaDecoder):
         if cfg.model_type != "qwen2":
             raise ConfigError(f"Qwen2Decoder needs a qwen2 text config, got {cfg.model_type!r}")
         super().__init__(cfg, linear)
-
-
-DECODERS = {"llama": LlamaDecoder, "qwen2": Qwen2Decoder}
-
-
-def build_decoder(cfg: TextConfig, linear: LinearFactory = dense_linear) -> LlamaDecoder:
-    """The decoder class for a text config's model_type."""
-    return DECODERS[cfg.model_type](cfg, linear)
