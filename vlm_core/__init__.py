@@ -7,6 +7,7 @@ from .errors import (CheckpointError, ConfigError, ContextLengthError, ImageErro
 __all__ = [
     "SamplingParams", "VLMError", "CheckpointError", "ConfigError", "UnknownProjectorError", "InputError",
     "ImageError", "PlaceholderMismatchError", "SamplingParamsError", "ContextLengthError", "VLM",
+    "EngineConfig", "EngineRequest", "RequestOutput",
 ]
 
 
@@ -14,4 +15,10 @@ def __getattr__(name):
     if name == "VLM":
         from .vlm import VLM
         return VLM
+    if name == "EngineConfig":
+        from .engine.engine import EngineConfig
+        return EngineConfig
+    if name in ("EngineRequest", "RequestOutput"):
+        from .engine import request
+        return getattr(request, name)
     raise AttributeError(name)
