@@ -70,6 +70,19 @@ if triton is not None:
                  mask=mask)
 
     @triton.jit
+    def _rotate_heads(src, dst, num_heads, stride_h, stride_dh, c, s, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+        """Rotate `num_heads` heads of one token: src/dst point at its first head."""
+        d = tl.arange(0, HALF)[None, :]
+        h = tl.arange(0, BLOCK_H)[:, None]
+        for start in range(0, num_heads, BLOCK_H):
+            m = (start + h) < num_heads
+            x1 = tl.load(src + (start + h) * stride_h + d, mask=m, other=0.0).to(tl.float32)
+            x2 = tl.load(src + (start + h) * stride_h + HALF + d, mask=m, other=0.0).to(tl.float32)
+            out = dst + (start + h) * stride_dh
+            tl.store(out + d, (x1 * c - x2 * s).to(dst.dtype.element_ty), mask=m)
+            tl.store(out + HALF + d, (x2 * c + x1 * s).to(dst.dtype.element_ty), mask=m)
+
+    @triton.jit
     def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr,
                      HQ, HKV, stride_qt, stride_qh, stride_kt, stride_kh, stride_c,
                      stride_qot, stride_qoh, stride_kot, stride_koh,
@@ -78,23 +91,8 @@ if triton is not None:
         d = tl.arange(0, HALF)
         c = tl.load(cos_ptr + t * stride_c + d).to(tl.float32)[None, :]
         s = tl.load(sin_ptr + t * stride_c + d).to(tl.float32)[None, :]
-        h = tl.arange(0, BLOCK_H)[:, None]
-        for start in range(0, HQ, BLOCK_H):
-            m = (start + h) < HQ
-            base = q_ptr + t * stride_qt + (start + h) * stride_qh
-            x1 = tl.load(base + d[None, :], mask=m, other=0.0).to(tl.float32)
-            x2 = tl.load(base + HALF + d[None, :], mask=m, other=0.0).to(tl.float32)
-            out = qo_ptr + t * stride_qot + (start + h) * stride_qoh
-            tl.store(out + d[None, :], (x1 * c - x2 * s).to(qo_ptr.dtype.element_ty), mask=m)
-            tl.store(out + HALF + d[None, :], (x2 * c + x1 * s).to(qo_ptr.dtype.element_ty), mask=m)
-        for start in range(0, HKV, BLOCK_H):
-            m = (start + h) < HKV
-            base = k_ptr + t * stride_kt + (start + h) * stride_kh
-            x1 = tl.load(base + d[None, :], mask=m, other=0.0).to(tl.float32)
-            x2 = tl.load(base + HALF + d[None, :], mask=m, other=0.0).to(tl.float32)
-            out = ko_ptr + t * stride_kot + (start + h) * stride_koh
-            tl.store(out + d[None, :], (x1 * c - x2 * s).to(ko_ptr.dtype.element_ty), mask=m)
-            tl.store(out + HALF + d[None, :], (x2 * c + x1 * s).to(ko_ptr.dtype.element_ty), mask=m)
+        _rotate_heads(q_ptr + t * stride_qt, qo_ptr + t * stride_qot, HQ, stride_qh, stride_qoh, c, s, HALF, BLOCK_H)
+        _rotate_heads(k_ptr + t * stride_kt, ko_ptr + t * stride_kot, HKV, stride_kh, stride_koh, c, s, HALF, BLOCK_H)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
