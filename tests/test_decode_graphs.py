@@ -17,9 +17,9 @@ def record_logits(monkeypatch):
     seen = []
     real = runner_module.sample_async
 
-    def sample(logits, params, generators):
+    def sample(logits, params, generators, history=None):
         seen.append(logits.detach().float().cpu().clone())
-        return real(logits, params, generators)
+        return real(logits, params, generators, history)
 
     monkeypatch.setattr(runner_module, "sample_async", sample)
     return seen

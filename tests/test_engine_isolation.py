@@ -59,9 +59,9 @@ def poison_rows_with_seed_13(monkeypatch):
     """The runner's sampler sees NaN logits for requests seeded 13 (a fault upstream of it)."""
     real = runner.sample_async
 
-    def sample(logits, params, generators):
+    def sample(logits, params, generators, history=None):
         bad = torch.tensor([p.seed == 13 for p in params])
-        return real(logits.masked_fill(bad[:, None], float("nan")), params, generators)
+        return real(logits.masked_fill(bad[:, None], float("nan")), params, generators, history)
 
     monkeypatch.setattr(runner, "sample_async", sample)
 

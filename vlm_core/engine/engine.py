@@ -89,7 +89,7 @@ class LLMEngine:
                 raise ValueError("cuda_graphs needs a model on a CUDA device")
             graphs = DecodeGraphs(model, self.cache, use_triton, config.max_num_seqs, self.max_model_len,
                                   scratch_block=num_blocks, capture=True)
-        self.runner = ModelRunner(model, self.cache, use_triton, graphs)
+        self.runner = ModelRunner(model, self.cache, use_triton, graphs, self.eos)
         self._seqs: dict[str, Sequence] = {}
         self.outputs = OutputProcessor(tokenizer, self.eos, self.max_model_len)
         self._pending: list[tuple] = []
@@ -167,7 +167,7 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return outputs
-        sampled, late = self._execute(sched)
+        sampled, logprobs, late = self._execute(sched)
         outputs.extend(late)
         failed = {key: e for key, e in sampled.items() if isinstance(e, BaseException)}
         # chunks of sequences aborted while the device worked are dropped with their tokens
@@ -185,13 +185,16 @@ class LLMEngine:
                 continue
             if finish is not None:
                 self.scheduler.finish(seq, finish)
-            outputs.append(self._output(seq, text, new))
+            lp = logprobs.get(id(seq)) if new else None
+            outputs.append(self._output(seq, text, new, logprobs=[lp] if lp is not None else
+                                        ([] if seq.params.logprobs is not None else None)))
             if seq.finished:
                 self._forget(seq)
         return outputs
 
-    def _execute(self, sched: SchedulerOutput) -> tuple[dict[int, int | BaseException], list[RequestOutput]]:
-        """The runner's tokens for `sched` (and the outputs of aborts applied meanwhile); when the
+    def _execute(self, sched: SchedulerOutput) -> tuple[dict[int, int | BaseException], dict, list[RequestOutput]]:
+        """The runner's tokens for `sched`, the log-probabilities of the rows that asked, and the
+        outputs of aborts applied meanwhile; when the
         batch fails, each chunk alone, so that only the chunks that fail by themselves map to
         their exception.
 
@@ -203,18 +206,21 @@ class LLMEngine:
         try:
             launched = self.runner.launch(sched)
             late = self._drain()
-            return launched.wait(), late
+            return launched.wait(), launched.logprobs, late
         except Exception as batch_error:
             chunks = [c for c in sched.chunks if not c.seq.finished]   # not those aborted meanwhile
             if len(chunks) == 1:
-                return {id(chunks[0].seq): batch_error}, late
+                return {id(chunks[0].seq): batch_error}, {}, late
         results: dict[int, int | BaseException] = {}
+        logprobs: dict = {}
         for chunk in chunks:
             try:
-                results.update(self.runner.execute(SchedulerOutput([chunk])))
+                launched = self.runner.launch(SchedulerOutput([chunk]))
+                results.update(launched.wait())
+                logprobs.update(launched.logprobs)
             except Exception as e:
                 results[id(chunk.seq)] = e
-        return results, late
+        return results, logprobs, late
 
     def _fail(self, seq: Sequence, error: BaseException) -> RequestOutput:
         """End one sequence because its own work failed; the others are untouched."""
@@ -223,9 +229,10 @@ class LLMEngine:
         self._forget(seq)
         return self._output(seq, "", [], error=f"{type(error).__name__}: {error}")
 
-    def _output(self, seq: Sequence, text: str, new: list[int], error: str | None = None) -> RequestOutput:
+    def _output(self, seq: Sequence, text: str, new: list[int], error: str | None = None,
+                logprobs: list | None = None) -> RequestOutput:
         return RequestOutput(seq.request_id, text, new, seq.finish_reason, seq.num_prompt_tokens,
-                             len(seq.output_ids), seq.num_cached_tokens, error)
+                             len(seq.output_ids), seq.num_cached_tokens, error, logprobs)
 
     def _forget(self, seq: Sequence) -> None:
         self._seqs.pop(seq.request_id, None)

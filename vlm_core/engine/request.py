@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from ..inputs.placeholders import MultimodalPrompt
-from .sampling import SamplingParams
+from .sampling import SamplingParams, TokenLogprobs
 
 
 @dataclass
@@ -40,9 +40,11 @@ class RequestOutput:
     completion_tokens: int       # tokens generated so far
     cached_tokens: int           # prompt tokens served from the prefix cache
     error: str | None = None     # with finish_reason "error": what failed
+    logprobs: list[TokenLogprobs] | None = None   # one per new token, when the request asked for them
 
 
 def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
     """Two consecutive deltas of one request as one."""
+    logprobs = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
     return RequestOutput(a.request_id, a.text + b.text, a.token_ids + b.token_ids, b.finish_reason,
-                         b.prompt_tokens, b.completion_tokens, b.cached_tokens, b.error)
+                         b.prompt_tokens, b.completion_tokens, b.cached_tokens, b.error, logprobs)

@@ -25,17 +25,19 @@ from ..models.composed import MultimodalLM
 from .batch import block_table_array, slot_mapping, to_device
 from .graphs import DecodeGraphs
 from .kv_cache import PagedKVCache, PagedKVView
-from .sampling import SampledTokens, sample_async
+from .sampling import SampledTokens, SamplingHistory, sample_async
 from .scheduler import SchedulerOutput
 
 
 class ModelRunner:
-    def __init__(self, model: MultimodalLM, cache: PagedKVCache, use_triton: bool, graphs: DecodeGraphs | None = None):
+    def __init__(self, model: MultimodalLM, cache: PagedKVCache, use_triton: bool, graphs: DecodeGraphs | None = None,
+                 eos_token_ids=()):
         self.model = model
         self.cache = cache
         self.use_triton = use_triton
         self.device = model.device
         self.graphs = graphs     # decode-only steps over static buffers (CUDA graphs), when set
+        self.eos_token_ids = frozenset(eos_token_ids)   # what min_tokens holds back
 
     def execute(self, out: SchedulerOutput) -> dict[int, int | Exception]:
         """Run one step; returns id(seq) -> sampled token (or the exception of a row that could
@@ -73,9 +75,13 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[last]).float()
         return self._sample([chunks[i].seq for i in sampling], logits)
 
-    @staticmethod
-    def _sample(seqs, logits: torch.Tensor) -> "Launched":
-        return Launched(seqs, sample_async(logits, [s.params for s in seqs], [s.generator for s in seqs]))
+    def _sample(self, seqs, logits: torch.Tensor) -> "Launched":
+        params = [s.params for s in seqs]
+        history = None
+        if any(p.processes_logits for p in params):
+            history = SamplingHistory([s.output_ids for s in seqs], [s.prompt.token_ids for s in seqs],
+                                      self.eos_token_ids)
+        return Launched(seqs, sample_async(logits, params, [s.generator for s in seqs], history))
 
     def _embeddings(self, out: SchedulerOutput, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings [T, H] with image slices spliced in (decode rows: no image work)."""
@@ -85,12 +91,16 @@ class ModelRunner:
 
 
 class Launched:
-    """A step whose device work is queued; `wait()` -> id(seq) -> token (or the row's exception)."""
+    """A step whose device work is queued; `wait()` -> id(seq) -> token (or the row's exception).
+    After it, `logprobs` maps id(seq) -> `TokenLogprobs` for the sequences that asked."""
 
     def __init__(self, seqs: list, tokens: SampledTokens | None):
         self.seqs, self.tokens = seqs, tokens
+        self.logprobs: dict[int, object] = {}
 
     def wait(self) -> dict[int, int | Exception]:
         if self.tokens is None:
             return {}
-        return {id(s): t for s, t in zip(self.seqs, self.tokens.wait())}
+        out = {id(s): t for s, t in zip(self.seqs, self.tokens.wait())}
+        self.logprobs = {id(s): lp for s, lp in zip(self.seqs, self.tokens.logprobs) if lp is not None}
+        return out

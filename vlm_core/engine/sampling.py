@@ -20,6 +20,7 @@ exception in its place, and the engine ends that request alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Collection, Sequence
 
 import torch
 
@@ -27,6 +28,8 @@ from ..errors import SamplingParamsError
 
 SAMPLING_EPS = 1e-5          # temperatures below this sample greedily
 SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)   # what torch.Generator.manual_seed accepts
+MAX_LOGPROBS = 20                        # top log-probabilities per token (OpenAI's bound)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -38,12 +41,20 @@ class SamplingParams:
     stop: tuple[str, ...] = ()           # generation ends before the first occurrence
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0        # OpenAI: minus this once for every token already generated
+    frequency_penalty: float = 0.0       # OpenAI: minus this per earlier occurrence in the generated text
+    repetition_penalty: float = 1.0      # transformers: logits of prompt and generated tokens / p (x p if < 0)
+    min_tokens: int = 0                  # EOS and stop_token_ids are masked until this many tokens exist
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias added to its logit)
+    logprobs: int | None = None          # None: none; k >= 0: the sampled token's and the k most likely
 
     def __post_init__(self):
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in bias))
         if self.max_new_tokens < 1:
             raise SamplingParamsError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if not 0.0 <= self.temperature <= 100.0:
@@ -56,6 +67,24 @@ class SamplingParams:
             raise SamplingParamsError("stop strings must be non-empty strings")
         if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise SamplingParamsError(f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise SamplingParamsError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise SamplingParamsError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise SamplingParamsError(f"min_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
+                                      f"got {self.min_tokens}")
+        if any(not -100.0 <= b <= 100.0 for _, b in self.logit_bias):
+            raise SamplingParamsError("logit_bias values must be in [-100, 100]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise SamplingParamsError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether the logits change before selection (penalties, bias, min_tokens)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens)
 
     @property
     def greedy(self) -> bool:
@@ -106,31 +135,115 @@ def exponential_noise(shape: tuple[int, ...], device, generator: torch.Generator
     return torch.empty(shape, device=device).exponential_(generator=generator).clamp_min_(1e-20)
 
 
-class SampledTokens:
-    """Tokens on their way to the host: the copy is queued behind the device's work (pinned
-    memory, non-blocking), and `wait()` is the step's one synchronisation."""
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probabilities at one generated position, from the raw model distribution."""
+    token_id: int
+    logprob: float                                # of the token chosen
+    top: tuple[tuple[int, float], ...] = ()       # the `logprobs` most likely (token id, logprob), best first
 
-    def __init__(self, tokens: torch.Tensor):
+
+@dataclass(frozen=True)
+class SamplingHistory:
+    """What the logits processors read besides the logits, one entry per row."""
+    output_ids: list[Sequence[int]]          # tokens generated so far (presence / frequency, min_tokens)
+    prompt_ids: list[Sequence[int]]          # prompt tokens (repetition penalty covers them too)
+    eos_token_ids: Collection[int] = ()      # masked, with each row's stop_token_ids, under min_tokens
+
+
+def _flat(rows: list[int], per_row: list[Sequence[int]], vocab: int) -> tuple[list[int], list[int]]:
+    """(row, token) index pairs of every in-vocabulary token of each row."""
+    r, t = [], []
+    for i, toks in zip(rows, per_row):
+        toks = [x for x in toks if 0 <= x < vocab]
+        r += [i] * len(toks)
+        t += toks
+    return r, t
+
+
+def process_logits(logits: torch.Tensor, params: list[SamplingParams], history: SamplingHistory | None
+                   ) -> torch.Tensor:
+    """The logits each row's sampling sees, fp32 [B, V], in vLLM's order: min_tokens (EOS and
+    stop_token_ids at -inf until that many tokens exist), logit_bias (added), then the penalties —
+    repetition (transformers: over prompt and generated tokens, logit / p when positive, x p when
+    negative), frequency and presence (OpenAI: over generated tokens, minus frequency x count and
+    presence once). Rows without any of these are returned unchanged (no copy when none has)."""
+    rows = [i for i, p in enumerate(params) if p.processes_logits]
+    if not rows:
+        return logits
+    if history is None:
+        raise ValueError("penalties and min_tokens need the rows' token history")
+    logits, dev, vocab = logits.clone(), logits.device, logits.shape[-1]
+
+    def idx(values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=dev)
+
+    banned = [i for i in rows if params[i].min_tokens and len(history.output_ids[i]) < params[i].min_tokens]
+    if banned:
+        r, t = _flat(banned, [sorted(set(history.eos_token_ids) | set(params[i].stop_token_ids)) for i in banned],
+                     vocab)
+        logits[idx(r), idx(t)] = float("-inf")
+    biased = [i for i in rows if params[i].logit_bias]
+    if biased:
+        r, t = _flat(biased, [[tok for tok, _ in params[i].logit_bias] for i in biased], vocab)
+        b = [bias for i in biased for tok, bias in params[i].logit_bias if 0 <= tok < vocab]
+        logits.index_put_((idx(r), idx(t)), torch.tensor(b, device=dev), accumulate=True)
+    rep = [i for i in rows if params[i].repetition_penalty != 1.0]
+    if rep:
+        r, t = _flat(rep, [sorted(set(history.prompt_ids[i]) | set(history.output_ids[i])) for i in rep], vocab)
+        r, t = idx(r), idx(t)
+        pen = torch.tensor([params[i].repetition_penalty for i in range(len(params))], device=dev)[r]
+        seen = logits[r, t]
+        logits[r, t] = torch.where(seen < 0, seen * pen, seen / pen)
+    pf = [i for i in rows if params[i].presence_penalty or params[i].frequency_penalty]
+    if pf:
+        counts = torch.zeros(len(pf), vocab, device=dev)
+        r, t = _flat(list(range(len(pf))), [history.output_ids[i] for i in pf], vocab)
+        counts.index_put_((idx(r), idx(t)), torch.ones(len(r), device=dev), accumulate=True)
+        freq = torch.tensor([params[i].frequency_penalty for i in pf], device=dev)[:, None]
+        pres = torch.tensor([params[i].presence_penalty for i in pf], device=dev)[:, None]
+        logits[idx(pf)] -= freq * counts + pres * (counts > 0)
+    return logits
+
+
+class SampledTokens:
+    """Tokens (and log-probabilities, for rows that asked) on their way to the host: the copies are
+    queued behind the device's work (pinned memory, non-blocking), and `wait()` is the step's one
+    synchronisation. After it, `logprobs[row]` is a `TokenLogprobs` or None."""
+
+    def __init__(self, tokens: torch.Tensor, lp_rows: list[int] = (), extras: tuple[torch.Tensor, ...] = ()):
+        self._rows = list(lp_rows)
+        self._dev = [tokens, *extras]
         if tokens.is_cuda:
-            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self._host.copy_(tokens, non_blocking=True)
+            self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in self._dev]
+            for h, t in zip(self._host, self._dev):
+                h.copy_(t, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()
         else:
-            self._host, self._event = tokens, None
+            self._host, self._event = self._dev, None
+        self.logprobs: list[TokenLogprobs | None] = []
 
     def wait(self) -> list[int | Exception]:
         if self._event is not None:
             self._event.synchronize()
+        tokens = self._host[0].tolist()
+        self.logprobs = [None] * len(tokens)
+        if self._rows:
+            chosen, top_ids, top_lp = (h.tolist() for h in self._host[1:])
+            for j, i in enumerate(self._rows):
+                if tokens[i] >= 0:
+                    self.logprobs[i] = TokenLogprobs(tokens[i], chosen[j], tuple(zip(top_ids[j], top_lp[j])))
         return [t if t >= 0 else FloatingPointError("the model produced non-finite logits for this request")
-                for t in self._host.tolist()]
+                for t in tokens]
 
 
-def sample_async(logits: torch.Tensor, params: list[SamplingParams],
-                 generators: list[torch.Generator | None]) -> SampledTokens:
+def sample_async(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                 history: SamplingHistory | None = None) -> SampledTokens:
     """Queue the sampling of one token per row of logits [B, V]; nothing waits for the device."""
-    logits = logits.float()
-    dev, vocab = logits.device, logits.shape[-1]
+    raw = logits.float()
+    dev, vocab = raw.device, raw.shape[-1]
+    logits = process_logits(raw, params, history)
     tokens = logits.argmax(-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
@@ -148,8 +261,18 @@ def sample_async(logits: torch.Tensor, params: list[SamplingParams],
             if generators[i] is not None:
                 noise[j] = exponential_noise((vocab,), dev, generators[i])
         tokens[idx] = (filtered.softmax(-1) / noise).argmax(-1)
-    finite = torch.isfinite(logits).all(-1)
-    return SampledTokens(torch.where(finite, tokens, -1))     # -1 marks a row that cannot be sampled
+    finite = torch.isfinite(raw).all(-1)
+    tokens = torch.where(finite, tokens, -1)     # -1 marks a row that cannot be sampled
+    lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if not lp_rows:
+        return SampledTokens(tokens)
+    # log-probabilities of the raw model distribution (before penalties and temperature)
+    lp_idx = torch.tensor(lp_rows, device=dev)
+    lp = torch.log_softmax(raw[lp_idx], -1)
+    chosen = lp.gather(1, tokens[lp_idx].clamp_min(0)[:, None])[:, 0]
+    k = max(params[i].logprobs for i in lp_rows)
+    top_lp, top_ids = lp.topk(k, -1) if k else (lp[:, :0], lp[:, :0].long())
+    return SampledTokens(tokens, lp_rows, (chosen, top_ids, top_lp))
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
