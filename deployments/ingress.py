@@ -12,6 +12,7 @@ LLM replica without passing through the ingress.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -35,8 +36,8 @@ from vlm_core.inputs.image import decode_image, open_image
 from .frontdoor import FrontDoor
 from .media import new_http_client, read_image_url
 from .protocol import (APIError, AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-                       Choice, ChunkChoice, Delta, ErrorResponse, Health, ModelCard, ModelList,
-                       ServerOverloadedError, usage_of)
+                       Choice, ChoiceLogprobs, ChunkChoice, Delta, ErrorResponse, Health, ModelCard, ModelList,
+                       ServerOverloadedError, TokenLogprob, TopLogprob, usage_of)
 from .settings import IngressSettings
 
 log = logging.getLogger("ray.serve")
@@ -77,12 +78,16 @@ def _openapi() -> dict:
 app.openapi = _openapi
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "tuple"}
+
+
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError):
     errors = exc.errors()
     # our own checks (value errors) say more than "not a string" from another branch of a union
     first = next((e for e in errors if e.get("type") == "value_error"), errors[0] if errors else {})
-    loc = [p for p in first.get("loc", ()) if isinstance(p, int) or str(p).isidentifier()]
+    # drop pydantic's union-branch tags ("str", "list[...]", "function-after[...]") from the location
+    loc = [p for p in first.get("loc", ()) if isinstance(p, int) or (str(p).isidentifier() and p not in _TYPE_TAGS)]
     if first.get("type") == "json_invalid":
         e = APIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}")
         return JSONResponse(e.body(), status_code=400)
@@ -168,6 +173,12 @@ class Ingress:
     def _check_shape(self, body: ChatCompletionRequest) -> None:
         """Limits that need no fetching, decoding or tokenizing."""
         o = self.options
+        refused = body.refusal()
+        if refused is not None:
+            raise APIError(400, refused[1], param=refused[0])
+        unknown = body.unknown_fields()
+        if unknown:
+            log.warning("ignoring fields that are neither OpenAI's nor documented extensions: %s", ", ".join(unknown))
         if body.model not in (None, self.model_name):
             raise APIError(404, f"model {body.model!r} does not exist; this server serves {self.model_name!r}",
                            param="model")
@@ -230,7 +241,30 @@ class Ingress:
         if len(prompt) >= self.max_model_len:
             raise APIError(400, f"the prompt has {len(prompt)} tokens; this model's context is "
                                 f"{self.max_model_len} tokens", param="messages")
+        room = self.max_model_len - len(prompt)
+        asked = body.max_completion_tokens or body.max_tokens
+        if asked is not None and asked > room:
+            field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+            raise APIError(400, f"this model's context is {self.max_model_len} tokens; the messages take "
+                                f"{len(prompt)}, so at most {room} can be generated, but {field} is {asked}",
+                           param=field)
+        if asked is None and sampling.max_new_tokens > room:     # the default never exceeds the context
+            sampling = dataclasses.replace(sampling, max_new_tokens=room, min_tokens=min(sampling.min_tokens, room))
         return prompt, items, sampling
+
+    def _logprobs(self, entries) -> ChoiceLogprobs:
+        """OpenAI's logprobs shape for engine `TokenLogprobs` (each token as decoded text and its bytes)."""
+        def tok(i: int) -> tuple[str, list[int]]:
+            text = self.inputs.tokenizer.decode([i])
+            return text, list(text.encode("utf-8"))
+
+        content = []
+        for e in entries:
+            text, raw = tok(e.token_id)
+            top = [TopLogprob(token=t, logprob=lp, bytes=b) for t, b, lp in
+                   ((*tok(i), lp) for i, lp in e.top)]
+            content.append(TokenLogprob(token=text, logprob=e.logprob, bytes=raw, top_logprobs=top))
+        return ChoiceLogprobs(content=content)
 
     # ---- routes -----------------------------------------------------------------------------
 
@@ -274,11 +308,12 @@ class Ingress:
         Errors are raised as `APIError` (status, message, type, param)."""
         rid = new_request_id()
         stream = None
-        text = ""
+        text, logprobs = "", []
         try:
             stream, out = await self._start(body, rid)
             while out is not None:
                 text += out.text
+                logprobs += out.logprobs or []
                 last = out
                 out = await anext(stream, None)
         except BaseException as e:   # failed or cancelled mid-generation: stop the engine's work too
@@ -288,8 +323,8 @@ class Ingress:
                 raise api_error_of(e, self.options.retry_after_s, rid) from None
             raise
         return ChatCompletion(id=rid, created=int(time.time()), model=self.model_name,
-                              choices=[Choice(message=AssistantMessage(content=text),
-                                              finish_reason=last.finish_reason)],
+                              choices=[Choice(message=AssistantMessage(content=text), finish_reason=last.finish_reason,
+                                              logprobs=self._logprobs(logprobs) if body.logprobs else None)],
                               usage=usage_of(last))
 
     async def chat_stream(self, body: ChatCompletionRequest, include_usage: bool = True,
@@ -303,17 +338,22 @@ class Ingress:
             raise api_error_of(e, self.options.retry_after_s, rid) from None
         created = int(time.time())
 
-        def chunk(delta: Delta, finish=None, usage=None, choices=True) -> ChatCompletionChunk:
+        every = bool(body.stream_options and body.stream_options.continuous_usage_stats)
+
+        def chunk(delta: Delta, finish=None, usage=None, choices=True, logprobs=None) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=rid, created=created, model=self.model_name, usage=usage,
-                                       choices=[ChunkChoice(delta=delta, finish_reason=finish)] if choices else [])
+                                       choices=[ChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)]
+                                       if choices else [])
 
         last = None
         try:
             yield chunk(Delta(role="assistant", content=""))
             while out is not None:
                 last = out
-                if out.text or out.finish_reason:
-                    yield chunk(Delta(content=out.text or None), out.finish_reason)
+                if out.text or out.finish_reason or out.logprobs:
+                    yield chunk(Delta(content=out.text or None), out.finish_reason,
+                                usage=usage_of(out) if every else None,
+                                logprobs=self._logprobs(out.logprobs or []) if body.logprobs else None)
                 out = await anext(stream, None)
         except Exception as e:
             stream.cancel()

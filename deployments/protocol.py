@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from vlm_core.engine.request import RequestOutput
-from vlm_core.engine.sampling import SEED_RANGE, SamplingParams
+from vlm_core.engine.sampling import MAX_LOGPROBS, SEED_RANGE, SamplingParams
 
 
 def _unicode(text: str) -> str:
@@ -85,16 +85,55 @@ ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminat
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="'developer' is OpenAI's newer name for a system message and is treated as one")
     content: Text | list[ContentPart]
+
+    @field_validator("role")
+    @classmethod
+    def _developer_is_system(cls, role: str) -> str:
+        return "system" if role == "developer" else role
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(False, description="extension: usage in every streamed chunk")
+
+
+MAX_N = 1      # choices per request: n > 1 is refused until forked sequences are served
+
+
+# OpenAI chat-completions fields not served here: refused with a 400 naming them when set (to
+# anything but their neutral value), never silently ignored.
+_REFUSED = {
+    "audio": "audio output is not supported",
+    "modalities": "only text output is supported (modalities: ['text'])",
+    "prediction": "predicted outputs are not supported",
+    "tools": "tools (function calling) are not supported",
+    "tool_choice": "tools (function calling) are not supported",
+    "parallel_tool_calls": "tools (function calling) are not supported",
+    "functions": "functions (function calling) are not supported",
+    "function_call": "functions (function calling) are not supported",
+    "response_format": "structured output (response_format) is not supported; only {'type': 'text'}",
+    "reasoning_effort": "this model does not reason; reasoning_effort is not supported",
+    "verbosity": "verbosity is not supported",
+    "web_search_options": "web search is not supported",
+    "prompt_logprobs": "prompt_logprobs is not supported",
+    "structured_outputs": "structured outputs are not supported",
+    "guided_json": "guided decoding is not supported", "guided_regex": "guided decoding is not supported",
+    "guided_choice": "guided decoding is not supported", "guided_grammar": "guided decoding is not supported",
+}
+_NEUTRAL = {"modalities": (["text"],), "response_format": ({"type": "text"},), "parallel_tool_calls": (True, False),
+            "tool_choice": ("none",)}
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """OpenAI's chat-completions request. Every OpenAI field is honoured or refused (`refusal()`);
+    vLLM's extensions `top_k`, `min_tokens`, `repetition_penalty`, `stop_token_ids`, `ignore_eos`
+    and `stream_options.continuous_usage_stats` are honoured; other fields are ignored with a
+    logged warning (`unknown_fields()`)."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: Text | None = None
     messages: list[ChatMessage] = Field(min_length=1)
@@ -106,13 +145,83 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=128, description=f"choices; at most {MAX_N} here")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100]")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    user: str | None = Field(None, description="an end-user id; accepted, no effect on the answer")
+    safety_identifier: str | None = Field(None, description="accepted, no effect on the answer")
+    prompt_cache_key: str | None = Field(None, description="accepted; prefix caching is automatic")
+    metadata: dict[str, str] | None = Field(None, description="accepted, not stored")
+    store: bool | None = Field(None, description="only false: nothing is stored")
+    service_tier: Literal["auto", "default"] | None = None
+    # declared so that they can be refused by name (see _REFUSED)
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+    # vLLM's extensions
+    top_k: int = Field(0, ge=-1, description="extension: keep the k most likely tokens (0 or -1: all)")
+    min_tokens: int = Field(0, ge=0, description="extension: EOS and stop_token_ids held back until this many")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="extension: transformers' repetition "
+                                                                       "penalty over prompt and output")
+    stop_token_ids: list[int] | None = Field(None, description="extension: token ids that end the answer")
     ignore_eos: bool = Field(False, description="extension: keep generating past EOS up to max_tokens")
+    prompt_logprobs: Any = None
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+
+    def refusal(self) -> tuple[str, str] | None:
+        """(field, why) for the first field set that is not served, or a combination that is invalid."""
+        for name, why in _REFUSED.items():
+            value = getattr(self, name)
+            if value is not None and value not in _NEUTRAL.get(name, ()):
+                return name, why
+        if self.n > MAX_N:
+            return "n", f"n = {self.n}: at most {MAX_N} choice per request is served"
+        if self.store:
+            return "store", "store: true is not supported; nothing is stored"
+        if self.stream_options is not None and not self.stream:
+            return "stream_options", "stream_options is only allowed with stream: true"
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs: true"
+        if self.min_tokens > self.max_new_tokens_or(None):
+            return "min_tokens", f"min_tokens ({self.min_tokens}) exceeds max_tokens"
+        for key in self.logit_bias or {}:
+            if not key.lstrip("-").isdigit():
+                return "logit_bias", f"logit_bias keys are token ids; got {key!r}"
+        return None
+
+    def unknown_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+    def max_new_tokens_or(self, default: int | None) -> int:
+        given = self.max_completion_tokens or self.max_tokens
+        return given if given is not None else (default if default is not None else 2 ** 31)
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        return SamplingParams(max_new_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
-                              temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=tuple(stop),
-                              ignore_eos=self.ignore_eos)
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens_or(default_max_tokens), temperature=self.temperature,
+            top_p=self.top_p, top_k=max(0, self.top_k), seed=self.seed, stop=tuple(stop),
+            stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty, min_tokens=self.min_tokens,
+            logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
+            logprobs=(self.top_logprobs or 0) if self.logprobs else None)
 
 
 class Usage(BaseModel):
@@ -127,10 +236,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str | None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -151,6 +275,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: str | None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -164,6 +164,21 @@ HOSTILE = [
     ("unknown model", {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "does not exist"),
 ]
 
+HI = [{"role": "user", "content": "hi"}]
+# OpenAI fields not served are refused by name, never ignored: (field, value, words of the message)
+REFUSED = [
+    ("n", 2, "at most 1 choice"), ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+                                   "tools"),
+    ("tool_choice", "required", "tools"), ("response_format", {"type": "json_object"}, "structured output"),
+    ("audio", {"voice": "alloy", "format": "wav"}, "audio"), ("modalities", ["text", "audio"], "text output"),
+    ("prediction", {"type": "content", "content": "x"}, "predicted"), ("store", True, "nothing is stored"),
+    ("reasoning_effort", "high", "reason"), ("stream_options", {"include_usage": True}, "only allowed with stream"),
+    ("top_logprobs", 2, "needs logprobs"), ("prompt_logprobs", 1, "prompt_logprobs"),
+    ("structured_outputs", {"choice": ["a", "b"]}, "structured outputs"),
+]
+INVALID = [("n", 100000000, "n"), ("top_logprobs", 30, "top_logprobs"), ("presence_penalty", 3, "presence_penalty"),
+           ("logit_bias", {"x": 1}, "logit_bias"), ("max_tokens", 10 ** 6, "max_tokens")]
+
 
 @pytest.mark.parametrize("name,body,status,message", HOSTILE, ids=[h[0] for h in HOSTILE])
 def test_hostile_inputs_get_their_4xx_and_the_next_request_succeeds(server, client, name, body, status, message):
@@ -616,3 +631,63 @@ def test_nvila_served_over_http_equals_in_process(nvila_app, monkeypatch):
             {"role": "user", "content": [{"type": "video", "video": {"frames": frames}}]}]})
         assert r.status_code == status and message in r.json()["error"]["message"], r.text
         assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize("field,value,words", REFUSED, ids=[r[0] for r in REFUSED])
+def test_unserved_openai_fields_are_refused_by_name(server, field, value, words):
+    import httpx
+
+    r = httpx.post(server + "/v1/chat/completions", json={"messages": HI, field: value}, headers=AUTH, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == field and words in err["message"]
+
+
+@pytest.mark.parametrize("field,value,param", INVALID, ids=[r[0] for r in INVALID])
+def test_out_of_range_fields_name_themselves(server, field, value, param):
+    import httpx
+
+    r = httpx.post(server + "/v1/chat/completions", json={"messages": HI, field: value}, headers=AUTH, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_neutral_values_developer_role_and_unknown_fields_are_accepted(server):
+    import httpx
+
+    body = {"messages": [{"role": "developer", "content": "Answer briefly."}, *HI], "max_tokens": 3,
+            "response_format": {"type": "text"}, "modalities": ["text"], "user": "u-1", "metadata": {"k": "v"},
+            "store": False, "parallel_tool_calls": True, "service_tier": "auto", "not_a_field": 1}
+    r = httpx.post(server + "/v1/chat/completions", json=body, headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_logprobs_and_penalties_over_http_equal_the_in_process_engine(client, monkeypatch):
+    from vlm_core.default_model import default_model_dir
+    from vlm_core.engine.sampling import SamplingParams
+    from vlm_core.vlm import VLM
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    vlm = VLM.from_pretrained(default_model_dir("awq"))
+    scene, q, _ = heldout_set(1, seed=31)[0]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+    extra = {"ignore_eos": True, "repetition_penalty": 1.3, "min_tokens": 2}
+    ref = vlm.generate(messages, {"image": [scene.image()]},
+                       SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=3, presence_penalty=0.5,
+                                      frequency_penalty=0.25, repetition_penalty=1.3, min_tokens=2))
+    kw = dict(max_tokens=8, logprobs=True, top_logprobs=3, presence_penalty=0.5, frequency_penalty=0.25,
+              extra_body=extra)
+    r = ask(client, scene.image(), q, **kw)
+    content = r.choices[0].logprobs.content
+    assert r.choices[0].message.content == ref.text and len(content) == len(ref.logprobs) == 8
+    for got, want in zip(content, ref.logprobs):
+        assert got.token == vlm.tokenizer.decode([want.token_id]) and bytes(got.bytes) == got.token.encode()
+        assert abs(got.logprob - want.logprob) <= 1e-5
+        assert [t.token for t in got.top_logprobs] == [vlm.tokenizer.decode([i]) for i, _ in want.top]
+    streamed = list(ask(client, scene.image(), q, stream=True, stream_options={"include_usage": True,
+                                                                                 "continuous_usage_stats": True}, **kw))
+    tokens = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.logprob for t in tokens] == [t.logprob for t in content]
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == ref.text
+    assert all(c.usage is not None for c in streamed if c.choices and c.choices[0].delta.content)
