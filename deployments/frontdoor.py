@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from .protocol import APIError
 
-GENERATION_PATHS = ("/v1/chat/completions",)
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 OPEN_PATHS = ("/health",)
 
 

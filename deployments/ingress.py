@@ -32,12 +32,15 @@ from vlm_core.engine.request import EngineRequest
 from vlm_core.errors import ImageTooLargeError, VLMError
 from vlm_core.families import load_processor
 from vlm_core.inputs.image import decode_image, open_image
+from vlm_core.inputs.placeholders import MultimodalPrompt
 
 from .frontdoor import FrontDoor
 from .media import new_http_client, read_image_url
 from .protocol import (APIError, AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-                       Choice, ChoiceLogprobs, ChunkChoice, Delta, ErrorResponse, Health, ModelCard, ModelList,
-                       ServerOverloadedError, TokenLogprob, TopLogprob, usage_of)
+                       Choice, ChoiceLogprobs, ChunkChoice, Completion, CompletionChoice, CompletionLogprobs,
+                       CompletionRequest, Delta, DetokenizeRequest, DetokenizeResponse, ErrorResponse, Health,
+                       ModelCard, ModelList, ServerOverloadedError, TokenizeRequest, TokenizeResponse, TokenLogprob,
+                       TopLogprob, Version, usage_of)
 from .settings import IngressSettings
 
 log = logging.getLogger("ray.serve")
@@ -166,22 +169,30 @@ class Ingress:
         self.policy = o.image_policy()
         self.front_door = o.front_door()      # what the middleware checks before any route runs
         self.created = int(time.time())
+        self._media_token_ids = self.inputs.media_token_ids
         self._http = None
 
     # ---- request parsing --------------------------------------------------------------------
 
-    def _check_shape(self, body: ChatCompletionRequest) -> None:
-        """Limits that need no fetching, decoding or tokenizing."""
-        o = self.options
+    def _check_fields(self, body) -> None:
+        """Fields not served (400 naming them), unknown fields (a warning), the model name (404)."""
         refused = body.refusal()
         if refused is not None:
             raise APIError(400, refused[1], param=refused[0])
         unknown = body.unknown_fields()
         if unknown:
             log.warning("ignoring fields that are neither OpenAI's nor documented extensions: %s", ", ".join(unknown))
-        if body.model not in (None, self.model_name):
-            raise APIError(404, f"model {body.model!r} does not exist; this server serves {self.model_name!r}",
+        self._check_model(body.model)
+
+    def _check_model(self, model: str | None) -> None:
+        if model not in (None, self.model_name):
+            raise APIError(404, f"model {model!r} does not exist; this server serves {self.model_name!r}",
                            param="model")
+
+    def _check_shape(self, body: ChatCompletionRequest) -> None:
+        """Limits that need no fetching, decoding or tokenizing."""
+        o = self.options
+        self._check_fields(body)
         chars = text_chars(body)
         if chars > self.max_prompt_chars:
             raise APIError(400, f"the messages hold {chars} characters of text; at most {self.max_prompt_chars} "
@@ -238,19 +249,48 @@ class Ingress:
                 raise api_error_of(e) from None
 
         prompt, items = await asyncio.to_thread(work)
+        return prompt, items, self._fit(body, prompt, sampling, "messages")
+
+    def _fit(self, body, prompt, sampling, prompt_field: str):
+        """The prompt within the context, and max_tokens within what is left (400 naming the field
+        when asked beyond it; the server default is cut to fit)."""
         if len(prompt) >= self.max_model_len:
             raise APIError(400, f"the prompt has {len(prompt)} tokens; this model's context is "
-                                f"{self.max_model_len} tokens", param="messages")
+                                f"{self.max_model_len} tokens", param=prompt_field)
         room = self.max_model_len - len(prompt)
-        asked = body.max_completion_tokens or body.max_tokens
+        asked = body.requested_max_tokens()
         if asked is not None and asked > room:
-            field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-            raise APIError(400, f"this model's context is {self.max_model_len} tokens; the messages take "
+            field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+            raise APIError(400, f"this model's context is {self.max_model_len} tokens; the prompt takes "
                                 f"{len(prompt)}, so at most {room} can be generated, but {field} is {asked}",
                            param=field)
         if asked is None and sampling.max_new_tokens > room:     # the default never exceeds the context
             sampling = dataclasses.replace(sampling, max_new_tokens=room, min_tokens=min(sampling.min_tokens, room))
-        return prompt, items, sampling
+        return sampling
+
+    async def _prepare_text(self, body: CompletionRequest):
+        """A text completion's prompt: its text tokenized as it is (no chat template), or its ids."""
+        self._check_fields(body)
+        sampling = body.sampling(self.options.default_max_tokens)
+        given = body.text_or_ids()
+        if isinstance(given, str):
+            if len(given) > self.max_prompt_chars:
+                raise APIError(400, f"the prompt holds {len(given)} characters; at most {self.max_prompt_chars} "
+                                    f"are accepted", param="prompt")
+            try:
+                prompt, _ = await asyncio.to_thread(self.inputs.prepare_media, given, {}, False)
+            except VLMError as e:
+                raise api_error_of(e) from None
+        else:
+            vocab = len(self.inputs.tokenizer)
+            bad = next((t for t in given if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise APIError(400, f"token id {bad} is outside the vocabulary (0..{vocab - 1})", param="prompt")
+            prompt = MultimodalPrompt(tuple(given), ())
+            if any(t in self._media_token_ids for t in given):
+                raise APIError(400, "the prompt's token ids hold a media placeholder; text completions take no "
+                                    "media", param="prompt")
+        return prompt, self._fit(body, prompt, sampling, "prompt")
 
     def _logprobs(self, entries) -> ChoiceLogprobs:
         """OpenAI's logprobs shape for engine `TokenLogprobs` (each token as decoded text and its bytes)."""
@@ -276,6 +316,58 @@ class Ingress:
     async def models(self):
         return ModelList(data=[ModelCard(id=self.model_name, created=self.created)])
 
+    @app.get("/v1/models/{model}", response_model=ModelCard, responses=error_responses(401, 404))
+    async def model_card(self, model: str):
+        self._check_model(model)
+        return ModelCard(id=self.model_name, created=self.created)
+
+    @app.get("/version", response_model=Version, responses=error_responses(401))
+    async def version(self):
+        return Version(version=package_version())
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=error_responses(400, 401, 404))
+    async def tokenize(self, body: TokenizeRequest):
+        """vLLM's /tokenize: a text prompt, or text-only chat messages rendered with the chat template."""
+        self._check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give either prompt or messages", param="prompt")
+        tok = self.inputs.tokenizer
+        if body.prompt is not None:
+            if len(body.prompt) > self.max_prompt_chars:
+                raise APIError(400, f"the prompt holds {len(body.prompt)} characters; at most "
+                                    f"{self.max_prompt_chars} are accepted", param="prompt")
+            ids = list(tok(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"])
+        else:
+            if any(not isinstance(m.content, str) and any(p.type != "text" for p in m.content) for m in body.messages):
+                raise APIError(400, "/tokenize takes text messages only (media expand when a request is served)",
+                               param="messages")
+            messages = [{"role": m.role, "content": m.content if isinstance(m.content, str) else
+                         "".join(p.text for p in m.content)} for m in body.messages]
+            if sum(len(m["content"]) for m in messages) > self.max_prompt_chars:
+                raise APIError(400, f"the messages hold more than {self.max_prompt_chars} characters",
+                               param="messages")
+            ids = list(self.inputs.prepare_media(messages, {}, True)[0].token_ids)
+        return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids,
+                                token_strs=tok.convert_ids_to_tokens(ids) if body.return_token_strs else None)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=error_responses(400, 401, 404))
+    async def detokenize(self, body: DetokenizeRequest):
+        self._check_model(body.model)
+        vocab = len(self.inputs.tokenizer)
+        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary (0..{vocab - 1})", param="tokens")
+        return DetokenizeResponse(prompt=self.inputs.tokenizer.decode(body.tokens))
+
+    @app.post("/v1/completions", response_model=Completion,
+              responses={200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}},
+                         **error_responses(400, 401, 404, 408, 413, 500, 503)})
+    async def completions(self, body: CompletionRequest):
+        if not body.stream:
+            return await self.complete(body)
+        rid = new_request_id()
+        return await self._sse(self.complete_stream(body, request_id=rid), rid)
+
     @app.post("/v1/chat/completions", response_model=ChatCompletion,
               responses={200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}},
                          **error_responses(400, 401, 404, 408, 413, 500, 503)})
@@ -284,8 +376,12 @@ class Ingress:
             return await self.chat(body)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         rid = new_request_id()
-        chunks = self.chat_stream(body, include_usage, request_id=rid)
-        first = await anext(chunks)   # the engine has accepted the request: errors so far get a status code
+        return await self._sse(self.chat_stream(body, include_usage, request_id=rid), rid)
+
+    @staticmethod
+    async def _sse(chunks, rid: str) -> StreamingResponse:
+        """Server-sent events of a chunk stream; errors before the first chunk get a status code."""
+        first = await anext(chunks)   # the engine has accepted the request
 
         async def sse():
             try:
@@ -364,10 +460,94 @@ class Ingress:
         if include_usage and last is not None:
             yield chunk(Delta(), usage=usage_of(last), choices=False)
 
+    async def complete(self, body: CompletionRequest) -> Completion:
+        """One text completion (no chat template). From another Ray job:
+        `serve.get_app_handle("vlm").complete.remote(CompletionRequest(...)).result()`."""
+        rid = new_request_id().replace("chatcmpl-", "cmpl-")
+        stream, outs = None, []
+        try:
+            prompt, sampling = await self._prepare_text(body)
+            stream, out = await self._submit(prompt, [], sampling, rid)
+            while out is not None:
+                outs.append(out)
+                out = await anext(stream, None)
+        except BaseException as e:
+            if stream is not None:
+                stream.cancel()
+            if isinstance(e, Exception):
+                raise api_error_of(e, self.options.retry_after_s, rid) from None
+            raise
+        text = "".join(o.text for o in outs)
+        entries = [lp for o in outs for lp in (o.logprobs or [])]
+        if body.echo:
+            text = self._echo(body, prompt) + text
+        return Completion(id=rid, created=int(time.time()), model=self.model_name, usage=usage_of(outs[-1]),
+                          choices=[CompletionChoice(text=text, finish_reason=outs[-1].finish_reason,
+                                                    logprobs=self._completion_logprobs(entries)
+                                                    if body.logprobs is not None else None)])
+
+    async def complete_stream(self, body: CompletionRequest, request_id: str | None = None
+                              ) -> AsyncIterator[Completion]:
+        """Streamed text-completion chunks (`handle.options(stream=True).complete_stream.remote(...)`)."""
+        rid = request_id or new_request_id().replace("chatcmpl-", "cmpl-")
+        try:
+            prompt, sampling = await self._prepare_text(body)
+            stream, out = await self._submit(prompt, [], sampling, rid)
+        except Exception as e:
+            raise api_error_of(e, self.options.retry_after_s, rid) from None
+        created = int(time.time())
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        every = bool(body.stream_options and body.stream_options.continuous_usage_stats)
+
+        def chunk(text: str, out=None, usage=None, choices=True) -> Completion:
+            lp = self._completion_logprobs(out.logprobs or []) if out is not None and body.logprobs is not None else None
+            return Completion(id=rid, created=created, model=self.model_name, usage=usage,
+                              choices=[CompletionChoice(text=text, logprobs=lp,
+                                                        finish_reason=out.finish_reason if out else None)]
+                              if choices else [])
+
+        last = None
+        try:
+            if body.echo:
+                yield chunk(self._echo(body, prompt))
+            while out is not None:
+                last = out
+                if out.text or out.finish_reason or out.logprobs:
+                    yield chunk(out.text, out, usage=usage_of(out) if every else None)
+                out = await anext(stream, None)
+        except Exception as e:
+            stream.cancel()
+            raise api_error_of(e, self.options.retry_after_s, rid) from None
+        finally:
+            if out is not None:
+                stream.cancel()
+        if include_usage and last is not None:
+            yield chunk("", usage=usage_of(last), choices=False)
+
+    def _echo(self, body: CompletionRequest, prompt) -> str:
+        given = body.text_or_ids()
+        return given if isinstance(given, str) else self.inputs.tokenizer.decode(list(prompt.token_ids))
+
+    def _completion_logprobs(self, entries) -> CompletionLogprobs:
+        """The legacy completions shape: parallel lists of tokens, their logprobs, top dicts, offsets."""
+        tokens, offsets, pos = [], [], 0
+        decode = self.inputs.tokenizer.decode
+        for e in entries:
+            text = decode([e.token_id])
+            tokens.append(text)
+            offsets.append(pos)
+            pos += len(text)
+        return CompletionLogprobs(tokens=tokens, token_logprobs=[e.logprob for e in entries],
+                                  top_logprobs=[{decode([i]): lp for i, lp in e.top} for e in entries],
+                                  text_offset=offsets)
+
     async def _start(self, body: ChatCompletionRequest, rid: str):
         """Validate, send images to the vision deployment and the prompt to the LLM deployment;
         returns once the engine has accepted the request (its first output in hand)."""
         prompt, items, sampling = await self._prepare(body)
+        return await self._submit(prompt, items, sampling, rid)
+
+    async def _submit(self, prompt, items, sampling, rid: str):
         hashes = [it.hash for it in items]
         # the vision call's response goes straight into the LLM call: the embeddings move
         # vision replica -> object store -> LLM replica and never through this process
@@ -391,6 +571,15 @@ class Ingress:
 
         ref = await response._to_object_ref()
         await asyncio.to_thread(ray.wait, [ref], fetch_local=False)
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vlm-serve")
+    except PackageNotFoundError:    # running from a source tree that is not installed
+        return "unknown"
 
 
 def new_request_id() -> str:

@@ -127,18 +127,14 @@ _NEUTRAL = {"modalities": (["text"],), "response_format": ({"type": "text"},), "
             "tool_choice": ("none",)}
 
 
-class ChatCompletionRequest(BaseModel):
-    """OpenAI's chat-completions request. Every OpenAI field is honoured or refused (`refusal()`);
-    vLLM's extensions `top_k`, `min_tokens`, `repetition_penalty`, `stop_token_ids`, `ignore_eos`
-    and `stream_options.continuous_usage_stats` are honoured; other fields are ignored with a
-    logged warning (`unknown_fields()`)."""
+class _GenerationRequest(BaseModel):
+    """Fields chat and text completions share: sampling, streaming, vLLM's extensions, and the
+    fields OpenAI defines that are refused here by name."""
 
     model_config = ConfigDict(extra="allow")
 
     model: Text | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, description="deprecated alias of max_completion_tokens")
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: Text | list[Text] | None = None
@@ -149,9 +145,75 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100]")
+    user: str | None = Field(None, description="an end-user id; accepted, no effect on the answer")
+    # vLLM's extensions
+    top_k: int = Field(0, ge=-1, description="extension: keep the k most likely tokens (0 or -1: all)")
+    min_tokens: int = Field(0, ge=0, description="extension: EOS and stop_token_ids held back until this many")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="extension: transformers' repetition "
+                                                                       "penalty over prompt and output")
+    stop_token_ids: list[int] | None = Field(None, description="extension: token ids that end the answer")
+    ignore_eos: bool = Field(False, description="extension: keep generating past EOS up to max_tokens")
+    prompt_logprobs: Any = None
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    response_format: Any = None
+
+    def refusal(self) -> tuple[str, str] | None:
+        """(field, why) for the first field set that is not served, or a combination that is invalid."""
+        for name, why in _REFUSED.items():
+            value = getattr(self, name, None)
+            if value is not None and value not in _NEUTRAL.get(name, ()):
+                return name, why
+        if self.n > MAX_N:
+            return "n", f"n = {self.n}: at most {MAX_N} choice per request is served"
+        if self.stream_options is not None and not self.stream:
+            return "stream_options", "stream_options is only allowed with stream: true"
+        if self.min_tokens > self.max_new_tokens_or(None):
+            return "min_tokens", "min_tokens exceeds max_tokens"
+        for key in self.logit_bias or {}:
+            if not key.lstrip("-").isdigit():
+                return "logit_bias", f"logit_bias keys are token ids; got {key!r}"
+        return None
+
+    def unknown_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def max_new_tokens_or(self, default: int | None) -> int:
+        given = self.requested_max_tokens()
+        return given if given is not None else (default if default is not None else 2 ** 31)
+
+    def num_logprobs(self) -> int | None:
+        return None
+
+    def sampling(self, default_max_tokens: int) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens_or(default_max_tokens), temperature=self.temperature,
+            top_p=self.top_p, top_k=max(0, self.top_k), seed=self.seed, stop=tuple(stop),
+            stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty, min_tokens=self.min_tokens,
+            logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
+            logprobs=self.num_logprobs())
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    """OpenAI's chat-completions request. Every OpenAI field is honoured or refused (`refusal()`);
+    vLLM's extensions `top_k`, `min_tokens`, `repetition_penalty`, `stop_token_ids`, `ignore_eos`
+    and `stream_options.continuous_usage_stats` are honoured; other fields are ignored with a
+    logged warning (`unknown_fields()`)."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, description="deprecated alias of max_completion_tokens")
+    max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    user: str | None = Field(None, description="an end-user id; accepted, no effect on the answer")
     safety_identifier: str | None = Field(None, description="accepted, no effect on the answer")
     prompt_cache_key: str | None = Field(None, description="accepted; prefix caching is automatic")
     metadata: dict[str, str] | None = Field(None, description="accepted, not stored")
@@ -166,62 +228,118 @@ class ChatCompletionRequest(BaseModel):
     parallel_tool_calls: Any = None
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
     reasoning_effort: Any = None
     verbosity: Any = None
     web_search_options: Any = None
-    # vLLM's extensions
-    top_k: int = Field(0, ge=-1, description="extension: keep the k most likely tokens (0 or -1: all)")
-    min_tokens: int = Field(0, ge=0, description="extension: EOS and stop_token_ids held back until this many")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="extension: transformers' repetition "
-                                                                       "penalty over prompt and output")
-    stop_token_ids: list[int] | None = Field(None, description="extension: token ids that end the answer")
-    ignore_eos: bool = Field(False, description="extension: keep generating past EOS up to max_tokens")
-    prompt_logprobs: Any = None
-    structured_outputs: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
 
     def refusal(self) -> tuple[str, str] | None:
-        """(field, why) for the first field set that is not served, or a combination that is invalid."""
-        for name, why in _REFUSED.items():
-            value = getattr(self, name)
-            if value is not None and value not in _NEUTRAL.get(name, ()):
-                return name, why
-        if self.n > MAX_N:
-            return "n", f"n = {self.n}: at most {MAX_N} choice per request is served"
+        found = super().refusal()
+        if found is not None:
+            return found
         if self.store:
             return "store", "store: true is not supported; nothing is stored"
-        if self.stream_options is not None and not self.stream:
-            return "stream_options", "stream_options is only allowed with stream: true"
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs", "top_logprobs needs logprobs: true"
-        if self.min_tokens > self.max_new_tokens_or(None):
-            return "min_tokens", f"min_tokens ({self.min_tokens}) exceeds max_tokens"
-        for key in self.logit_bias or {}:
-            if not key.lstrip("-").isdigit():
-                return "logit_bias", f"logit_bias keys are token ids; got {key!r}"
         return None
 
-    def unknown_fields(self) -> list[str]:
-        return sorted(self.model_extra or {})
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
 
-    def max_new_tokens_or(self, default: int | None) -> int:
-        given = self.max_completion_tokens or self.max_tokens
-        return given if given is not None else (default if default is not None else 2 ** 31)
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
-    def sampling(self, default_max_tokens: int) -> SamplingParams:
-        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        return SamplingParams(
-            max_new_tokens=self.max_new_tokens_or(default_max_tokens), temperature=self.temperature,
-            top_p=self.top_p, top_k=max(0, self.top_k), seed=self.seed, stop=tuple(stop),
-            stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
-            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty, min_tokens=self.min_tokens,
-            logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
-            logprobs=(self.top_logprobs or 0) if self.logprobs else None)
+
+class CompletionRequest(_GenerationRequest):
+    """OpenAI's (legacy) text-completions request: a text prompt (or its token ids), no chat template."""
+
+    prompt: Text | list[int] | list[Text] = Field(description="the text, or its token ids; one prompt per request")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="log-probabilities of this many most "
+                                                                          "likely tokens per position")
+    echo: bool = Field(False, description="the prompt's text before the completion")
+    suffix: Any = None
+    best_of: int | None = Field(None, ge=1)
+
+    def refusal(self) -> tuple[str, str] | None:
+        found = super().refusal()
+        if found is not None:
+            return found
+        if self.suffix is not None:
+            return "suffix", "suffix (insertion) is not supported"
+        if self.best_of is not None and self.best_of > 1:
+            return "best_of", "best_of > 1 is not supported"
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
+            if len(self.prompt) != 1:
+                return "prompt", "one prompt per request"
+        if isinstance(self.prompt, (list, str)) and len(self.prompt) == 0:
+            return "prompt", "the prompt is empty"
+        if self.echo and self.logprobs is not None:
+            return "echo", "echo with logprobs needs prompt log-probabilities, which are not supported"
+        return None
+
+    def text_or_ids(self) -> str | list[int]:
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
+            return self.prompt[0]
+        return self.prompt
+
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a text prompt, or chat messages (text parts) rendered with the template."""
+    model_config = ConfigDict(extra="forbid")
+
+    model: Text | None = None
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = Field(True, description="BOS for a text prompt (the template decides for messages)")
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: Text | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class Version(BaseModel):
+    version: str
 
 
 class Usage(BaseModel):
@@ -285,6 +403,9 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
+
+
+Completion.model_rebuild()
 
 
 def usage_of(out: RequestOutput) -> Usage:

@@ -312,7 +312,8 @@ def test_fuzzed_requests_get_no_5xx_and_answers_match_the_schema(server, mode):
 
     schema = schemathesis.openapi.from_url(server + "/openapi.json", headers=AUTH)
     operations = [op.ok() for op in schema.get_all_operations()]
-    assert {o.path for o in operations} == {"/health", "/v1/models", "/v1/chat/completions"}
+    assert {o.path for o in operations} == {"/health", "/version", "/v1/models", "/v1/models/{model}",
+                                            "/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"}
     for op in operations:
         if mode == "negative" and op.method.upper() == "GET":   # nothing to send wrong on a bare GET
             continue
@@ -691,3 +692,54 @@ def test_logprobs_and_penalties_over_http_equal_the_in_process_engine(client, mo
     assert [t.logprob for t in tokens] == [t.logprob for t in content]
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == ref.text
     assert all(c.usage is not None for c in streamed if c.choices and c.choices[0].delta.content)
+
+
+def test_text_completions_tokenize_and_model_routes(server, client, monkeypatch):
+    import httpx
+
+    from vlm_core.default_model import default_model_dir
+    from vlm_core.engine.sampling import SamplingParams
+    from vlm_core.vlm import VLM
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    vlm = VLM.from_pretrained(default_model_dir("awq"))
+    text = "USER: How many shapes? ASSISTANT:"
+    ref = vlm.generate(text, None, SamplingParams(max_new_tokens=6, ignore_eos=True, logprobs=2),
+                       apply_template=False)
+    r = client.completions.create(model="vlm-serve-default", prompt=text, max_tokens=6, temperature=0, logprobs=2,
+                                  extra_body={"ignore_eos": True})
+    c = r.choices[0]
+    assert c.text == ref.text and r.usage.completion_tokens == 6 and r.object == "text_completion"
+    assert [round(x, 5) for x in c.logprobs.token_logprobs] == [round(e.logprob, 5) for e in ref.logprobs]
+    assert c.logprobs.tokens == [vlm.tokenizer.decode([t]) for t in ref.token_ids]
+    assert c.logprobs.text_offset == [sum(len(t) for t in c.logprobs.tokens[:i]) for i in range(6)]
+    streamed = client.completions.create(model="vlm-serve-default", prompt=text, max_tokens=6, temperature=0,
+                                         stream=True, extra_body={"ignore_eos": True})
+    assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == ref.text
+    echoed = client.completions.create(model="vlm-serve-default", prompt=text, max_tokens=6, temperature=0,
+                                       echo=True, extra_body={"ignore_eos": True})
+    assert echoed.choices[0].text == text + ref.text
+    ids = list(vlm.request(text, None, apply_template=False).prompt.token_ids)
+    by_ids = client.completions.create(model="vlm-serve-default", prompt=ids, max_tokens=6, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert by_ids.choices[0].text == ref.text
+    for body, param in (({"prompt": text, "suffix": "x"}, "suffix"), ({"prompt": [10 ** 9]}, "prompt"),
+                        ({"prompt": text, "best_of": 2}, "best_of"), ({"prompt": ""}, "prompt")):
+        bad = httpx.post(server + "/v1/completions", json=body, headers=AUTH, timeout=30)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text
+
+    tok = httpx.post(server + "/tokenize", json={"prompt": text}, headers=AUTH, timeout=30).json()
+    assert tok["tokens"] == ids and tok["count"] == len(ids) and tok["max_model_len"] > len(ids)
+    back = httpx.post(server + "/detokenize", json={"tokens": tok["tokens"]}, headers=AUTH, timeout=30).json()
+    assert back["prompt"] == vlm.tokenizer.decode(ids)
+    chat = httpx.post(server + "/tokenize", json={"messages": [{"role": "user", "content": "How many shapes?"}]},
+                      headers=AUTH, timeout=30).json()
+    assert chat["tokens"] == list(vlm.request("How many shapes?").prompt.token_ids)
+    assert httpx.post(server + "/detokenize", json={"tokens": [-1]}, headers=AUTH).status_code == 400
+    assert httpx.post(server + "/tokenize", json={}, headers=AUTH).status_code == 400
+
+    assert httpx.get(server + "/v1/models/vlm-serve-default", headers=AUTH).json()["id"] == "vlm-serve-default"
+    missing = httpx.get(server + "/v1/models/gpt-9", headers=AUTH)
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
+    assert httpx.get(server + "/version", headers=AUTH).json()["version"]
+    assert httpx.get(server + "/version").status_code == 401

@@ -268,6 +268,7 @@ class LlavaProcessor(BaseProcessor):
                                     patch_token_id=self.token_id(PATCH_TOKEN),
                                     im_start_id=im_start, im_end_id=im_end)
         self.image_token = tokenizer.convert_ids_to_tokens(config.image_token_id)
+        self.media_token_ids = frozenset(t for t in (config.image_token_id, self.spec.patch_token_id) if t is not None)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, config: LlavaConfig | None = None) -> "LlavaProcessor":

@@ -411,6 +411,7 @@ class VilaProcessor(BaseProcessor):
                                                                    crop_size=top))
         self.image_token_id = self.token_id(config.image_token, required=True)
         self.video_token_id = self.token_id(config.video_token)
+        self.media_token_ids = frozenset(t for t in (self.image_token_id, self.video_token_id) if t is not None)
         self.end_ids = {"image": self.text_ids(config.image_end_tokens), "video": self.text_ids(config.video_end_tokens)}
         self.sep_ids = self.text_ids(config.video_sep_tokens)
         self.template = getattr(tokenizer, "chat_template", None) or default_template(config)

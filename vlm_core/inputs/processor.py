@@ -24,6 +24,7 @@ Prompt = str | Sequence[Message]
 
 class BaseProcessor:
     media_kinds: tuple[str, ...] = ("image",)
+    media_token_ids: frozenset[int] = frozenset()    # placeholder ids a prompt's media expand into
 
     def __init__(self, tokenizer, config_eos_ids: Collection[int]):
         self.tokenizer = tokenizer
