@@ -28,7 +28,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vlm_core.engine.request import EngineRequest
+from vlm_core.engine.request import EngineRequest, RequestOutput, merge_outputs
 from vlm_core.errors import ImageTooLargeError, VLMError
 from vlm_core.families import load_processor
 from vlm_core.inputs.image import decode_image, open_image
@@ -398,35 +398,40 @@ class Ingress:
 
     # ---- Python handle API (also what the HTTP routes use) -------------------------------------
 
-    async def chat(self, body: ChatCompletionRequest) -> ChatCompletion:
-        """One chat completion. From another Ray job:
-        `serve.get_app_handle("vlm").chat.remote(ChatCompletionRequest(...)).result()`.
-        Errors are raised as `APIError` (status, message, type, param)."""
-        rid = new_request_id()
-        stream = None
-        text, logprobs = "", []
+    async def _gather(self, stream, out, rid: str) -> dict[int, RequestOutput]:
+        """Every choice's whole output (deltas merged), by index."""
+        merged: dict[int, RequestOutput] = {}
         try:
-            stream, out = await self._start(body, rid)
             while out is not None:
-                text += out.text
-                logprobs += out.logprobs or []
-                last = out
+                merged[out.index] = merge_outputs(merged[out.index], out) if out.index in merged else out
                 out = await anext(stream, None)
         except BaseException as e:   # failed or cancelled mid-generation: stop the engine's work too
-            if stream is not None:
-                stream.cancel()
+            stream.cancel()
             if isinstance(e, Exception):
                 raise api_error_of(e, self.options.retry_after_s, rid) from None
             raise
-        return ChatCompletion(id=rid, created=int(time.time()), model=self.model_name,
-                              choices=[Choice(message=AssistantMessage(content=text), finish_reason=last.finish_reason,
-                                              logprobs=self._logprobs(logprobs) if body.logprobs else None)],
-                              usage=usage_of(last))
+        return dict(sorted(merged.items()))
+
+    async def chat(self, body: ChatCompletionRequest) -> ChatCompletion:
+        """One chat completion (n choices). From another Ray job:
+        `serve.get_app_handle("vlm").chat.remote(ChatCompletionRequest(...)).result()`.
+        Errors are raised as `APIError` (status, message, type, param)."""
+        rid = new_request_id()
+        try:
+            stream, out = await self._start(body, rid)
+        except Exception as e:
+            raise api_error_of(e, self.options.retry_after_s, rid) from None
+        outs = await self._gather(stream, out, rid)
+        return ChatCompletion(
+            id=rid, created=int(time.time()), model=self.model_name, usage=usage_of(outs.values()),
+            choices=[Choice(index=i, message=AssistantMessage(content=o.text), finish_reason=o.finish_reason,
+                            logprobs=self._logprobs(o.logprobs or []) if body.logprobs else None)
+                     for i, o in outs.items()])
 
     async def chat_stream(self, body: ChatCompletionRequest, include_usage: bool = True,
                           request_id: str | None = None) -> AsyncIterator[ChatCompletionChunk]:
-        """Streamed chat completion chunks (use `handle.options(stream=True).chat_stream.remote(...)`).
-        Closing the stream early aborts the request in the engine."""
+        """Streamed chat completion chunks (use `handle.options(stream=True).chat_stream.remote(...)`),
+        each for one choice (`index`). Closing the stream early aborts the request in the engine."""
         rid = request_id or new_request_id()
         try:
             stream, out = await self._start(body, rid)
@@ -436,19 +441,20 @@ class Ingress:
 
         every = bool(body.stream_options and body.stream_options.continuous_usage_stats)
 
-        def chunk(delta: Delta, finish=None, usage=None, choices=True, logprobs=None) -> ChatCompletionChunk:
+        def chunk(delta: Delta, index=0, finish=None, usage=None, choices=True, logprobs=None) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=rid, created=created, model=self.model_name, usage=usage,
-                                       choices=[ChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)]
-                                       if choices else [])
+                                       choices=[ChunkChoice(index=index, delta=delta, finish_reason=finish,
+                                                            logprobs=logprobs)] if choices else [])
 
-        last = None
+        latest: dict[int, RequestOutput] = {}
         try:
-            yield chunk(Delta(role="assistant", content=""))
+            for i in range(body.n):
+                yield chunk(Delta(role="assistant", content=""), i)
             while out is not None:
-                last = out
+                latest[out.index] = out
                 if out.text or out.finish_reason or out.logprobs:
-                    yield chunk(Delta(content=out.text or None), out.finish_reason,
-                                usage=usage_of(out) if every else None,
+                    yield chunk(Delta(content=out.text or None), out.index, out.finish_reason,
+                                usage=usage_of(latest.values()) if every else None,
                                 logprobs=self._logprobs(out.logprobs or []) if body.logprobs else None)
                 out = await anext(stream, None)
         except Exception as e:
@@ -457,34 +463,25 @@ class Ingress:
         finally:
             if out is not None:      # the consumer left early (closed, disconnected, cancelled)
                 stream.cancel()
-        if include_usage and last is not None:
-            yield chunk(Delta(), usage=usage_of(last), choices=False)
+        if include_usage and latest:
+            yield chunk(Delta(), usage=usage_of(latest.values()), choices=False)
 
     async def complete(self, body: CompletionRequest) -> Completion:
-        """One text completion (no chat template). From another Ray job:
+        """One text completion (n choices; no chat template). From another Ray job:
         `serve.get_app_handle("vlm").complete.remote(CompletionRequest(...)).result()`."""
         rid = new_request_id().replace("chatcmpl-", "cmpl-")
-        stream, outs = None, []
         try:
             prompt, sampling = await self._prepare_text(body)
             stream, out = await self._submit(prompt, [], sampling, rid)
-            while out is not None:
-                outs.append(out)
-                out = await anext(stream, None)
-        except BaseException as e:
-            if stream is not None:
-                stream.cancel()
-            if isinstance(e, Exception):
-                raise api_error_of(e, self.options.retry_after_s, rid) from None
-            raise
-        text = "".join(o.text for o in outs)
-        entries = [lp for o in outs for lp in (o.logprobs or [])]
-        if body.echo:
-            text = self._echo(body, prompt) + text
-        return Completion(id=rid, created=int(time.time()), model=self.model_name, usage=usage_of(outs[-1]),
-                          choices=[CompletionChoice(text=text, finish_reason=outs[-1].finish_reason,
-                                                    logprobs=self._completion_logprobs(entries)
-                                                    if body.logprobs is not None else None)])
+        except Exception as e:
+            raise api_error_of(e, self.options.retry_after_s, rid) from None
+        outs = await self._gather(stream, out, rid)
+        echo = self._echo(body, prompt) if body.echo else ""
+        return Completion(
+            id=rid, created=int(time.time()), model=self.model_name, usage=usage_of(outs.values()),
+            choices=[CompletionChoice(index=i, text=echo + o.text, finish_reason=o.finish_reason,
+                                      logprobs=self._completion_logprobs(o.logprobs or [])
+                                      if body.logprobs is not None else None) for i, o in outs.items()])
 
     async def complete_stream(self, body: CompletionRequest, request_id: str | None = None
                               ) -> AsyncIterator[Completion]:
@@ -499,21 +496,22 @@ class Ingress:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         every = bool(body.stream_options and body.stream_options.continuous_usage_stats)
 
-        def chunk(text: str, out=None, usage=None, choices=True) -> Completion:
+        def chunk(text: str, index=0, out=None, usage=None, choices=True) -> Completion:
             lp = self._completion_logprobs(out.logprobs or []) if out is not None and body.logprobs is not None else None
             return Completion(id=rid, created=created, model=self.model_name, usage=usage,
-                              choices=[CompletionChoice(text=text, logprobs=lp,
+                              choices=[CompletionChoice(index=index, text=text, logprobs=lp,
                                                         finish_reason=out.finish_reason if out else None)]
                               if choices else [])
 
-        last = None
+        latest: dict[int, RequestOutput] = {}
         try:
             if body.echo:
-                yield chunk(self._echo(body, prompt))
+                for i in range(body.n):
+                    yield chunk(self._echo(body, prompt), i)
             while out is not None:
-                last = out
+                latest[out.index] = out
                 if out.text or out.finish_reason or out.logprobs:
-                    yield chunk(out.text, out, usage=usage_of(out) if every else None)
+                    yield chunk(out.text, out.index, out, usage=usage_of(latest.values()) if every else None)
                 out = await anext(stream, None)
         except Exception as e:
             stream.cancel()
@@ -521,8 +519,8 @@ class Ingress:
         finally:
             if out is not None:
                 stream.cancel()
-        if include_usage and last is not None:
-            yield chunk("", usage=usage_of(last), choices=False)
+        if include_usage and latest:
+            yield chunk("", usage=usage_of(latest.values()), choices=False)
 
     def _echo(self, body: CompletionRequest, prompt) -> str:
         given = body.text_or_ids()

@@ -58,7 +58,8 @@ class LLMServer:
         self.in_flight += 1
         self.active.add(request_id)
         start = last = sent = time.perf_counter()
-        first, finish, held = True, None, None
+        first, finish, open_choices = True, None, request.params.n
+        held: dict[int, object] = {}          # per choice, what waits for the next message
         try:
             async for out in self.engine.generate(request_id, request):
                 now = time.perf_counter()
@@ -70,13 +71,15 @@ class LLMServer:
                         self.m_tpot.observe((now - last) / len(out.token_ids))
                         self.counts["tpot_observations"] += 1
                     last = now
-                finish = out.finish_reason
-                held = out if held is None else merge_outputs(held, out)
-                if first or finish is not None or now - sent >= self.stream_interval_s:
+                open_choices -= out.finish_reason is not None
+                finish = out.finish_reason if open_choices == 0 else None
+                held[out.index] = merge_outputs(held[out.index], out) if out.index in held else out
+                if first or out.finish_reason is not None or now - sent >= self.stream_interval_s:
                     first, sent = False, now
                     self._gauges()
-                    yield held
-                    held = None
+                    for o in held.values():
+                        yield o
+                    held = {}
         except RequestFailedError:
             finish = "error"
             raise

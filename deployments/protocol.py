@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Iterable, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from vlm_core.engine.request import RequestOutput
-from vlm_core.engine.sampling import MAX_LOGPROBS, SEED_RANGE, SamplingParams
+from vlm_core.engine.sampling import MAX_LOGPROBS, MAX_N, SEED_RANGE, SamplingParams
 
 
 def _unicode(text: str) -> str:
@@ -100,9 +100,6 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = Field(False, description="extension: usage in every streamed chunk")
 
 
-MAX_N = 1      # choices per request: n > 1 is refused until forked sequences are served
-
-
 # OpenAI chat-completions fields not served here: refused with a 400 naming them when set (to
 # anything but their neutral value), never silently ignored.
 _REFUSED = {
@@ -141,7 +138,7 @@ class _GenerationRequest(BaseModel):
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=128, description=f"choices; at most {MAX_N} here")
+    n: int = Field(1, ge=1, le=MAX_N, description="choices, generated from one prefill of the prompt")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100]")
@@ -167,8 +164,6 @@ class _GenerationRequest(BaseModel):
             value = getattr(self, name, None)
             if value is not None and value not in _NEUTRAL.get(name, ()):
                 return name, why
-        if self.n > MAX_N:
-            return "n", f"n = {self.n}: at most {MAX_N} choice per request is served"
         if self.stream_options is not None and not self.stream:
             return "stream_options", "stream_options is only allowed with stream: true"
         if self.min_tokens > self.max_new_tokens_or(None):
@@ -200,7 +195,7 @@ class _GenerationRequest(BaseModel):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, min_tokens=self.min_tokens,
             logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
-            logprobs=self.num_logprobs())
+            logprobs=self.num_logprobs(), n=self.n)
 
 
 class ChatCompletionRequest(_GenerationRequest):
@@ -408,11 +403,14 @@ class ChatCompletionChunk(BaseModel):
 Completion.model_rebuild()
 
 
-def usage_of(out: RequestOutput) -> Usage:
-    """Usage from the last engine output of a request."""
-    return Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
-                 total_tokens=out.prompt_tokens + out.completion_tokens,
-                 prompt_tokens_details={"cached_tokens": out.cached_tokens})
+def usage_of(outs: RequestOutput | Iterable[RequestOutput]) -> Usage:
+    """Usage from the latest engine output of each of a request's choices: the prompt counted once
+    (its cached tokens as choice 0 found them), the completion tokens of every choice summed."""
+    outs = [outs] if isinstance(outs, RequestOutput) else sorted(outs, key=lambda o: o.index)
+    completion = sum(o.completion_tokens for o in outs)
+    return Usage(prompt_tokens=outs[0].prompt_tokens, completion_tokens=completion,
+                 total_tokens=outs[0].prompt_tokens + completion,
+                 prompt_tokens_details={"cached_tokens": outs[0].cached_tokens})
 
 
 class ModelCard(BaseModel):

@@ -208,3 +208,57 @@ def test_bad_requests_are_rejected_clearly(vlm, requests_12):
     big.add_request("z", EngineRequest(r.prompt, r.image_embeds, GREEDY))
     with pytest.raises(InputError, match="request id 'z' is already in use"):
         big.add_request("z", EngineRequest(r.prompt, r.image_embeds, GREEDY))
+
+
+def test_n_choices_share_the_prompt_blocks_and_reproduce_alone(vlm, images):
+    bs = 4
+    req = vlm.request("Describe the image.", {"image": images[:1]})
+    p = len(req.prompt)
+
+    def run(params):
+        engine = vlm.engine(EngineConfig(num_blocks=256, block_size=bs))
+        engine.add_request("r", EngineRequest(req.prompt, req.image_embeds, params, req.image_hashes))
+        got = engine.run_to_completion()["r"]
+        by_choice: dict[int, list[int]] = {}
+        for o in got:
+            by_choice.setdefault(o.index, []).extend(o.token_ids)
+        assert engine.blocks.num_free_blocks == 256
+        return by_choice, engine.blocks.stats, got
+
+    sampled = dict(max_new_tokens=9, temperature=1.0, seed=7, ignore_eos=True)
+    three, stats3, outs = run(SamplingParams(n=3, **sampled))
+    assert sorted(three) == [0, 1, 2] and len({tuple(v) for v in three.values()}) > 1
+    singles = [run(SamplingParams(**{**sampled, "seed": 7 + i})) for i in range(3)]
+    assert [three[i] for i in range(3)] == [s[0][0] for s in singles]
+    # choices 1 and 2 take choice 0's full prompt blocks and allocate only what lies beyond them
+    shared = (p - 1) // bs
+    assert stats3.prefix_hits == 2 * shared
+    assert stats3.allocated == singles[0][1].allocated + 2 * (singles[0][1].allocated - shared)
+    finals = [o for o in outs if o.finish_reason is not None]
+    assert sorted(o.index for o in finals) == [0, 1, 2] and all(o.cached_tokens == shared * bs for o in finals
+                                                                  if o.index > 0)
+
+
+def test_n_choices_through_vlm_and_async_engine_and_abort(vlm, images):
+    sp = SamplingParams(max_new_tokens=5, temperature=0.8, seed=3, ignore_eos=True, n=2)
+    outs = vlm.generate("What colour is the circle?", {"image": images[:1]}, sp)
+    assert [o.index for o in outs] == [0, 1] and all(len(o.token_ids) == 5 for o in outs)
+    req = vlm.request("What colour is the circle?", {"image": images[:1]}, sp)
+
+    async def collect():
+        aengine = AsyncLLMEngine(vlm.engine(EngineConfig(num_blocks=64)))
+        got: dict[int, list[int]] = {}
+        async for out in aengine.generate("a", req):
+            got.setdefault(out.index, []).extend(out.token_ids)
+        return got
+
+    got = asyncio.run(collect())
+    assert [got[0], got[1]] == [o.token_ids for o in outs]
+    engine = vlm.engine(EngineConfig(num_blocks=64))
+    engine.add_request("x", EngineRequest(req.prompt, req.image_embeds,
+                                          SamplingParams(max_new_tokens=50, n=3, ignore_eos=True), req.image_hashes))
+    engine.step()                      # choice 0 prefills; 1 and 2 wait for it
+    engine.abort("x")
+    aborted = engine.step()
+    assert sorted(o.index for o in aborted if o.finish_reason == "abort") == [0, 1, 2]
+    assert not engine.has_unfinished() and engine.blocks.num_free_blocks == 64

@@ -89,7 +89,7 @@ def test_a_forward_fault_in_one_chunk_fails_that_request_alone(vlm, three):
         add(engine, f"r{i}", r)
     add(engine, "poison", reqs[2])
     # corrupt the admitted sequence's embedding behind the engine's checks: its splice fails
-    engine._pending[-1][1].image_embeds[1] = torch.zeros(3, 3)
+    engine._pending[-1][1][0].image_embeds[1] = torch.zeros(3, 3)
     got = engine.run_to_completion()
     assert [tokens(got[f"r{i}"]) for i in range(3)] == alone
     assert got["poison"][-1].finish_reason == "error" and got["poison"][-1].completion_tokens == 0

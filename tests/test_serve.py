@@ -167,8 +167,7 @@ HOSTILE = [
 HI = [{"role": "user", "content": "hi"}]
 # OpenAI fields not served are refused by name, never ignored: (field, value, words of the message)
 REFUSED = [
-    ("n", 2, "at most 1 choice"), ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}],
-                                   "tools"),
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tools"),
     ("tool_choice", "required", "tools"), ("response_format", {"type": "json_object"}, "structured output"),
     ("audio", {"voice": "alloy", "format": "wav"}, "audio"), ("modalities", ["text", "audio"], "text output"),
     ("prediction", {"type": "content", "content": "x"}, "predicted"), ("store", True, "nothing is stored"),
@@ -743,3 +742,22 @@ def test_text_completions_tokenize_and_model_routes(server, client, monkeypatch)
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
     assert httpx.get(server + "/version", headers=AUTH).json()["version"]
     assert httpx.get(server + "/version").status_code == 401
+
+
+def test_n_choices_over_http_each_reproduce_alone(client):
+    scene, q, _ = heldout_set(1, seed=41)[0]
+    kw = dict(model="vlm-serve-default", messages=image_message(scene.image(), q), max_tokens=6, temperature=1.0,
+              extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(n=3, seed=11, **kw)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    alone = [client.chat.completions.create(seed=11 + i, **kw).choices[0].message.content for i in range(3)]
+    assert [c.message.content for c in r.choices] == alone
+    assert r.usage.completion_tokens == 18 and r.usage.prompt_tokens > 36
+    streamed: dict[int, str] = {}
+    for ch in client.chat.completions.create(n=3, seed=11, stream=True, **kw):
+        for c in ch.choices:
+            streamed[c.index] = streamed.get(c.index, "") + (c.delta.content or "")
+    assert [streamed[i] for i in range(3)] == alone
+    text = client.completions.create(model="vlm-serve-default", prompt="USER: Hi ASSISTANT:", n=2, seed=5,
+                                     max_tokens=4, temperature=1.0, extra_body={"ignore_eos": True})
+    assert [c.index for c in text.choices] == [0, 1] and text.usage.completion_tokens == 8

@@ -132,7 +132,8 @@ class VLM:
                  sampling: SamplingParams | Sequence[SamplingParams] | None = None,
                  apply_template: bool = True) -> RequestOutput | list[RequestOutput]:
         """One prompt -> its `RequestOutput`; a list of prompts (each with its media dict and
-        sampling, or one sampling for all) -> a list, run together on the engine."""
+        sampling, or one sampling for all) -> a list, run together on the engine. A prompt whose
+        sampling asks for n > 1 gets a list of its n choices instead of one output."""
         one = _is_one(prompts)
         prompts = [prompts] if one else list(prompts)
         media = [media] if one else (list(media) if media is not None else [None] * len(prompts))
@@ -144,10 +145,13 @@ class VLM:
         else:
             sampling = [sampling] * len(prompts)
         requests = self._requests(prompts, media, sampling, apply_template)
-        final: list[RequestOutput | None] = [None] * len(requests)
+        final: list[dict[int, RequestOutput]] = [{} for _ in requests]
         for i, out in self._run(requests):
-            final[i] = out if final[i] is None else merge_outputs(final[i], out)
-        return final[0] if one else final
+            done = final[i]
+            done[out.index] = merge_outputs(done[out.index], out) if out.index in done else out
+        # one RequestOutput per prompt; a list of its n choices when it asked for n > 1
+        results = [[f[k] for k in sorted(f)] if r.params.n > 1 else f[0] for f, r in zip(final, requests)]
+        return results[0] if one else results
 
     def stream(self, prompt, media: Media | None = None, sampling: SamplingParams | None = None,
                apply_template: bool = True) -> Iterator[str]:
@@ -161,11 +165,11 @@ class VLM:
         if self._engine is None:
             self._engine = self.engine()
         engine = self._engine
-        ids = {}
+        ids, left = {}, {}
         for i, r in enumerate(requests):
             rid = f"vlm-{next(self._ids)}"
             engine.add_request(rid, r)
-            ids[rid] = i
+            ids[rid], left[rid] = i, r.params.n
         open_ids = set(ids)
         try:
             while open_ids:
@@ -173,7 +177,9 @@ class VLM:
                     if out.request_id in ids:
                         yield ids[out.request_id], out
                         if out.finish_reason is not None:
-                            open_ids.discard(out.request_id)
+                            left[out.request_id] -= 1
+                            if left[out.request_id] == 0:
+                                open_ids.discard(out.request_id)
         finally:
             for rid in open_ids:   # the caller stopped early
                 engine.abort(rid)

@@ -90,7 +90,8 @@ class LLMEngine:
             graphs = DecodeGraphs(model, self.cache, use_triton, config.max_num_seqs, self.max_model_len,
                                   scratch_block=num_blocks, capture=True)
         self.runner = ModelRunner(model, self.cache, use_triton, graphs, self.eos)
-        self._seqs: dict[str, Sequence] = {}
+        self._seqs: dict[str, list[Sequence]] = {}      # a request's choices not yet finished
+        self._parked: dict[str, list[Sequence]] = {}    # choices 1..n-1 waiting for choice 0's prompt
         self.outputs = OutputProcessor(tokenizer, self.eos, self.max_model_len)
         self._pending: list[tuple] = []
         self._lock = threading.Lock()
@@ -127,13 +128,18 @@ class LLMEngine:
                 raise PlaceholderMismatchError(f"image {i}: embedding of shape {tuple(e.shape)} for a placeholder "
                                                f"span of {span.length} tokens (expected ({span.length}, {hidden}))")
         hashes = tuple(image_hashes) if image_hashes is not None else tuple(content_hash(e) for e in image_embeds)
+        embeds = [e.to(self.model.device, self.model.dtype) for e in image_embeds]
         with self._lock:
-            if request_id in self._seqs or any(p[0] == "add" and p[1].request_id == request_id for p in self._pending):
+            if request_id in self._seqs or any(p[0] == "add" and p[1][0].request_id == request_id
+                                               for p in self._pending):
                 raise InputError(f"request id {request_id!r} is already in use")
-            self._arrivals += 1
-            seq = Sequence(request_id, prompt, [e.to(self.model.device, self.model.dtype) for e in image_embeds],
-                           hashes, params, self._arrivals, generator=params.make_generator(self.model.device))
-            self._pending.append(("add", seq))
+            choices = []
+            for i in range(params.n):
+                self._arrivals += 1
+                p = params.choice(i)
+                choices.append(Sequence(request_id, prompt, embeds, hashes, p, self._arrivals,
+                                        generator=p.make_generator(self.model.device), index=i))
+            self._pending.append(("add", choices))
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -141,7 +147,7 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         with self._lock:
-            return bool(self._pending) or self.scheduler.has_unfinished
+            return bool(self._pending) or self.scheduler.has_unfinished or bool(self._parked)
 
     def _drain(self) -> list[RequestOutput]:
         with self._lock:
@@ -149,16 +155,30 @@ class LLMEngine:
         outputs = []
         for kind, item in pending:
             if kind == "add":
-                self._seqs[item.request_id] = item
-                self.outputs.add(item)
-                self.scheduler.add(item)
+                first, *rest = item
+                self._seqs[first.request_id] = list(item)
+                for seq in item:
+                    self.outputs.add(seq)
+                self.scheduler.add(first)
+                if rest:   # admitted once the first choice's prompt is in the KV cache: they share it
+                    self._parked[first.request_id] = rest
             else:
-                seq = self._seqs.get(item)
-                if seq is not None and not seq.finished:
-                    self.scheduler.finish(seq, "abort")
-                    outputs.append(self._output(seq, "", []))
-                    self._forget(seq)
+                self._parked.pop(item, None)
+                for seq in list(self._seqs.get(item, ())):
+                    if not seq.finished:
+                        self.scheduler.finish(seq, "abort")
+                        outputs.append(self._output(seq, "", []))
+                        self._forget(seq)
         return outputs
+
+    def _release_choices(self) -> None:
+        """Choices 1..n-1 join the queue once choice 0's prompt is computed (its full blocks are then
+        in the prefix cache, so they compute only the prompt's last partial block) or has ended."""
+        for rid in list(self._parked):
+            first = self._seqs[rid][0]
+            if first.finished or first.num_computed_tokens >= first.num_prompt_tokens:
+                for seq in self._parked.pop(rid):
+                    self.scheduler.add(seq)
 
     # ---- the step --------------------------------------------------------------------------
 
@@ -190,6 +210,8 @@ class LLMEngine:
                                         ([] if seq.params.logprobs is not None else None)))
             if seq.finished:
                 self._forget(seq)
+        if self._parked:
+            self._release_choices()
         return outputs
 
     def _execute(self, sched: SchedulerOutput) -> tuple[dict[int, int | BaseException], dict, list[RequestOutput]]:
@@ -232,11 +254,13 @@ class LLMEngine:
     def _output(self, seq: Sequence, text: str, new: list[int], error: str | None = None,
                 logprobs: list | None = None) -> RequestOutput:
         return RequestOutput(seq.request_id, text, new, seq.finish_reason, seq.num_prompt_tokens,
-                             len(seq.output_ids), seq.num_cached_tokens, error, logprobs)
+                             len(seq.output_ids), seq.num_cached_tokens, error, logprobs, seq.index)
 
     def _forget(self, seq: Sequence) -> None:
-        self._seqs.pop(seq.request_id, None)
-        self.outputs.drop(seq.request_id)
+        choices = self._seqs.get(seq.request_id)
+        if choices is not None and all(s.finished for s in choices):
+            del self._seqs[seq.request_id]
+        self.outputs.drop(seq)
 
     def stats(self) -> dict:
         """Scheduler and KV-cache figures for metrics and operators."""
@@ -270,23 +294,25 @@ class AsyncLLMEngine:
         self._queues[request_id] = queue
         self._wake.set()
         finished = False
+        open_choices = request.params.n
         try:
             while True:
-                out = await queue.get()
-                # a consumer slower than the engine gets everything produced meanwhile as one delta
-                while not isinstance(out, BaseException) and out.finish_reason is None and not queue.empty():
-                    nxt = queue.get_nowait()
-                    if isinstance(nxt, BaseException):
-                        out = nxt
-                        break
-                    out = merge_outputs(out, nxt)
-                if isinstance(out, BaseException):
-                    raise out
-                if out.error is not None:
-                    finished = True
-                    raise RequestFailedError(out.error)
-                finished = out.finish_reason is not None
-                yield out
+                got = [await queue.get()]
+                while not queue.empty():        # a consumer slower than the engine: what was produced
+                    got.append(queue.get_nowait())   # meanwhile, as one delta per choice
+                error = next((o for o in got if isinstance(o, BaseException)), None)
+                if error is not None:
+                    raise error
+                merged: dict[int, RequestOutput] = {}
+                for o in got:
+                    merged[o.index] = merge_outputs(merged[o.index], o) if o.index in merged else o
+                for out in merged.values():
+                    if out.error is not None:
+                        finished = True
+                        raise RequestFailedError(out.error)
+                    open_choices -= out.finish_reason is not None
+                    finished = open_choices == 0
+                    yield out
                 if finished:
                     return
         finally:

@@ -22,18 +22,18 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.eos = eos_token_ids          # shared with the engine (`LLMEngine.eos`)
         self.max_model_len = max_model_len
-        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._detok: dict[Sequence, IncrementalDetokenizer] = {}
 
     def add(self, seq: Sequence) -> None:
-        self._detok[seq.request_id] = IncrementalDetokenizer(self.tokenizer, seq.params.stop)
+        self._detok[seq] = IncrementalDetokenizer(self.tokenizer, seq.params.stop)
 
-    def drop(self, request_id: str) -> None:
-        self._detok.pop(request_id, None)
+    def drop(self, seq: Sequence) -> None:
+        self._detok.pop(seq, None)
 
     def process(self, seq: Sequence, token: int) -> tuple[str, list[int], str | None]:
         """(new text, new token ids, finish reason or None) for `seq` after sampling `token`."""
         p = seq.params
-        detok = self._detok[seq.request_id]
+        detok = self._detok[seq]
         if (token in self.eos and not p.ignore_eos) or token in p.stop_token_ids:
             return detok.flush(), [], "stop"
         seq.output_ids.append(token)

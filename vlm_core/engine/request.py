@@ -41,10 +41,13 @@ class RequestOutput:
     cached_tokens: int           # prompt tokens served from the prefix cache
     error: str | None = None     # with finish_reason "error": what failed
     logprobs: list[TokenLogprobs] | None = None   # one per new token, when the request asked for them
+    index: int = 0               # which of the request's n choices this output belongs to
 
 
 def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
-    """Two consecutive deltas of one request as one."""
+    """Two consecutive deltas of one choice of a request as one."""
+    if a.index != b.index:
+        raise ValueError("outputs of different choices do not merge")
     logprobs = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
     return RequestOutput(a.request_id, a.text + b.text, a.token_ids + b.token_ids, b.finish_reason,
-                         b.prompt_tokens, b.completion_tokens, b.cached_tokens, b.error, logprobs)
+                         b.prompt_tokens, b.completion_tokens, b.cached_tokens, b.error, logprobs, b.index)

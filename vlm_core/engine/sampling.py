@@ -19,6 +19,7 @@ exception in its place, and the engine ends that request alone.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Collection, Sequence
 
@@ -29,6 +30,7 @@ from ..errors import SamplingParamsError
 SAMPLING_EPS = 1e-5          # temperatures below this sample greedily
 SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)   # what torch.Generator.manual_seed accepts
 MAX_LOGPROBS = 20                        # top log-probabilities per token (OpenAI's bound)
+MAX_N = 128                              # choices per request (OpenAI's bound)
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class SamplingParams:
     min_tokens: int = 0                  # EOS and stop_token_ids are masked until this many tokens exist
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias added to its logit)
     logprobs: int | None = None          # None: none; k >= 0: the sampled token's and the k most likely
+    n: int = 1                           # choices generated from the prompt (sharing its KV blocks)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -77,6 +80,8 @@ class SamplingParams:
                                       f"got {self.min_tokens}")
         if any(not -100.0 <= b <= 100.0 for _, b in self.logit_bias):
             raise SamplingParamsError("logit_bias values must be in [-100, 100]")
+        if not 1 <= self.n <= MAX_N:
+            raise SamplingParamsError(f"n must be in [1, {MAX_N}], got {self.n}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise SamplingParamsError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
@@ -89,6 +94,16 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < SAMPLING_EPS
+
+    def choice(self, index: int) -> "SamplingParams":
+        """The parameters of choice `index` of n: one choice each, seeded `seed + index` (so choice i
+        reproduces alone as a request with that seed)."""
+        if self.n == 1 and index == 0:
+            return self
+        seed = self.seed
+        if seed is not None:
+            seed = seed + index if seed + index <= SEED_RANGE[1] else seed - index
+        return dataclasses.replace(self, n=1, seed=seed)
 
     def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
         """A generator for a seeded sampling request; None when greedy or unseeded."""

@@ -41,6 +41,7 @@ class Sequence:
     finish_reason: str | None = None
     num_preemptions: int = 0
     generator: torch.Generator | None = None   # per-request RNG (seeded when params.seed is set)
+    index: int = 0                        # which of the request's n choices
 
     @property
     def num_prompt_tokens(self) -> int:
