@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Iterable, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from vlm_core.engine.request import RequestOutput
+from vlm_core.engine.structured import StructuredOutput
 from vlm_core.engine.sampling import MAX_LOGPROBS, MAX_N, SEED_RANGE, SamplingParams
 
 
@@ -111,17 +113,48 @@ _REFUSED = {
     "parallel_tool_calls": "tools (function calling) are not supported",
     "functions": "functions (function calling) are not supported",
     "function_call": "functions (function calling) are not supported",
-    "response_format": "structured output (response_format) is not supported; only {'type': 'text'}",
     "reasoning_effort": "this model does not reason; reasoning_effort is not supported",
     "verbosity": "verbosity is not supported",
     "web_search_options": "web search is not supported",
     "prompt_logprobs": "prompt_logprobs is not supported",
-    "structured_outputs": "structured outputs are not supported",
-    "guided_json": "guided decoding is not supported", "guided_regex": "guided decoding is not supported",
-    "guided_choice": "guided decoding is not supported", "guided_grammar": "guided decoding is not supported",
 }
-_NEUTRAL = {"modalities": (["text"],), "response_format": ({"type": "text"},), "parallel_tool_calls": (True, False),
-            "tool_choice": ("none",)}
+_NEUTRAL = {"modalities": (["text"],), "parallel_tool_calls": (True, False), "tool_choice": ("none",)}
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text, any JSON object, or JSON following a schema."""
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs extension: exactly one of its fields."""
+    model_config = ConfigDict(extra="forbid")
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[Text] | None = Field(None, min_length=1)
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+def _structured(kind: str, value) -> StructuredOutput:
+    if kind == "json":
+        return StructuredOutput("json_schema", value if isinstance(value, str) else json.dumps(value))
+    if kind == "choice":
+        return StructuredOutput("choice", json.dumps(list(value)))
+    if kind == "json_object":
+        return StructuredOutput("json_object")
+    return StructuredOutput(kind, value)
 
 
 class _GenerationRequest(BaseModel):
@@ -151,12 +184,13 @@ class _GenerationRequest(BaseModel):
     stop_token_ids: list[int] | None = Field(None, description="extension: token ids that end the answer")
     ignore_eos: bool = Field(False, description="extension: keep generating past EOS up to max_tokens")
     prompt_logprobs: Any = None
-    structured_outputs: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
-    response_format: Any = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = Field(None, description="extension (vLLM): json, regex, choice "
+                                                                           "or grammar (EBNF)")
+    guided_json: dict[str, Any] | str | None = Field(None, description="extension (vLLM, older name)")
+    guided_regex: str | None = None
+    guided_choice: list[Text] | None = None
+    guided_grammar: str | None = None
 
     def refusal(self) -> tuple[str, str] | None:
         """(field, why) for the first field set that is not served, or a combination that is invalid."""
@@ -171,7 +205,38 @@ class _GenerationRequest(BaseModel):
         for key in self.logit_bias or {}:
             if not key.lstrip("-").isdigit():
                 return "logit_bias", f"logit_bias keys are token ids; got {key!r}"
+        try:
+            self.structured()
+        except ValueError as e:
+            return e.args[0], e.args[1]
         return None
+
+    def structured(self) -> StructuredOutput | None:
+        """The output's grammar, from response_format or the extensions (at most one of them)."""
+        found = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            found.append(("response_format", StructuredOutput("json_object")))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None:
+                raise ValueError("response_format", "response_format of type json_schema needs json_schema.schema")
+            found.append(("response_format", StructuredOutput("json_schema", json.dumps(rf.json_schema.schema_))))
+        so = self.structured_outputs
+        if so is not None:
+            given = [(k, v) for k, v in (("json", so.json_), ("regex", so.regex), ("choice", so.choice),
+                                         ("grammar", so.grammar), ("json_object", so.json_object)) if v]
+            if len(given) != 1:
+                raise ValueError("structured_outputs", "structured_outputs takes exactly one of json, regex, choice, "
+                                                       "grammar, json_object")
+            k, v = given[0]
+            found.append(("structured_outputs", _structured(k, v)))
+        for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                           ("guided_grammar", "grammar")):
+            if getattr(self, name) is not None:
+                found.append((name, _structured(kind, getattr(self, name))))
+        if len(found) > 1:
+            raise ValueError(found[1][0], f"{found[1][0]} and {found[0][0]} both constrain the output; give one")
+        return found[0][1] if found else None
 
     def unknown_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
@@ -195,7 +260,7 @@ class _GenerationRequest(BaseModel):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, min_tokens=self.min_tokens,
             logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
-            logprobs=self.num_logprobs(), n=self.n)
+            logprobs=self.num_logprobs(), n=self.n, structured=self.structured())
 
 
 class ChatCompletionRequest(_GenerationRequest):

@@ -168,12 +168,13 @@ HI = [{"role": "user", "content": "hi"}]
 # OpenAI fields not served are refused by name, never ignored: (field, value, words of the message)
 REFUSED = [
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tools"),
-    ("tool_choice", "required", "tools"), ("response_format", {"type": "json_object"}, "structured output"),
+    ("tool_choice", "required", "tools"),
     ("audio", {"voice": "alloy", "format": "wav"}, "audio"), ("modalities", ["text", "audio"], "text output"),
     ("prediction", {"type": "content", "content": "x"}, "predicted"), ("store", True, "nothing is stored"),
     ("reasoning_effort", "high", "reason"), ("stream_options", {"include_usage": True}, "only allowed with stream"),
     ("top_logprobs", 2, "needs logprobs"), ("prompt_logprobs", 1, "prompt_logprobs"),
-    ("structured_outputs", {"choice": ["a", "b"]}, "structured outputs"),
+    ("response_format", {"type": "json_schema"}, "needs json_schema.schema"),
+    ("structured_outputs", {"choice": ["a"], "regex": "a+"}, "exactly one of"),
 ]
 INVALID = [("n", 100000000, "n"), ("top_logprobs", 30, "top_logprobs"), ("presence_penalty", 3, "presence_penalty"),
            ("logit_bias", {"x": 1}, "logit_bias"), ("max_tokens", 10 ** 6, "max_tokens")]
@@ -761,3 +762,15 @@ def test_n_choices_over_http_each_reproduce_alone(client):
     text = client.completions.create(model="vlm-serve-default", prompt="USER: Hi ASSISTANT:", n=2, seed=5,
                                      max_tokens=4, temperature=1.0, extra_body={"ignore_eos": True})
     assert [c.index for c in text.choices] == [0, 1] and text.usage.completion_tokens == 8
+
+
+def test_structured_output_over_http(server, client):
+    import httpx
+
+    scene, q, _ = heldout_set(1, seed=51)[0]
+    r = ask(client, scene.image(), q, max_tokens=8, extra_body={"structured_outputs": {"choice": ["red", "green", "blue"]}})
+    assert r.choices[0].message.content in ("red", "green", "blue") and r.choices[0].finish_reason == "stop"
+    # the default model's word-level vocabulary cannot spell JSON: said so, not ignored
+    bad = httpx.post(server + "/v1/chat/completions", headers=AUTH, timeout=60, json={
+        "messages": HI, "response_format": {"type": "json_object"}})
+    assert bad.status_code == 400 and "cannot spell JSON" in bad.json()["error"]["message"]

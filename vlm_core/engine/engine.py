@@ -128,6 +128,7 @@ class LLMEngine:
                 raise PlaceholderMismatchError(f"image {i}: embedding of shape {tuple(e.shape)} for a placeholder "
                                                f"span of {span.length} tokens (expected ({span.length}, {hidden}))")
         hashes = tuple(image_hashes) if image_hashes is not None else tuple(content_hash(e) for e in image_embeds)
+        compiled = self._grammar().compile(params.structured) if params.structured is not None else None
         embeds = [e.to(self.model.device, self.model.dtype) for e in image_embeds]
         with self._lock:
             if request_id in self._seqs or any(p[0] == "add" and p[1][0].request_id == request_id
@@ -138,8 +139,19 @@ class LLMEngine:
                 self._arrivals += 1
                 p = params.choice(i)
                 choices.append(Sequence(request_id, prompt, embeds, hashes, p, self._arrivals,
-                                        generator=p.make_generator(self.model.device), index=i))
+                                        generator=p.make_generator(self.model.device), index=i,
+                                        matcher=self.runner.grammar.matcher(compiled, params.structured)
+                                        if compiled else None))
             self._pending.append(("add", choices))
+
+    def _grammar(self):
+        """The structured-output backend for this tokenizer, made at the first request that needs it."""
+        with self._lock:
+            if self.runner.grammar is None:
+                from .structured import GrammarBackend
+
+                self.runner.grammar = GrammarBackend(self.tokenizer, self.model.config.text.vocab_size, self.eos)
+            return self.runner.grammar
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -290,8 +302,17 @@ class AsyncLLMEngine:
     async def generate(self, request_id: str, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         self._ensure_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        self.engine.add_request(request_id, request)
-        self._queues[request_id] = queue
+        if request_id in self._queues:
+            raise InputError(f"request id {request_id!r} is already in use")
+        self._queues[request_id] = queue          # before the engine can produce anything for it
+        try:
+            if request.params.structured is not None:   # compiling a grammar takes a while: off the loop
+                await asyncio.to_thread(self.engine.add_request, request_id, request)
+            else:
+                self.engine.add_request(request_id, request)
+        except BaseException:
+            self._queues.pop(request_id, None)
+            raise
         self._wake.set()
         finished = False
         open_choices = request.params.n
@@ -320,6 +341,15 @@ class AsyncLLMEngine:
             if not finished:
                 self.engine.abort(request_id)
                 self._wake.set()
+
+    def _grammar(self):
+        """The structured-output backend for this tokenizer, made at the first request that needs it."""
+        with self._lock:
+            if self.runner.grammar is None:
+                from .structured import GrammarBackend
+
+                self.runner.grammar = GrammarBackend(self.tokenizer, self.model.config.text.vocab_size, self.eos)
+            return self.runner.grammar
 
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)

@@ -37,6 +37,8 @@ class OutputProcessor:
         if (token in self.eos and not p.ignore_eos) or token in p.stop_token_ids:
             return detok.flush(), [], "stop"
         seq.output_ids.append(token)
+        if seq.matcher is not None and not seq.matcher.accept_token(token):
+            raise RuntimeError(f"token {token} is outside the request's grammar")
         text, hit_stop = detok.push(token)
         if hit_stop:
             return text, [token], "stop"

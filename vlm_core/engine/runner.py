@@ -31,13 +31,14 @@ from .scheduler import SchedulerOutput
 
 class ModelRunner:
     def __init__(self, model: MultimodalLM, cache: PagedKVCache, use_triton: bool, graphs: DecodeGraphs | None = None,
-                 eos_token_ids=()):
+                 eos_token_ids=(), grammar=None):
         self.model = model
         self.cache = cache
         self.use_triton = use_triton
         self.device = model.device
         self.graphs = graphs     # decode-only steps over static buffers (CUDA graphs), when set
         self.eos_token_ids = frozenset(eos_token_ids)   # what min_tokens holds back
+        self.grammar = grammar                          # GrammarBackend, once a structured request came
 
     def execute(self, out: SchedulerOutput) -> dict[int, int | Exception]:
         """Run one step; returns id(seq) -> sampled token (or the exception of a row that could
@@ -80,7 +81,7 @@ class ModelRunner:
         history = None
         if any(p.processes_logits for p in params):
             history = SamplingHistory([s.output_ids for s in seqs], [s.prompt.token_ids for s in seqs],
-                                      self.eos_token_ids)
+                                      self.eos_token_ids, [s.matcher for s in seqs], self.grammar)
         return Launched(seqs, sample_async(logits, params, [s.generator for s in seqs], history))
 
     def _embeddings(self, out: SchedulerOutput, input_ids: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from typing import Collection, Sequence
 import torch
 
 from ..errors import SamplingParamsError
+from .structured import StructuredOutput
 
 SAMPLING_EPS = 1e-5          # temperatures below this sample greedily
 SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)   # what torch.Generator.manual_seed accepts
@@ -50,6 +51,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias added to its logit)
     logprobs: int | None = None          # None: none; k >= 0: the sampled token's and the k most likely
     n: int = 1                           # choices generated from the prompt (sharing its KV blocks)
+    structured: StructuredOutput | None = None   # a grammar the output must follow (engine/structured.py)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -89,7 +91,7 @@ class SamplingParams:
     def processes_logits(self) -> bool:
         """Whether the logits change before selection (penalties, bias, min_tokens)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.logit_bias or self.min_tokens)
+                    or self.logit_bias or self.min_tokens or self.structured)
 
     @property
     def greedy(self) -> bool:
@@ -164,6 +166,8 @@ class SamplingHistory:
     output_ids: list[Sequence[int]]          # tokens generated so far (presence / frequency, min_tokens)
     prompt_ids: list[Sequence[int]]          # prompt tokens (repetition penalty covers them too)
     eos_token_ids: Collection[int] = ()      # masked, with each row's stop_token_ids, under min_tokens
+    matchers: list | None = None             # a grammar matcher per row (None: unconstrained)
+    grammar: object | None = None            # the GrammarBackend that applies them
 
 
 def _flat(rows: list[int], per_row: list[Sequence[int]], vocab: int) -> tuple[list[int], list[int]]:
@@ -182,7 +186,8 @@ def process_logits(logits: torch.Tensor, params: list[SamplingParams], history: 
     stop_token_ids at -inf until that many tokens exist), logit_bias (added), then the penalties —
     repetition (transformers: over prompt and generated tokens, logit / p when positive, x p when
     negative), frequency and presence (OpenAI: over generated tokens, minus frequency x count and
-    presence once). Rows without any of these are returned unchanged (no copy when none has)."""
+    presence once), and last a structured-output grammar's token bitmask. Rows without any of these
+    are returned unchanged (no copy when none has)."""
     rows = [i for i, p in enumerate(params) if p.processes_logits]
     if not rows:
         return logits
@@ -218,6 +223,9 @@ def process_logits(logits: torch.Tensor, params: list[SamplingParams], history: 
         freq = torch.tensor([params[i].frequency_penalty for i in pf], device=dev)[:, None]
         pres = torch.tensor([params[i].presence_penalty for i in pf], device=dev)[:, None]
         logits[idx(pf)] -= freq * counts + pres * (counts > 0)
+    constrained = [i for i in rows if history.matchers and history.matchers[i] is not None]
+    if constrained:
+        history.grammar.apply(logits, constrained, [history.matchers[i] for i in constrained])
     return logits
 
 

@@ -42,6 +42,7 @@ class Sequence:
     num_preemptions: int = 0
     generator: torch.Generator | None = None   # per-request RNG (seeded when params.seed is set)
     index: int = 0                        # which of the request's n choices
+    matcher: object | None = None         # its structured-output grammar matcher, if any
 
     @property
     def num_prompt_tokens(self) -> int:
