@@ -38,9 +38,9 @@ from .frontdoor import FrontDoor
 from .media import new_http_client, read_image_url
 from .protocol import (APIError, AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
                        Choice, ChoiceLogprobs, ChunkChoice, Completion, CompletionChoice, CompletionLogprobs,
-                       CompletionRequest, Delta, DetokenizeRequest, DetokenizeResponse, ErrorResponse, Health,
-                       ModelCard, ModelList, ServerOverloadedError, TokenizeRequest, TokenizeResponse, TokenLogprob,
-                       TopLogprob, Version, usage_of)
+                       CompletionRequest, Delta, DetokenizeRequest, DetokenizeResponse, ErrorResponse, FunctionCall,
+                       Health, ModelCard, ModelList, ServerOverloadedError, TokenizeRequest, TokenizeResponse,
+                       TokenLogprob, ToolCall, ToolCallDelta, TopLogprob, Version, usage_of)
 from .settings import IngressSettings
 
 log = logging.getLogger("ray.serve")
@@ -422,11 +422,24 @@ class Ingress:
         except Exception as e:
             raise api_error_of(e, self.options.retry_after_s, rid) from None
         outs = await self._gather(stream, out, rid)
-        return ChatCompletion(
-            id=rid, created=int(time.time()), model=self.model_name, usage=usage_of(outs.values()),
-            choices=[Choice(index=i, message=AssistantMessage(content=o.text), finish_reason=o.finish_reason,
-                            logprobs=self._logprobs(o.logprobs or []) if body.logprobs else None)
-                     for i, o in outs.items()])
+        choices = []
+        for i, o in outs.items():
+            message, finish = self._message(body, o.text, o.finish_reason)
+            choices.append(Choice(index=i, message=message, finish_reason=finish,
+                                  logprobs=self._logprobs(o.logprobs or []) if body.logprobs else None))
+        return ChatCompletion(id=rid, created=int(time.time()), model=self.model_name, usage=usage_of(outs.values()),
+                              choices=choices)
+
+    @staticmethod
+    def _message(body: ChatCompletionRequest, text: str, finish: str | None) -> tuple[AssistantMessage, str | None]:
+        """The assistant message of a finished choice: its text, or for a forced tool call the call."""
+        call = body.tool_call_of(text) if body.calls_tool() else None
+        if call is None:
+            return AssistantMessage(content=text), finish
+        return (AssistantMessage(content=None, tool_calls=[ToolCall(id=f"call_{uuid.uuid4().hex[:24]}",
+                                                                   function=FunctionCall(name=call[0],
+                                                                                         arguments=call[1]))]),
+                "tool_calls" if finish == "stop" else finish)
 
     async def chat_stream(self, body: ChatCompletionRequest, include_usage: bool = True,
                           request_id: str | None = None) -> AsyncIterator[ChatCompletionChunk]:
@@ -447,15 +460,26 @@ class Ingress:
                                                             logprobs=logprobs)] if choices else [])
 
         latest: dict[int, RequestOutput] = {}
+        tool = body.calls_tool()        # a forced tool call goes out whole, as the choice's last delta
+        texts: dict[int, str] = {}
         try:
             for i in range(body.n):
-                yield chunk(Delta(role="assistant", content=""), i)
+                yield chunk(Delta(role="assistant", content=None if tool else ""), i)
             while out is not None:
                 latest[out.index] = out
-                if out.text or out.finish_reason or out.logprobs:
-                    yield chunk(Delta(content=out.text or None), out.index, out.finish_reason,
-                                usage=usage_of(latest.values()) if every else None,
-                                logprobs=self._logprobs(out.logprobs or []) if body.logprobs else None)
+                usage = usage_of(latest.values()) if every else None
+                lp = self._logprobs(out.logprobs or []) if body.logprobs else None
+                if tool:
+                    texts[out.index] = texts.get(out.index, "") + out.text
+                    if out.finish_reason is not None:
+                        message, finish = self._message(body, texts[out.index], out.finish_reason)
+                        calls = [ToolCallDelta(index=0, **c.model_dump()) for c in message.tool_calls or ()]
+                        yield chunk(Delta(content=message.content, tool_calls=calls or None), out.index, finish,
+                                    usage=usage, logprobs=lp)
+                    elif out.logprobs:
+                        yield chunk(Delta(), out.index, usage=usage, logprobs=lp)
+                elif out.text or out.finish_reason or out.logprobs:
+                    yield chunk(Delta(content=out.text or None), out.index, out.finish_reason, usage=usage, logprobs=lp)
                 out = await anext(stream, None)
         except Exception as e:
             stream.cancel()

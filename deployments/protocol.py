@@ -108,9 +108,6 @@ _REFUSED = {
     "audio": "audio output is not supported",
     "modalities": "only text output is supported (modalities: ['text'])",
     "prediction": "predicted outputs are not supported",
-    "tools": "tools (function calling) are not supported",
-    "tool_choice": "tools (function calling) are not supported",
-    "parallel_tool_calls": "tools (function calling) are not supported",
     "functions": "functions (function calling) are not supported",
     "function_call": "functions (function calling) are not supported",
     "reasoning_effort": "this model does not reason; reasoning_effort is not supported",
@@ -118,7 +115,28 @@ _REFUSED = {
     "web_search_options": "web search is not supported",
     "prompt_logprobs": "prompt_logprobs is not supported",
 }
-_NEUTRAL = {"modalities": (["text"],), "parallel_tool_calls": (True, False), "tool_choice": ("none",)}
+_NEUTRAL = {"modalities": (["text"],)}
+
+
+class FunctionDef(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class JsonSchemaFormat(BaseModel):
@@ -279,13 +297,15 @@ class ChatCompletionRequest(_GenerationRequest):
     metadata: dict[str, str] | None = Field(None, description="accepted, not stored")
     store: bool | None = Field(None, description="only false: nothing is stored")
     service_tier: Literal["auto", "default"] | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="'required' or a named function: the answer is a call whose arguments follow the "
+                          "function's schema; 'auto' is refused (these models have no tool-calling format)")
+    parallel_tool_calls: bool | None = Field(None, description="at most one call per answer either way")
     # declared so that they can be refused by name (see _REFUSED)
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
-    tools: Any = None
-    tool_choice: Any = None
-    parallel_tool_calls: Any = None
     functions: Any = None
     function_call: Any = None
     reasoning_effort: Any = None
@@ -300,7 +320,46 @@ class ChatCompletionRequest(_GenerationRequest):
             return "store", "store: true is not supported; nothing is stored"
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs", "top_logprobs needs logprobs: true"
+        if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
+            return "tool_choice", "tool_choice needs tools"
+        if self.tools and self.tool_choice in (None, "auto"):
+            return "tools" if self.tool_choice is None else "tool_choice", ("this model has no tool-calling format, so it cannot decide by itself whether to "
+                                   "call a tool: give tool_choice 'required', a named function, or 'none'")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in {
+                t.function.name for t in self.tools or ()}:
+            return "tool_choice", f"tool_choice names {self.tool_choice.function.name!r}, which is not among the tools"
         return None
+
+    def calls_tool(self) -> bool:
+        return bool(self.tools) and self.tool_choice not in (None, "none", "auto")
+
+    def structured(self) -> StructuredOutput | None:
+        """A forced tool call's grammar: the named function's parameters, or for 'required' an object
+        {"name": one of the tools, "arguments": that tool's parameters}."""
+        if not self.calls_tool():
+            return super().structured()
+        if self.response_format is not None and self.response_format.type != "text" or self.structured_outputs:
+            raise ValueError("tool_choice", "a forced tool call and response_format / structured_outputs both "
+                                            "constrain the output; give one")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            tool = next((t for t in self.tools if t.function.name == self.tool_choice.function.name), None)
+            if tool is None:
+                raise ValueError("tool_choice", f"tool_choice names {self.tool_choice.function.name!r}, which is "
+                                                f"not among the tools")
+            return StructuredOutput("json_schema", json.dumps(tool.function.parameters))
+        return StructuredOutput("json_schema", json.dumps({"anyOf": [
+            {"type": "object", "properties": {"name": {"const": t.function.name}, "arguments": t.function.parameters},
+             "required": ["name", "arguments"], "additionalProperties": False} for t in self.tools]}))
+
+    def tool_call_of(self, text: str) -> tuple[str, str] | None:
+        """(function name, arguments as JSON text) of a finished forced call's output."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name, text
+        try:
+            call = json.loads(text)
+            return call["name"], json.dumps(call["arguments"])
+        except (ValueError, KeyError, TypeError):
+            return None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -409,9 +468,21 @@ class Usage(BaseModel):
     prompt_tokens_details: dict[str, int] = Field(default_factory=dict, description="cached_tokens: prefix-cache hits")
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class TopLogprob(BaseModel):
@@ -444,9 +515,14 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class ToolCallDelta(ToolCall):
+    index: int = 0
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):

@@ -167,8 +167,8 @@ HOSTILE = [
 HI = [{"role": "user", "content": "hi"}]
 # OpenAI fields not served are refused by name, never ignored: (field, value, words of the message)
 REFUSED = [
-    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tools"),
-    ("tool_choice", "required", "tools"),
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}], "no tool-calling format"),
+    ("tool_choice", "required", "needs tools"), ("functions", [{"name": "f"}], "functions"),
     ("audio", {"voice": "alloy", "format": "wav"}, "audio"), ("modalities", ["text", "audio"], "text output"),
     ("prediction", {"type": "content", "content": "x"}, "predicted"), ("store", True, "nothing is stored"),
     ("reasoning_effort", "high", "reason"), ("stream_options", {"include_usage": True}, "only allowed with stream"),
@@ -774,3 +774,43 @@ def test_structured_output_over_http(server, client):
     bad = httpx.post(server + "/v1/chat/completions", headers=AUTH, timeout=60, json={
         "messages": HI, "response_format": {"type": "json_object"}})
     assert bad.status_code == 400 and "cannot spell JSON" in bad.json()["error"]["message"]
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}, "days": {"type": "integer", "minimum": 1,
+                                                                                    "maximum": 7}},
+    "required": ["city", "days"], "additionalProperties": False}}}
+SHAPE = {"type": "function", "function": {"name": "count_shapes", "parameters": {
+    "type": "object", "properties": {"colour": {"enum": ["red", "blue"]}}, "required": ["colour"],
+    "additionalProperties": False}}}
+
+
+def test_forced_tool_calls_follow_the_function_schema(nvila_app):
+    import httpx
+    import jsonschema
+    from openai import OpenAI
+
+    base, _ = nvila_app
+    client = OpenAI(base_url=base + "/v1", api_key=API_KEY, timeout=120, max_retries=0)
+    kw = dict(model="tiny-nvila", messages=[{"role": "user", "content": "What is the weather?"}], max_tokens=120,
+              temperature=0.7, seed=4, tools=[WEATHER, SHAPE])
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, SHAPE)}
+    for choice in ("required", {"type": "function", "function": {"name": "count_shapes"}}):
+        r = client.chat.completions.create(tool_choice=choice, **kw)
+        c = r.choices[0]
+        assert c.finish_reason == "tool_calls" and c.message.content is None, c
+        call = c.message.tool_calls[0]
+        assert call.type == "function" and call.id.startswith("call_")
+        if isinstance(choice, dict):
+            assert call.function.name == "count_shapes"
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+        streamed = list(client.chat.completions.create(tool_choice=choice, stream=True, **kw))
+        calls = [tc for ch in streamed if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+        assert [(tc.function.name, tc.function.arguments) for tc in calls] == [(call.function.name,
+                                                                                call.function.arguments)]
+        assert streamed[-1].choices[0].finish_reason == "tool_calls"
+    for body, words in (({"tool_choice": "auto"}, "no tool-calling format"),
+                        ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "not among the tools")):
+        bad = httpx.post(base + "/v1/chat/completions", headers=AUTH, timeout=30,
+                         json={"messages": kw["messages"], "tools": [WEATHER], **body})
+        assert bad.status_code == 400 and words in bad.json()["error"]["message"], bad.text

@@ -100,3 +100,18 @@ def test_bad_specs_and_tokenizers_that_cannot_spell_json(vlm):
     with pytest.raises(InputError, match="cannot spell JSON"):
         word_level.engine().add_request("y", type(r)(r.prompt, (), SamplingParams(
             structured=StructuredOutput("json_object"))))
+
+
+def test_a_grammar_the_vocabulary_cannot_spell_is_refused():
+    """A regex of characters the default model's word-level vocabulary has no token for."""
+    from vlm_core.default_model import default_model_dir
+    from vlm_core.vlm import VLM
+
+    word_level = VLM.from_pretrained(default_model_dir("awq"))
+    r = word_level.request("Hi")
+    with pytest.raises(InputError, match="allows no token"):
+        word_level.engine().add_request("z", type(r)(r.prompt, (), SamplingParams(
+            structured=StructuredOutput("regex", "h\x9a`\u00e4\\\\\u00d8"))))
+    ok = word_level.generate(r, sampling=SamplingParams(max_new_tokens=4, structured=StructuredOutput(
+        "choice", '["red", "blue"]')))
+    assert ok.text in ("red", "blue")
