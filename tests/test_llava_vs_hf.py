@@ -127,3 +127,16 @@ def test_batch_api_equals_single_requests(vlm, images):
     single = [vlm.generate(p, {"image": im}, sp) for p, im in zip(prompts, ims)]
     assert [b.token_ids for b in batch] == [s.token_ids for s in single]
     assert [b.text for b in batch] == [s.text for s in single]
+
+
+def test_raw_text_prompt_equals_transformers_text_only_generate(vlm, hf_model):
+    """What /v1/completions serves: a text prompt tokenized as it is (no chat template), greedy."""
+    text = "A red circle and a blue square are"
+    out = vlm.generate(text, None, SamplingParams(max_new_tokens=12, ignore_eos=True), apply_template=False)
+    ids = vlm.tokenizer(text)["input_ids"]
+    assert list(vlm.request(text, apply_template=False).prompt.token_ids) == ids
+    with torch.no_grad():
+        g = hf_model.generate(input_ids=torch.tensor([ids]), do_sample=False, max_new_tokens=12, min_new_tokens=12,
+                              pad_token_id=vlm.tokenizer.pad_token_id)
+    assert out.token_ids == g[0, len(ids):].tolist()
+    assert out.text == vlm.tokenizer.decode(out.token_ids, skip_special_tokens=True)
