@@ -17,6 +17,7 @@ import json
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -170,6 +171,7 @@ class Ingress:
         self.front_door = o.front_door()      # what the middleware checks before any route runs
         self.created = int(time.time())
         self._media_token_ids = self.inputs.media_token_ids
+        self._uuid_images: OrderedDict = OrderedDict()       # uuid -> decoded picture, least recent first
         self._http = None
 
     # ---- request parsing --------------------------------------------------------------------
@@ -227,29 +229,48 @@ class Ingress:
                     videos.append(self.inputs.select_frames(p.video.frames))   # only the frames the model sees
                     parts.append({"type": "video"})
                 else:
-                    urls.append(p.image_url.url)
+                    urls.append(p)
                     parts.append({"type": "image"})
             messages.append({"role": m.role, "content": parts})
         if self.policy.allow_http and self._http is None:
             self._http = new_http_client()
-        frame_urls = [u for frames in videos for u in frames]
-        datas = await asyncio.gather(*(read_image_url(u, self.policy, self._http) for u in urls + frame_urls))
+        # a part naming a uuid this replica remembers is not fetched or decoded again
+        known = {p.uuid: im for p in urls if p.image_url is None and (im := self._uuid_images.get(p.uuid)) is not None}
+        missing = [p.uuid for p in urls if p.image_url is None and p.uuid not in known]
+        if missing:
+            raise APIError(400, f"media uuid {missing[0]!r} is not known to this server; send the picture with its "
+                                f"image_url (and uuid) first", param="messages")
+        fetch = [p.image_url.url for p in urls if p.image_url is not None] + [u for frames in videos for u in frames]
+        datas = await asyncio.gather(*(read_image_url(u, self.policy, self._http) for u in fetch))
 
         def work():   # image decoding and tokenization, off the event loop
             try:
-                opened = [open_image(b, o.max_image_pixels, o.max_aspect_ratio) for b in datas]
-                pixels = sum(im.width * im.height for im in opened)
+                opened = iter([open_image(b, o.max_image_pixels, o.max_aspect_ratio) for b in datas])
+                sized = [known[p.uuid] if p.image_url is None else next(opened) for p in urls]
+                frames = [[next(opened) for _ in v] for v in videos]
+                pixels = sum(im.width * im.height for im in sized + [f for v in frames for f in v])
                 if pixels > o.max_request_pixels:
                     raise APIError(413, f"the request's pictures hold {pixels} pixels; at most {o.max_request_pixels}"
                                         f" per request are accepted", param="messages")
-                pictures = iter([decode_image(im) for im in opened])
-                media = {"image": [next(pictures) for _ in urls], "video": [[next(pictures) for _ in v] for v in videos]}
+                images = [im if p.image_url is None else decode_image(im) for p, im in zip(urls, sized)]
+                for p, im in zip(urls, images):
+                    if p.uuid is not None and p.image_url is not None:
+                        self._remember(p.uuid, im)
+                media = {"image": images, "video": [[decode_image(f) for f in v] for v in frames]}
                 return self.inputs.prepare_media(messages, {k: v for k, v in media.items() if v})
             except VLMError as e:
                 raise api_error_of(e) from None
 
         prompt, items = await asyncio.to_thread(work)
         return prompt, items, self._fit(body, prompt, sampling, "messages")
+
+    def _remember(self, uuid: str, image) -> None:
+        if self.options.media_uuid_cache == 0:
+            return
+        self._uuid_images[uuid] = image
+        self._uuid_images.move_to_end(uuid)
+        while len(self._uuid_images) > self.options.media_uuid_cache:
+            self._uuid_images.popitem(last=False)
 
     def _fit(self, body, prompt, sampling, prompt_field: str):
         """The prompt within the context, and max_tokens within what is left (400 naming the field

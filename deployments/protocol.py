@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Iterable, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from vlm_core.engine.request import RequestOutput
 from vlm_core.engine.structured import StructuredOutput
@@ -69,7 +69,16 @@ class TextPart(BaseModel):
 
 class ImagePart(BaseModel):
     type: Literal["image_url"]
-    image_url: ImageURL
+    image_url: ImageURL | None = None
+    uuid: str | None = Field(None, min_length=1, max_length=128, description=(
+        "extension (vLLM): a name for this picture; a later request may send the uuid without image_url to "
+        "reuse it (no upload, decode or encode), while this server remembers it"))
+
+    @model_validator(mode="after")
+    def _url_or_uuid(self):
+        if self.image_url is None and self.uuid is None:
+            raise ValueError("an image part needs image_url, or the uuid of a picture sent before")
+        return self
 
 
 class VideoFrames(BaseModel):

@@ -70,6 +70,8 @@ class IngressSettings(_Section):
     allowed_image_hosts: tuple[str, ...] = Field((), description="hosts ('host' or 'host:port') fetched even at "
                                                                  "non-public addresses")
     http_timeout_s: float = Field(10.0, gt=0, description="deadline for one image fetch")
+    media_uuid_cache: int = Field(64, ge=0, description="decoded pictures remembered by their `uuid` per Ingress "
+                                                        "replica (a later request may send the uuid alone)")
 
     def image_policy(self) -> ImagePolicy:
         return ImagePolicy.create(self.max_image_bytes, self.allowed_file_dirs, self.allow_http_images,

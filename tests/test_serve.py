@@ -814,3 +814,22 @@ def test_forced_tool_calls_follow_the_function_schema(nvila_app):
         bad = httpx.post(base + "/v1/chat/completions", headers=AUTH, timeout=30,
                          json={"messages": kw["messages"], "tools": [WEATHER], **body})
         assert bad.status_code == 400 and words in bad.json()["error"]["message"], bad.text
+
+
+def test_a_picture_sent_once_is_reused_by_its_uuid(server, client):
+    import httpx
+
+    scene, q, _ = heldout_set(1, seed=61)[0]
+    first = client.chat.completions.create(model="vlm-serve-default", temperature=0, max_tokens=8, messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(scene.image())},
+                                      "uuid": "scene-61"}, {"type": "text", "text": q}]}])
+    again = client.chat.completions.create(model="vlm-serve-default", temperature=0, max_tokens=8, messages=[
+        {"role": "user", "content": [{"type": "image_url", "uuid": "scene-61"}, {"type": "text", "text": q}]}])
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert again.usage.prompt_tokens == first.usage.prompt_tokens
+    assert again.usage.prompt_tokens_details.cached_tokens > 0       # the same picture: its KV is reused
+    for part, words in (({"type": "image_url", "uuid": "never-sent"}, "not known"),
+                        ({"type": "image_url"}, "needs image_url")):
+        bad = httpx.post(server + "/v1/chat/completions", headers=AUTH, timeout=30,
+                         json={"messages": [{"role": "user", "content": [part, {"type": "text", "text": q}]}]})
+        assert bad.status_code == 400 and words in bad.json()["error"]["message"], bad.text
