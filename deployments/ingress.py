@@ -40,8 +40,8 @@ from .media import new_http_client, read_image_url
 from .protocol import (APIError, AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
                        Choice, ChoiceLogprobs, ChunkChoice, Completion, CompletionChoice, CompletionLogprobs,
                        CompletionRequest, Delta, DetokenizeRequest, DetokenizeResponse, ErrorResponse, FunctionCall,
-                       Health, ModelCard, ModelList, ServerOverloadedError, TokenizeRequest, TokenizeResponse,
-                       TokenLogprob, ToolCall, ToolCallDelta, TopLogprob, Version, usage_of)
+                       Health, ModelCard, ModelList, PromptLogprob, ServerOverloadedError, TokenizeRequest,
+                       TokenizeResponse, TokenLogprob, ToolCall, ToolCallDelta, TopLogprob, Version, usage_of)
 from .settings import IngressSettings
 
 log = logging.getLogger("ray.serve")
@@ -449,7 +449,7 @@ class Ingress:
             choices.append(Choice(index=i, message=message, finish_reason=finish,
                                   logprobs=self._logprobs(o.logprobs or []) if body.logprobs else None))
         return ChatCompletion(id=rid, created=int(time.time()), model=self.model_name, usage=usage_of(outs.values()),
-                              choices=choices)
+                              choices=choices, prompt_logprobs=self._prompt_logprobs(outs[0]))
 
     @staticmethod
     def _message(body: ChatCompletionRequest, text: str, finish: str | None) -> tuple[AssistantMessage, str | None]:
@@ -522,11 +522,16 @@ class Ingress:
             raise api_error_of(e, self.options.retry_after_s, rid) from None
         outs = await self._gather(stream, out, rid)
         echo = self._echo(body, prompt) if body.echo else ""
+        scored = outs[0].prompt_logprobs
+        echoed = self._echo_logprobs(body, prompt, scored)
         return Completion(
             id=rid, created=int(time.time()), model=self.model_name, usage=usage_of(outs.values()),
             choices=[CompletionChoice(index=i, text=echo + o.text, finish_reason=o.finish_reason,
-                                      logprobs=self._completion_logprobs(o.logprobs or [])
-                                      if body.logprobs is not None else None) for i, o in outs.items()])
+                                      logprobs=self._completion_logprobs(o.logprobs or [], body.logprobs, echoed)
+                                      if body.logprobs is not None else None,
+                                      prompt_logprobs=self._prompt_logprobs(outs[0]) if body.prompt_logprobs is not None
+                                      else None)
+                     for i, o in outs.items()])
 
     async def complete_stream(self, body: CompletionRequest, request_id: str | None = None
                               ) -> AsyncIterator[Completion]:
@@ -541,8 +546,9 @@ class Ingress:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         every = bool(body.stream_options and body.stream_options.continuous_usage_stats)
 
-        def chunk(text: str, index=0, out=None, usage=None, choices=True) -> Completion:
-            lp = self._completion_logprobs(out.logprobs or []) if out is not None and body.logprobs is not None else None
+        def chunk(text: str, index=0, out=None, usage=None, choices=True, lp=None) -> Completion:
+            if out is not None and body.logprobs is not None:
+                lp = self._completion_logprobs(out.logprobs or [], body.logprobs)
             return Completion(id=rid, created=created, model=self.model_name, usage=usage,
                               choices=[CompletionChoice(index=index, text=text, logprobs=lp,
                                                         finish_reason=out.finish_reason if out else None)]
@@ -551,8 +557,10 @@ class Ingress:
         latest: dict[int, RequestOutput] = {}
         try:
             if body.echo:
+                echoed = self._echo_logprobs(body, prompt, out.prompt_logprobs)
+                lp = self._completion_logprobs([], body.logprobs, echoed) if echoed is not None else None
                 for i in range(body.n):
-                    yield chunk(self._echo(body, prompt), i)
+                    yield chunk(self._echo(body, prompt), i, lp=lp)
             while out is not None:
                 latest[out.index] = out
                 if out.text or out.finish_reason or out.logprobs:
@@ -571,18 +579,42 @@ class Ingress:
         given = body.text_or_ids()
         return given if isinstance(given, str) else self.inputs.tokenizer.decode(list(prompt.token_ids))
 
-    def _completion_logprobs(self, entries) -> CompletionLogprobs:
-        """The legacy completions shape: parallel lists of tokens, their logprobs, top dicts, offsets."""
-        tokens, offsets, pos = [], [], 0
+    def _completion_logprobs(self, entries, k: int, echoed: list | None = None) -> CompletionLogprobs:
+        """The legacy completions shape: parallel lists of tokens, their logprobs, top dicts (k
+        entries), offsets. `echoed`: the prompt's tokens first — (token id, `TokenLogprobs` or None
+        for the first) — as echo with logprobs gives them."""
+        tokens, offsets, pos, lps, tops = [], [], 0, [], []
         decode = self.inputs.tokenizer.decode
-        for e in entries:
-            text = decode([e.token_id])
+        for token, e in [*(echoed or []), *((e.token_id, e) for e in entries)]:
+            text = decode([token])
             tokens.append(text)
             offsets.append(pos)
             pos += len(text)
-        return CompletionLogprobs(tokens=tokens, token_logprobs=[e.logprob for e in entries],
-                                  top_logprobs=[{decode([i]): lp for i, lp in e.top} for e in entries],
-                                  text_offset=offsets)
+            lps.append(e.logprob if e is not None else None)
+            tops.append({decode([i]): lp for i, lp in e.top[:k]} if e is not None else None)
+        return CompletionLogprobs(tokens=tokens, token_logprobs=lps, top_logprobs=tops, text_offset=offsets)
+
+    @staticmethod
+    def _echo_logprobs(body: CompletionRequest, prompt, scored) -> list | None:
+        """(token id, its `TokenLogprobs`) for each prompt token, when echo with logprobs asks for them."""
+        if not (body.echo and body.logprobs is not None and scored is not None):
+            return None
+        return list(zip(prompt.token_ids, [None, *scored]))
+
+    def _prompt_logprobs(self, out: RequestOutput) -> list | None:
+        """vLLM's `prompt_logprobs`: None for the first prompt token, then for each one a dict of its
+        own entry and the k most likely tokens there (token id -> logprob, rank, decoded token)."""
+        if out.prompt_logprobs is None:
+            return None
+        decode = self.inputs.tokenizer.decode
+        result: list = [None]
+        for e in out.prompt_logprobs:
+            entry = {str(t): PromptLogprob(logprob=lp, rank=r, decoded_token=decode([t]))
+                     for r, (t, lp) in enumerate(e.top, start=1)}
+            entry.setdefault(str(e.token_id), PromptLogprob(logprob=e.logprob, rank=e.rank,
+                                                            decoded_token=decode([e.token_id])))
+            result.append(entry)
+        return result
 
     async def _start(self, body: ChatCompletionRequest, rid: str):
         """Validate, send images to the vision deployment and the prompt to the LLM deployment;

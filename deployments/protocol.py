@@ -122,7 +122,6 @@ _REFUSED = {
     "reasoning_effort": "this model does not reason; reasoning_effort is not supported",
     "verbosity": "verbosity is not supported",
     "web_search_options": "web search is not supported",
-    "prompt_logprobs": "prompt_logprobs is not supported",
 }
 _NEUTRAL = {"modalities": (["text"],)}
 
@@ -210,7 +209,9 @@ class _GenerationRequest(BaseModel):
                                                                        "penalty over prompt and output")
     stop_token_ids: list[int] | None = Field(None, description="extension: token ids that end the answer")
     ignore_eos: bool = Field(False, description="extension: keep generating past EOS up to max_tokens")
-    prompt_logprobs: Any = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                        description="extension (vLLM): each prompt token's log-probability, rank "
+                                                    "and the k most likely tokens at its position; not with stream")
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = Field(None, description="extension (vLLM): json, regex, choice "
                                                                            "or grammar (EBNF)")
@@ -227,6 +228,8 @@ class _GenerationRequest(BaseModel):
                 return name, why
         if self.stream_options is not None and not self.stream:
             return "stream_options", "stream_options is only allowed with stream: true"
+        if self.prompt_logprobs is not None and self.stream:
+            return "prompt_logprobs", "prompt_logprobs are not available with stream: true"
         if self.min_tokens > self.max_new_tokens_or(None):
             return "min_tokens", "min_tokens exceeds max_tokens"
         for key in self.logit_bias or {}:
@@ -278,6 +281,9 @@ class _GenerationRequest(BaseModel):
     def num_logprobs(self) -> int | None:
         return None
 
+    def num_prompt_logprobs(self) -> int | None:
+        return self.prompt_logprobs
+
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return SamplingParams(
@@ -287,7 +293,8 @@ class _GenerationRequest(BaseModel):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, min_tokens=self.min_tokens,
             logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
-            logprobs=self.num_logprobs(), n=self.n, structured=self.structured())
+            logprobs=self.num_logprobs(), prompt_logprobs=self.num_prompt_logprobs(), n=self.n,
+            structured=self.structured())
 
 
 class ChatCompletionRequest(_GenerationRequest):
@@ -400,8 +407,6 @@ class CompletionRequest(_GenerationRequest):
                 return "prompt", "one prompt per request"
         if isinstance(self.prompt, (list, str)) and len(self.prompt) == 0:
             return "prompt", "the prompt is empty"
-        if self.echo and self.logprobs is not None:
-            return "echo", "echo with logprobs needs prompt log-probabilities, which are not supported"
         return None
 
     def text_or_ids(self) -> str | list[int]:
@@ -412,6 +417,12 @@ class CompletionRequest(_GenerationRequest):
     def num_logprobs(self) -> int | None:
         return self.logprobs
 
+    def num_prompt_logprobs(self) -> int | None:
+        """echo with logprobs scores the echoed prompt too (as many top entries as `logprobs`)."""
+        if self.echo and self.logprobs is not None:
+            return max(self.logprobs, self.prompt_logprobs or 0)
+        return self.prompt_logprobs
+
 
 class _Answer(BaseModel):
     """What every answer (whole or streamed chunk) starts with."""
@@ -421,10 +432,23 @@ class _Answer(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
+    """With echo, the prompt's tokens come first; its first token has no log-probability (None)."""
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's entry of `prompt_logprobs`: one token at one prompt position."""
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# vLLM's shape: per prompt position, None for the first, then token id (as a string) -> entry
+# for the prompt's token and the k most likely there
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
 
 
 class CompletionChoice(BaseModel):
@@ -432,6 +456,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class Completion(_Answer):
@@ -523,6 +548,7 @@ class ChatCompletion(_Answer):
     object: Literal["chat.completion"] = "chat.completion"
     choices: list[Choice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class ToolCallDelta(ToolCall):

@@ -1,8 +1,12 @@
 """Log-probabilities, penalties, min_tokens and logit_bias through the engine, against transformers'
 logits (fp32, the tiny llava-hf checkpoint with one image)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
+
+from vlm_core.engine.engine import EngineConfig
 
 from vlm_core.engine.sampling import MAX_LOGPROBS, SamplingParams, SamplingHistory, process_logits
 from vlm_core.errors import SamplingParamsError
@@ -55,6 +59,65 @@ def test_greedy_logprobs_equal_transformers_log_softmax(vlm, hf_model, inputs):
         ids.append(tok)
     assert run(vlm, req, logprobs=0).logprobs[0].top == ()
     assert run(vlm, req).logprobs is None
+
+
+def _prompt_scores(vlm, engine, req, k, n=1):
+    engine.add_request("p", replace(req, params=SamplingParams(max_new_tokens=2, ignore_eos=True, prompt_logprobs=k,
+                                                               n=n, temperature=1.0 if n > 1 else 0.0, seed=1)))
+    outs = engine.run_to_completion()["p"]
+    return outs, [o.prompt_logprobs for o in outs if o.prompt_logprobs is not None]
+
+
+def test_prompt_logprobs_equal_transformers_log_softmax(vlm, hf_model, inputs):
+    """Every prompt token after the first, scored by the logits before it, equals transformers'
+    log_softmax — also when the prompt is prefilled in small chunks, when its blocks are already
+    in the prefix cache (they are computed again), and for choice 0 alone of n."""
+    req, pixels = inputs
+    ids = list(req.prompt.token_ids)
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_model(input_ids=torch.tensor([ids]), pixel_values=pixels).logits[0].float(), -1)
+    engine = vlm.engine(EngineConfig(num_blocks=128, block_size=4, max_num_batched_tokens=7))
+    _, got = _prompt_scores(vlm, engine, req, 3)
+    assert len(got) == 1 and len(got[0]) == len(ids) - 1
+    for j, e in enumerate(got[0], start=1):
+        row, tok = ref[j - 1], ids[j]
+        assert e.token_id == tok and abs(e.logprob - row[tok].item()) <= 1e-4
+        assert (row > row[tok] + 1e-4).sum() + 1 <= e.rank <= (row > row[tok] - 1e-4).sum() + 1
+        assert [t for t, _ in e.top] == row.topk(3).indices.tolist()
+        assert max(abs(v - row[t].item()) for t, v in e.top) <= 1e-4
+    hits = engine.blocks.stats.prefix_hits
+    outs, again = _prompt_scores(vlm, engine, req, 3)
+    assert again == got and outs[-1].cached_tokens == 0 and engine.blocks.stats.prefix_hits == hits
+    outs, shared = _prompt_scores(vlm, engine, req, 0, n=3)
+    assert len(shared) == 1 and [e.top for e in shared[0]] == [()] * (len(ids) - 1)
+    assert [(e.token_id, e.rank) for e in shared[0]] == [(e.token_id, e.rank) for e in got[0]]
+    assert {o.index for o in outs if o.prompt_logprobs is not None} == {0}
+    assert run(vlm, req).prompt_logprobs is None
+
+
+def test_prompt_logprobs_survive_preemption(vlm, images):
+    """Sequences preempted while prefilling compute their prompt again; their scores come out once
+    and equal a run with room to spare."""
+    reqs = [vlm.request(f"Describe the image, {w}.", {"image": images[i:i + 1]},
+                        SamplingParams(max_new_tokens=12, ignore_eos=True, prompt_logprobs=1))
+            for i, w in enumerate(["briefly", "in detail", "please"])]
+
+    def scores(config):
+        engine = vlm.engine(config)
+        for i, r in enumerate(reqs):
+            engine.add_request(str(i), r)
+        got = engine.run_to_completion()
+        return engine, [[o.prompt_logprobs for o in got[str(i)] if o.prompt_logprobs is not None] for i in range(3)]
+
+    _, roomy = scores(EngineConfig(num_blocks=256, block_size=4))
+    tight, squeezed = scores(EngineConfig(num_blocks=-(-(len(reqs[0].prompt) + 14) // 4) + 1, block_size=4,
+                                          max_num_batched_tokens=8))
+    assert tight.scheduler.num_preemptions > 0
+    assert all(len(s) == 1 and len(s[0]) == len(r.prompt) - 1 for s, r in zip(squeezed, reqs))
+    assert [[(e.token_id, e.rank, [t for t, _ in e.top]) for e in s[0]] for s in squeezed] == \
+        [[(e.token_id, e.rank, [t for t, _ in e.top]) for e in s[0]] for s in roomy]
+    for a, b in zip(squeezed, roomy):
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(a[0], b[0])) <= 1e-5
 
 
 def test_repetition_penalty_equals_transformers_generate(vlm, hf_model, inputs):
@@ -130,6 +193,7 @@ def test_processors_leave_other_rows_alone():
     ({"min_tokens": 300}, "min_tokens must be in"),
     ({"logit_bias": {5: 101.0}}, "logit_bias values"),
     ({"logprobs": MAX_LOGPROBS + 1}, "logprobs must be in"),
+    ({"prompt_logprobs": -1}, "prompt_logprobs must be in"),
 ])
 def test_bad_values_are_refused(kw, msg):
     with pytest.raises(SamplingParamsError, match=msg):

@@ -4,7 +4,8 @@ identical, seeded rows reproducible whatever shares the batch, draws distributed
 import pytest
 import torch
 
-from vlm_core.engine.sampling import SamplingParams, filter_logits, filter_logits_batch, sample, sample_reference
+from vlm_core.engine.sampling import (SamplingParams, filter_logits, filter_logits_batch, sample, sample_async,
+                                      sample_reference)
 
 V = 50
 
@@ -86,3 +87,17 @@ def test_a_non_finite_row_fails_alone():
 def test_only_seeded_sampling_requests_own_a_generator(seed):
     assert SamplingParams(temperature=0.0, seed=seed).make_generator() is None
     assert (SamplingParams(temperature=1.0, seed=seed).make_generator() is None) == (seed is None)
+
+
+def test_each_row_gets_the_number_of_top_logprobs_it_asked_for():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    params = [SamplingParams(logprobs=1), SamplingParams(), SamplingParams(logprobs=4)]
+    got = sample_async(logits, params, [None] * 3)
+    tokens = got.wait()
+    ref = torch.log_softmax(logits, -1)
+    assert got.logprobs[1] is None
+    for row, k in ((0, 1), (2, 4)):
+        lp = got.logprobs[row]
+        assert lp.token_id == tokens[row] == int(logits[row].argmax())
+        assert [t for t, _ in lp.top] == ref[row].topk(k).indices.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(ref[row].topk(k).values.tolist(), abs=1e-6)

@@ -172,12 +172,13 @@ REFUSED = [
     ("audio", {"voice": "alloy", "format": "wav"}, "audio"), ("modalities", ["text", "audio"], "text output"),
     ("prediction", {"type": "content", "content": "x"}, "predicted"), ("store", True, "nothing is stored"),
     ("reasoning_effort", "high", "reason"), ("stream_options", {"include_usage": True}, "only allowed with stream"),
-    ("top_logprobs", 2, "needs logprobs"), ("prompt_logprobs", 1, "prompt_logprobs"),
+    ("top_logprobs", 2, "needs logprobs"),
     ("response_format", {"type": "json_schema"}, "needs json_schema.schema"),
     ("structured_outputs", {"choice": ["a"], "regex": "a+"}, "exactly one of"),
 ]
 INVALID = [("n", 100000000, "n"), ("top_logprobs", 30, "top_logprobs"), ("presence_penalty", 3, "presence_penalty"),
-           ("logit_bias", {"x": 1}, "logit_bias"), ("max_tokens", 10 ** 6, "max_tokens")]
+           ("logit_bias", {"x": 1}, "logit_bias"), ("max_tokens", 10 ** 6, "max_tokens"),
+           ("prompt_logprobs", 21, "prompt_logprobs")]
 
 
 @pytest.mark.parametrize("name,body,status,message", HOSTILE, ids=[h[0] for h in HOSTILE])
@@ -676,12 +677,19 @@ def test_logprobs_and_penalties_over_http_equal_the_in_process_engine(client, mo
     extra = {"ignore_eos": True, "repetition_penalty": 1.3, "min_tokens": 2}
     ref = vlm.generate(messages, {"image": [scene.image()]},
                        SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=3, presence_penalty=0.5,
-                                      frequency_penalty=0.25, repetition_penalty=1.3, min_tokens=2))
+                                      frequency_penalty=0.25, repetition_penalty=1.3, min_tokens=2, prompt_logprobs=2))
     kw = dict(max_tokens=8, logprobs=True, top_logprobs=3, presence_penalty=0.5, frequency_penalty=0.25,
               extra_body=extra)
-    r = ask(client, scene.image(), q, **kw)
+    r = ask(client, scene.image(), q, **{**kw, "extra_body": {**extra, "prompt_logprobs": 2}})
     content = r.choices[0].logprobs.content
     assert r.choices[0].message.content == ref.text and len(content) == len(ref.logprobs) == 8
+    scored = r.model_extra["prompt_logprobs"]        # vLLM's shape: None, then token id -> entry per position
+    assert scored[0] is None and len(scored) == r.usage.prompt_tokens == len(ref.prompt_logprobs) + 1
+    for got, want in zip(scored[1:], ref.prompt_logprobs):
+        mine = got[str(want.token_id)]
+        assert abs(mine["logprob"] - want.logprob) <= 1e-5 and mine["rank"] == want.rank
+        assert mine["decoded_token"] == vlm.tokenizer.decode([want.token_id])
+        assert {int(t) for t in got} == {want.token_id} | {t for t, _ in want.top}
     for got, want in zip(content, ref.logprobs):
         assert got.token == vlm.tokenizer.decode([want.token_id]) and bytes(got.bytes) == got.token.encode()
         assert abs(got.logprob - want.logprob) <= 1e-5
@@ -720,6 +728,23 @@ def test_text_completions_tokenize_and_model_routes(server, client, monkeypatch)
                                        echo=True, extra_body={"ignore_eos": True})
     assert echoed.choices[0].text == text + ref.text
     ids = list(vlm.request(text, None, apply_template=False).prompt.token_ids)
+    # echo with logprobs scores the prompt too: its first token has none, the rest equal the engine's
+    scored = vlm.generate(text, None, SamplingParams(max_new_tokens=1, prompt_logprobs=2),
+                          apply_template=False).prompt_logprobs
+    for stream in (False, True):
+        got = client.completions.create(model="vlm-serve-default", prompt=text, max_tokens=6, temperature=0,
+                                        echo=True, logprobs=2, stream=stream, extra_body={"ignore_eos": True})
+        lp = got.choices[0].logprobs if not stream else next(iter(got)).choices[0].logprobs
+        assert lp.tokens[:len(ids)] == [vlm.tokenizer.decode([t]) for t in ids]
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert [round(x, 5) for x in lp.token_logprobs[1:len(ids)]] == [round(e.logprob, 5) for e in scored]
+        assert [list(d) for d in lp.top_logprobs[1:len(ids)]] == [[vlm.tokenizer.decode([t]) for t, _ in e.top]
+                                                                   for e in scored]
+        if not stream:
+            assert [round(x, 5) for x in lp.token_logprobs[len(ids):]] == [round(e.logprob, 5) for e in ref.logprobs]
+    refused = httpx.post(server + "/v1/completions", json={"prompt": text, "prompt_logprobs": 1, "stream": True},
+                         headers=AUTH, timeout=30)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt_logprobs"
     by_ids = client.completions.create(model="vlm-serve-default", prompt=ids, max_tokens=6, temperature=0,
                                        extra_body={"ignore_eos": True})
     assert by_ids.choices[0].text == ref.text

@@ -141,7 +141,8 @@ class LLMEngine:
                 choices.append(Sequence(request_id, prompt, embeds, hashes, p, self._arrivals,
                                         generator=p.make_generator(self.model.device), index=i,
                                         matcher=self.runner.grammar.matcher(compiled, params.structured)
-                                        if compiled else None))
+                                        if compiled else None,
+                                        prompt_logprobs=[] if p.prompt_logprobs is not None else None))
             self._pending.append(("add", choices))
 
     def _grammar(self):
@@ -199,7 +200,7 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return outputs
-        sampled, logprobs, late = self._execute(sched)
+        sampled, logprobs, prompt_logprobs, late = self._execute(sched)
         outputs.extend(late)
         failed = {key: e for key, e in sampled.items() if isinstance(e, BaseException)}
         # chunks of sequences aborted while the device worked are dropped with their tokens
@@ -209,6 +210,9 @@ class LLMEngine:
                 if id(c.seq) in failed and id(c.seq) not in gone:
                     outputs.append(self._fail(c.seq, failed[id(c.seq)]))
             sched.chunks = [c for c in sched.chunks if id(c.seq) not in failed and id(c.seq) not in gone]
+        for c in sched.chunks:
+            if id(c.seq) in prompt_logprobs:
+                self._record_prompt_logprobs(c.seq, *prompt_logprobs[id(c.seq)])
         for seq, token in self.scheduler.update(sched, sampled):
             try:
                 text, new, finish = self.outputs.process(seq, token)
@@ -218,19 +222,21 @@ class LLMEngine:
             if finish is not None:
                 self.scheduler.finish(seq, finish)
             lp = logprobs.get(id(seq)) if new else None
-            outputs.append(self._output(seq, text, new, logprobs=[lp] if lp is not None else
-                                        ([] if seq.params.logprobs is not None else None)))
+            out = self._output(seq, text, new, logprobs=[lp] if lp is not None else
+                               ([] if seq.params.logprobs is not None else None))
+            if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+                out.prompt_logprobs, seq.prompt_logprobs_sent = list(seq.prompt_logprobs), True
+            outputs.append(out)
             if seq.finished:
                 self._forget(seq)
         if self._parked:
             self._release_choices()
         return outputs
 
-    def _execute(self, sched: SchedulerOutput) -> tuple[dict[int, int | BaseException], dict, list[RequestOutput]]:
-        """The runner's tokens for `sched`, the log-probabilities of the rows that asked, and the
-        outputs of aborts applied meanwhile; when the
-        batch fails, each chunk alone, so that only the chunks that fail by themselves map to
-        their exception.
+    def _execute(self, sched: SchedulerOutput) -> tuple[dict[int, int | BaseException], dict, dict, list[RequestOutput]]:
+        """The runner's tokens for `sched`, the log-probabilities of the rows that asked (generated
+        and prompt tokens), and the outputs of aborts applied meanwhile; when the batch fails, each
+        chunk alone, so that only the chunks that fail by themselves map to their exception.
 
         Overlap: the step is queued on the device first; requests and aborts that arrived since
         the step began are applied (host work that needs no sampled token) while the device
@@ -240,21 +246,31 @@ class LLMEngine:
         try:
             launched = self.runner.launch(sched)
             late = self._drain()
-            return launched.wait(), launched.logprobs, late
+            return launched.wait(), launched.logprobs, launched.prompt_logprobs, late
         except Exception as batch_error:
             chunks = [c for c in sched.chunks if not c.seq.finished]   # not those aborted meanwhile
             if len(chunks) == 1:
-                return {id(chunks[0].seq): batch_error}, {}, late
+                return {id(chunks[0].seq): batch_error}, {}, {}, late
         results: dict[int, int | BaseException] = {}
         logprobs: dict = {}
+        prompt_logprobs: dict = {}
         for chunk in chunks:
             try:
                 launched = self.runner.launch(SchedulerOutput([chunk]))
                 results.update(launched.wait())
                 logprobs.update(launched.logprobs)
+                prompt_logprobs.update(launched.prompt_logprobs)
             except Exception as e:
                 results[id(chunk.seq)] = e
-        return results, logprobs, late
+        return results, logprobs, prompt_logprobs, late
+
+    @staticmethod
+    def _record_prompt_logprobs(seq: Sequence, first: int, scored: list) -> None:
+        """Keep the prompt scores a chunk computed that `seq` does not hold yet (a chunk run again
+        after a preemption scores positions it already has)."""
+        have = len(seq.prompt_logprobs)          # prompt tokens 1..have are scored
+        if first <= have + 1:
+            seq.prompt_logprobs.extend(scored[have + 1 - first:])
 
     def _fail(self, seq: Sequence, error: BaseException) -> RequestOutput:
         """End one sequence because its own work failed; the others are untouched."""
@@ -341,15 +357,6 @@ class AsyncLLMEngine:
             if not finished:
                 self.engine.abort(request_id)
                 self._wake.set()
-
-    def _grammar(self):
-        """The structured-output backend for this tokenizer, made at the first request that needs it."""
-        with self._lock:
-            if self.runner.grammar is None:
-                from .structured import GrammarBackend
-
-                self.runner.grammar = GrammarBackend(self.tokenizer, self.model.config.text.vocab_size, self.eos)
-            return self.runner.grammar
 
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)

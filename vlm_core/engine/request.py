@@ -42,6 +42,9 @@ class RequestOutput:
     error: str | None = None     # with finish_reason "error": what failed
     logprobs: list[TokenLogprobs] | None = None   # one per new token, when the request asked for them
     index: int = 0               # which of the request's n choices this output belongs to
+    # with SamplingParams.prompt_logprobs, on the first output of choice 0: one `TokenLogprobs` per
+    # prompt token after the first (its log-probability given the tokens before it, its rank, the top k)
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
 
 def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
@@ -50,4 +53,5 @@ def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
         raise ValueError("outputs of different choices do not merge")
     logprobs = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
     return RequestOutput(a.request_id, a.text + b.text, a.token_ids + b.token_ids, b.finish_reason,
-                         b.prompt_tokens, b.completion_tokens, b.cached_tokens, b.error, logprobs, b.index)
+                         b.prompt_tokens, b.completion_tokens, b.cached_tokens, b.error, logprobs, b.index,
+                         a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs)

@@ -25,8 +25,10 @@ from ..models.composed import MultimodalLM
 from .batch import block_table_array, slot_mapping, to_device
 from .graphs import DecodeGraphs
 from .kv_cache import PagedKVCache, PagedKVView
-from .sampling import SampledTokens, SamplingHistory, sample_async
+from .sampling import SampledTokens, SamplingHistory, sample_async, score_tokens, scored_on_host
 from .scheduler import SchedulerOutput
+
+PROMPT_ROWS = 256     # logits rows made at once when scoring prompt tokens
 
 
 class ModelRunner:
@@ -69,20 +71,40 @@ class ModelRunner:
                            to_device((starts + counts).astype(np.int32), dev),
                            to_device(query_start.astype(np.int32), dev), self.use_triton)
         hidden = self.model(to_device(ids, dev), to_device(positions, dev), view, embeds)
+        prompt = self._score_prompts(chunks, query_start, hidden)
         sampling = [i for i, c in enumerate(chunks) if c.samples]
         if not sampling:
-            return Launched([], None)
+            return Launched([], None, prompt)
         last = to_device(query_start[1:][sampling] - 1, dev)
         logits = self.model.compute_logits(hidden[last]).float()
-        return self._sample([chunks[i].seq for i in sampling], logits)
+        return self._sample([chunks[i].seq for i in sampling], logits, prompt)
 
-    def _sample(self, seqs, logits: torch.Tensor) -> "Launched":
+    def _sample(self, seqs, logits: torch.Tensor, prompt: dict | None = None) -> "Launched":
         params = [s.params for s in seqs]
         history = None
         if any(p.processes_logits for p in params):
             history = SamplingHistory([s.output_ids for s in seqs], [s.prompt.token_ids for s in seqs],
                                       self.eos_token_ids, [s.matcher for s in seqs], self.grammar)
-        return Launched(seqs, sample_async(logits, params, [s.generator for s in seqs], history))
+        return Launched(seqs, sample_async(logits, params, [s.generator for s in seqs], history), prompt)
+
+    def _score_prompts(self, chunks, query_start: np.ndarray, hidden: torch.Tensor) -> dict:
+        """Prompt log-probabilities for the chunks of sequences that asked for them: the logits at
+        each prompt position the chunk computes score the prompt token that follows it.
+        id(seq) -> (position of the first token scored, the tokens, `score_tokens`' tensors); the
+        logits are made `PROMPT_ROWS` rows at a time, so a long chunk never holds [T, V] at once."""
+        out = {}
+        for i, c in enumerate(chunks):
+            k = c.seq.params.prompt_logprobs
+            end = min(c.start + c.num_tokens, c.seq.num_prompt_tokens - 1)   # position end - 1 scores token end
+            if k is None or end <= c.start:
+                continue
+            targets = list(c.seq.prompt.token_ids[c.start + 1:end + 1])
+            given = torch.tensor(targets, device=self.device)
+            first = int(query_start[i])
+            parts = [score_tokens(self.model.compute_logits(hidden[first + a:first + min(a + PROMPT_ROWS, len(targets))]),
+                                  given[a:a + PROMPT_ROWS], k) for a in range(0, len(targets), PROMPT_ROWS)]
+            out[id(c.seq)] = (c.start + 1, targets, tuple(torch.cat(p) for p in zip(*parts)))
+        return out
 
     def _embeddings(self, out: SchedulerOutput, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings [T, H] with image slices spliced in (decode rows: no image work)."""
@@ -93,15 +115,19 @@ class ModelRunner:
 
 class Launched:
     """A step whose device work is queued; `wait()` -> id(seq) -> token (or the row's exception).
-    After it, `logprobs` maps id(seq) -> `TokenLogprobs` for the sequences that asked."""
+    After it, `logprobs` maps id(seq) -> `TokenLogprobs` for the sequences that asked, and
+    `prompt_logprobs` id(seq) -> (first prompt position scored, [`TokenLogprobs`, ...])."""
 
-    def __init__(self, seqs: list, tokens: SampledTokens | None):
-        self.seqs, self.tokens = seqs, tokens
+    def __init__(self, seqs: list, tokens: SampledTokens | None, prompt: dict | None = None):
+        self.seqs, self.tokens, self._prompt = seqs, tokens, prompt or {}
         self.logprobs: dict[int, object] = {}
+        self.prompt_logprobs: dict[int, tuple[int, list]] = {}
 
     def wait(self) -> dict[int, int | Exception]:
-        if self.tokens is None:
-            return {}
-        out = {id(s): t for s, t in zip(self.seqs, self.tokens.wait())}
-        self.logprobs = {id(s): lp for s, lp in zip(self.seqs, self.tokens.logprobs) if lp is not None}
+        out = {}
+        if self.tokens is not None:
+            out = {id(s): t for s, t in zip(self.seqs, self.tokens.wait())}
+            self.logprobs = {id(s): lp for s, lp in zip(self.seqs, self.tokens.logprobs) if lp is not None}
+        self.prompt_logprobs = {key: (first, scored_on_host(targets, scored))
+                                for key, (first, targets, scored) in self._prompt.items()}
         return out

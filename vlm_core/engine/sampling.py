@@ -50,6 +50,7 @@ class SamplingParams:
     min_tokens: int = 0                  # EOS and stop_token_ids are masked until this many tokens exist
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias added to its logit)
     logprobs: int | None = None          # None: none; k >= 0: the sampled token's and the k most likely
+    prompt_logprobs: int | None = None   # None: none; k >= 0: each prompt token's and the k most likely there
     n: int = 1                           # choices generated from the prompt (sharing its KV blocks)
     structured: StructuredOutput | None = None   # a grammar the output must follow (engine/structured.py)
 
@@ -84,8 +85,10 @@ class SamplingParams:
             raise SamplingParamsError("logit_bias values must be in [-100, 100]")
         if not 1 <= self.n <= MAX_N:
             raise SamplingParamsError(f"n must be in [1, {MAX_N}], got {self.n}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise SamplingParamsError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise SamplingParamsError(f"{name} must be in [0, {MAX_LOGPROBS}], got {k}")
 
     @property
     def processes_logits(self) -> bool:
@@ -99,13 +102,14 @@ class SamplingParams:
 
     def choice(self, index: int) -> "SamplingParams":
         """The parameters of choice `index` of n: one choice each, seeded `seed + index` (so choice i
-        reproduces alone as a request with that seed)."""
+        reproduces alone as a request with that seed). The prompt's log-probabilities belong to
+        the request, so choice 0 alone computes them."""
         if self.n == 1 and index == 0:
             return self
         seed = self.seed
         if seed is not None:
             seed = seed + index if seed + index <= SEED_RANGE[1] else seed - index
-        return dataclasses.replace(self, n=1, seed=seed)
+        return dataclasses.replace(self, n=1, seed=seed, prompt_logprobs=self.prompt_logprobs if index == 0 else None)
 
     def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
         """A generator for a seeded sampling request; None when greedy or unseeded."""
@@ -154,10 +158,11 @@ def exponential_noise(shape: tuple[int, ...], device, generator: torch.Generator
 
 @dataclass(frozen=True)
 class TokenLogprobs:
-    """Log-probabilities at one generated position, from the raw model distribution."""
+    """Log-probabilities at one position (generated, or of the prompt), from the raw model distribution."""
     token_id: int
-    logprob: float                                # of the token chosen
+    logprob: float                                # of the token chosen (or given, in the prompt)
     top: tuple[tuple[int, float], ...] = ()       # the `logprobs` most likely (token id, logprob), best first
+    rank: int | None = None                       # prompt positions: 1 + how many tokens are more likely
 
 
 @dataclass(frozen=True)
@@ -234,8 +239,9 @@ class SampledTokens:
     queued behind the device's work (pinned memory, non-blocking), and `wait()` is the step's one
     synchronisation. After it, `logprobs[row]` is a `TokenLogprobs` or None."""
 
-    def __init__(self, tokens: torch.Tensor, lp_rows: list[int] = (), extras: tuple[torch.Tensor, ...] = ()):
-        self._rows = list(lp_rows)
+    def __init__(self, tokens: torch.Tensor, lp_rows: list[int] = (), extras: tuple[torch.Tensor, ...] = (),
+                 lp_k: list[int] = ()):
+        self._rows, self._k = list(lp_rows), list(lp_k)   # rows that asked, and how many top entries each
         self._dev = [tokens, *extras]
         if tokens.is_cuda:
             self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in self._dev]
@@ -254,9 +260,9 @@ class SampledTokens:
         self.logprobs = [None] * len(tokens)
         if self._rows:
             chosen, top_ids, top_lp = (h.tolist() for h in self._host[1:])
-            for j, i in enumerate(self._rows):
+            for j, (i, k) in enumerate(zip(self._rows, self._k)):
                 if tokens[i] >= 0:
-                    self.logprobs[i] = TokenLogprobs(tokens[i], chosen[j], tuple(zip(top_ids[j], top_lp[j])))
+                    self.logprobs[i] = TokenLogprobs(tokens[i], chosen[j], tuple(zip(top_ids[j][:k], top_lp[j][:k])))
         return [t if t >= 0 else FloatingPointError("the model produced non-finite logits for this request")
                 for t in tokens]
 
@@ -293,9 +299,30 @@ def sample_async(logits: torch.Tensor, params: list[SamplingParams], generators:
     lp_idx = torch.tensor(lp_rows, device=dev)
     lp = torch.log_softmax(raw[lp_idx], -1)
     chosen = lp.gather(1, tokens[lp_idx].clamp_min(0)[:, None])[:, 0]
-    k = max(params[i].logprobs for i in lp_rows)
-    top_lp, top_ids = lp.topk(k, -1) if k else (lp[:, :0], lp[:, :0].long())
-    return SampledTokens(tokens, lp_rows, (chosen, top_ids, top_lp))
+    ks = [params[i].logprobs for i in lp_rows]
+    top_lp, top_ids = _top(lp, max(ks))
+    return SampledTokens(tokens, lp_rows, (chosen, top_ids, top_lp), ks)
+
+
+def _top(lp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probabilities, token ids) of each row's k most likely tokens, best first."""
+    return lp.topk(k, -1) if k else (lp[:, :0], lp[:, :0].long())
+
+
+def score_tokens(logits: torch.Tensor, targets: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """For logits [m, V] (raw) and a given token per row [m]: that token's log-probability, its rank
+    (1 + the tokens more likely) and the k most likely (ids, log-probabilities), still on the device."""
+    lp = torch.log_softmax(logits.float(), -1)
+    chosen = lp.gather(1, targets[:, None])[:, 0]
+    rank = (lp > chosen[:, None]).sum(-1) + 1
+    top_lp, top_ids = _top(lp, k)
+    return chosen, rank, top_ids, top_lp
+
+
+def scored_on_host(targets: Sequence[int], scored: Sequence[torch.Tensor]) -> list[TokenLogprobs]:
+    """`score_tokens`' tensors as one `TokenLogprobs` per row (the copies wait for the device)."""
+    chosen, rank, top_ids, top_lp = (t.tolist() for t in scored)
+    return [TokenLogprobs(t, c, tuple(zip(i, v)), r) for t, c, r, i, v in zip(targets, chosen, rank, top_ids, top_lp)]
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],

@@ -6,7 +6,8 @@ Policy, per step:
      newest running sequence not yet scheduled this step is preempted (its blocks freed, to be
      recomputed later); if there is none, the sequence itself waits.
   2. waiting sequences in arrival order while the token budget, `max_num_seqs` and free blocks
-     allow; a new sequence first takes whatever prefix of it the prefix cache holds.
+     allow; a new sequence first takes whatever prefix of it the prefix cache holds (short of
+     prompt positions whose log-probabilities it still owes).
 A long prompt is thus split over steps (chunked prefill) without ever stalling running decodes.
 """
 
@@ -124,7 +125,8 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
-            prefix = self.blocks.match_prefix(seq) if seq.num_computed_tokens == 0 else []
+            prefix = self.blocks.match_prefix(seq)[:seq.max_prefix_hit // self.blocks.block_size] \
+                if seq.num_computed_tokens == 0 else []
             start = len(prefix) * self.blocks.block_size
             n = min(seq.num_tokens - start, budget)
             if not self.blocks.can_allocate(seq, start + n, prefix):

@@ -43,6 +43,14 @@ class Sequence:
     generator: torch.Generator | None = None   # per-request RNG (seeded when params.seed is set)
     index: int = 0                        # which of the request's n choices
     matcher: object | None = None         # its structured-output grammar matcher, if any
+    prompt_logprobs: list | None = None   # when asked for: `TokenLogprobs` of prompt tokens 1, 2, ... scored so far
+    prompt_logprobs_sent: bool = False    # they went out with the request's first output
+
+    @property
+    def max_prefix_hit(self) -> int:
+        """Leading tokens the prefix cache may serve: all, but a position whose prompt
+        log-probability is still owed has to be computed (its logits are needed)."""
+        return self.num_tokens if self.prompt_logprobs is None else len(self.prompt_logprobs)
 
     @property
     def num_prompt_tokens(self) -> int:
