@@ -2,6 +2,7 @@
 reference assembled here, folder loading / saving, video, and generation through the engine."""
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -296,7 +297,13 @@ def test_tinychat_v2_export_in_llm_folder_loads_like_autoawq(nvila_awq, tmp_path
     la = prompt_logits(a.model, [a.request("Describe the image.", media=media)])[0]
     lb = prompt_logits(b.model, [b.request("Describe the image.", media=media)])[0]
     assert (la - lb).abs().max() <= 1e-5
-    (dst / "llm" / "nvila-tiny-w4-g32-awq-v2.pt").rename(dst / "llm" / "nvila-tiny-w4-g32-awq.pt")
+    (dst / "llm" / "nvila-tiny-w4-g32-awq-v2.pt").rename(dst / "llm" / "NVILA-tiny-w4-g32-v2.pt")   # TinyChat's README form
+    lc = VLM.from_pretrained(dst)
+    assert torch.equal(prompt_logits(lc.model, [lc.request("Describe the image.", media=media)])[0], lb)
+    (dst / "llm" / "NVILA-tiny-w4-g32-v2.pt").rename(dst / "llm" / "nvila-tiny.pt")   # the name says nothing
+    with pytest.raises(CheckpointError, match=r"quantized weights .*<model>-w<bits>-g<group size>\[-awq\]-v2\.pt"):
+        VLM.from_pretrained(dst)
+    (dst / "llm" / "nvila-tiny.pt").rename(dst / "llm" / "nvila-tiny-w4-g32-awq.pt")
     with pytest.raises(CheckpointError, match="not a v2 one"):
         VLM.from_pretrained(dst)
 
@@ -324,8 +331,12 @@ def test_tsp_video_pooling_averages_frame_embeddings(folders, models, tmp_path):
     torch.testing.assert_close(got[2], per_frame.mean(dim=(0, 1))[None], rtol=1e-5, atol=1e-5)
     nl = tsp.tokenizer("\n", add_special_tokens=False)["input_ids"]
     assert list(mm.token_ids[mm.spans[1].end:mm.spans[2].offset]) == nl + nl   # end token, then the separator
+    _, six = tsp.inputs.prepare_media("What happens?", {"video": [frames[:6]]})   # sampled up to 8 frames
+    assert [it.pixels.shape[0] for it in six] == [4, 4, 8]
+    top["num_video_frames"] = 6
+    (dst / "config.json").write_text(json.dumps(top))
     with pytest.raises(Exception, match="groups of 4"):
-        tsp.inputs.prepare_media("What happens?", {"video": [frames[:6]]})
+        VLM.from_pretrained(dst)
     assert len(tsp.generate("What happens?", {"video": [frames]},
                                     SamplingParams(max_new_tokens=3, ignore_eos=True)).token_ids) == 3
 
@@ -456,3 +467,139 @@ def test_clip_tower_folder_equals_transformers_and_round_trips(tmp_path):
     again = VLM.from_pretrained(tmp_path / "copy")
     a = prompt_logits(vlm.model, [vlm.request("Describe.", media={"image": [img]})])[0]
     assert torch.equal(a, prompt_logits(again.model, [again.request("Describe.", media={"image": [img]})])[0])
+
+
+# ---- as VILA's authors run it: edge cases --------------------------------------------------------
+
+def edited(src, dst, **top_changes):
+    """A copy of the VILA folder `src` at `dst` with its top-level config.json changed."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    top = json.loads((dst / "config.json").read_text())
+    top.update(top_changes)
+    (dst / "config.json").write_text(json.dumps(top))
+    return dst
+
+
+def test_max_tiles_below_the_last_scales_square_falls_back_to_one_tile(folders, tmp_path):
+    import dataclasses
+
+    from vlm_core.families.vila import max_item_tiles, media_tokens
+    from vlm_core.inputs.media import MediaItem
+
+    # NVILA's geometry with max_tiles 4 < 9: no grid qualifies, so the last scale is one tile
+    tiles, block = dynamic_s2_tiles(Image.new("RGB", (1000, 700)), (448, 896, 1344), 448, 4)
+    assert block == (1, 1) and len(tiles) == 1 + 4 + 1 and all(t.size == (448, 448) for t in tiles)
+    assert closest_grid(1000, 700, candidate_grids(9, 4), 448) == (1, 1)
+    vlm = VLM.from_pretrained(edited(folders["nvila"], tmp_path / "nvila-4", max_tiles=4))
+    cfg = vlm.model.config
+    mm, items = vlm.inputs.prepare_media("Describe.", {"image": [picture(150, 90)]})
+    assert items[0].pixels.shape[0] == 6 and items[0].block_size == (1, 1)
+    assert [s.length for s in mm.spans] == [cfg.tokens_per_tile] == [vlm.model.embed_media(items)[0].shape[0]]
+    assert max_item_tiles(cfg) == 6
+    full = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=448, patch_size=14),
+                               s2_scales=(448, 896, 1344))
+    assert media_tokens(full, MediaItem(torch.zeros(6, 3, 1, 1), (1, 1))) == 121      # one 11 x 11 block
+    assert max_item_tiles(dataclasses.replace(full, max_tiles=12)) == 1 + 4 + 12
+
+
+def test_equally_close_grids_keep_the_authors_candidate_order(folders, tmp_path):
+    # 9 tiles exactly: (9, 1) and (3, 3) are equally far from 5:1; the authors' set yields (9, 1)
+    # before (3, 3), and a later tie wins for a picture of more than half the grid's pixels
+    assert candidate_grids(9, 9) == [(9, 1), (3, 3), (1, 9)]
+    assert candidate_grids(4, 4) == [(4, 1), (1, 4), (2, 2)]
+    assert closest_grid(500, 100, candidate_grids(9, 9), 56) == (3, 3)
+    img = picture(500, 100, seed=4)
+    tiles = dynamic_tiles(img, 56, max_tiles=9, min_tiles=9)
+    square = img.resize((168, 168), Image.Resampling.BICUBIC)
+    assert len(tiles) == 9 + 1 and tiles[4].tobytes() == square.crop((56, 56, 112, 112)).tobytes()
+    # min_tiles comes from the config in "dynamic" mode
+    d = build_tiny_vila(tmp_path / "dyn", "vila15", image_mode="dynamic")
+    vlm = VLM.from_pretrained(edited(d, tmp_path / "dyn9", min_tiles=9, max_tiles=9))
+    _, items = vlm.inputs.prepare_media("Describe.", {"image": [img]})
+    assert len(items) == 10
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "dynamic_s2"])
+def test_clip_pictures_that_are_not_tiled_are_only_preprocessed(tmp_path, mode):
+    """Several images, or video frames, in a dynamic mode: CLIP's processor alone (shortest edge,
+    centre crop), no squashing to a square first."""
+    from transformers import CLIPImageProcessor
+
+    d = build_tiny_vila(tmp_path / "clip", "vila15", tower="clip", image_mode=mode)
+    vlm = VLM.from_pretrained(d)
+    proc = CLIPImageProcessor.from_pretrained(str(d / "vision_tower"))
+    pics = [picture(150, 90, seed=1), picture(60, 130, seed=2)]
+    _, items = vlm.inputs.prepare_media("Compare.", {"image": pics})
+    for it, p in zip(items, pics):
+        torch.testing.assert_close(it.pixels, proc(images=p, return_tensors="pt").pixel_values, rtol=0, atol=1e-5)
+    _, items = vlm.inputs.prepare_media("What happens?", {"video": [pics]})
+    frames = [pics[i] for i in (0, 0, 0, 0, 1, 1, 1, 1)]       # 2 frames sampled to 8
+    for it, p in zip(items, frames):
+        torch.testing.assert_close(it.pixels[0], proc(images=p, return_tensors="pt").pixel_values[0],
+                                   rtol=0, atol=1e-5)
+    assert len(items) == 8
+
+
+def test_media_end_tokens_carry_no_bos_with_a_bos_adding_tokenizer(models):
+    vlm = models["vila15"]
+    tok = vlm.tokenizer
+    assert tok("\n")["input_ids"][0] == tok.bos_token_id          # this tokenizer adds BOS by default
+    nl = tok("\n", add_special_tokens=False)["input_ids"]
+    mm, _ = vlm.inputs.prepare_media("Compare.", {"image": [picture(seed=1), picture(seed=2)]})
+    for s in mm.spans:
+        assert list(mm.token_ids[s.end:s.end + len(nl)]) == nl
+    assert list(mm.token_ids).count(tok.bos_token_id) == 1 and mm.token_ids[0] == tok.bos_token_id
+
+
+def test_frames_are_sampled_as_numpy_linspace_rounds_them(folders, models, tmp_path):
+    from vlm_core.families.vila import sample_frames
+
+    assert sample_frames(list(range(5)), 8) == [0, 1, 1, 2, 2, 3, 3, 4]      # short videos repeat frames
+    got = sample_frames(list(range(30)), 15)
+    assert got[7] == 15 and got == [0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27, 29]
+    assert sample_frames(list(range(12)), 8) == [0, 2, 3, 5, 6, 8, 9, 11]
+    assert sample_frames(list(range(3)), 1) == [0]
+    vlm = models["nvila"]
+    frames = [picture(80, 60, seed=i) for i in range(5)]
+    _, items = vlm.inputs.prepare_media("What happens?", {"video": [frames]})
+    alone = [vlm.inputs.prepare_media("What happens?", {"video": [[f] * 8]})[1][0].pixels for f in frames]
+    assert len(items) == 8
+    for it, i in zip(items, [0, 1, 1, 2, 2, 3, 3, 4]):
+        assert torch.equal(it.pixels, alone[i])
+    # a pooling (TSP) encoder of 8 frames pools a 5-frame video instead of refusing it
+    tsp = VLM.from_pretrained(edited(folders["nvila"], tmp_path / "tsp", video_encoder=json.dumps(
+        {"_target_": "llava.model.encoders.TSPVideoEncoder", "pool_sizes": [[8, 1, 1]]})))
+    mm, items = tsp.inputs.prepare_media("What happens?", {"video": [frames]})
+    assert len(items) == 1 and items[0].pixels.shape[0] == 8 and [s.length for s in mm.spans] == \
+        [tsp.model.config.tokens_per_tile]
+
+
+def test_llama3_fallback_template_opens_with_vilas_system_prompt(models):
+    from vlm_core.inputs.template import LLAMA3_TEMPLATE, VILA_LLAMA3_SYSTEM
+
+    tok = models["vila15"].tokenizer
+    head = "<|start_header_id|>{}<|end_header_id|>\n\n"
+    render = lambda messages: tok.apply_chat_template(messages, chat_template=LLAMA3_TEMPLATE, tokenize=False,
+                                                      add_generation_prompt=True)
+    assert VILA_LLAMA3_SYSTEM == ("You are a helpful language and vision assistant. You are able to understand the "
+                                  "visual content that the user provides, and assist the user with a variety of "
+                                  "tasks using natural language.")
+    assert render([{"role": "user", "content": "<image>What is it?"}]) == (
+        tok.bos_token + head.format("system") + VILA_LLAMA3_SYSTEM + "<|eot_id|>" + head.format("user")
+        + "<image>What is it?<|eot_id|>" + head.format("assistant"))
+    assert render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                   {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]) == (
+        tok.bos_token + head.format("system") + "Be brief.<|eot_id|>" + head.format("user") + "Hi<|eot_id|>"
+        + head.format("assistant") + "Hello<|eot_id|>" + head.format("user") + "Bye<|eot_id|>"
+        + head.format("assistant"))
+
+
+def test_video_config_keys_not_applied_are_logged(folders, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="vlm_core.families.vila"):
+        VLM.from_pretrained(edited(folders["nvila"], tmp_path / "fps", fps=2.0, video_max_tiles=4))
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "fps=2.0 is not applied" in said and "video_max_tiles=4 is not applied" in said

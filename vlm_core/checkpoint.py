@@ -134,6 +134,12 @@ def load_weights(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]],
             tensor = tensor.to(dtype)
         loaded[name] = tensor
     if unexpected:
+        packed = [k for k in unexpected if k.endswith(_QUANTIZED_SUFFIXES)]
+        if packed:
+            raise CheckpointError(f"checkpoint holds quantized weights (e.g. {packed[0]!r}) but says nothing of how they "
+                                  f"are packed: give config.json a quantization_config, add AutoAWQ's "
+                                  f"quant_config.json, or for an llm-awq export keep its file name, "
+                                  f"{EXPORT_NAME_RULE}, which carries the bits and group size")
         raise CheckpointError(f"checkpoint has {len(unexpected)} weights this model does not use, e.g. "
                               f"{unexpected[:5]}")
     missing = [n for n in expected if n not in loaded and not _is_tied(model, n)]
@@ -159,14 +165,18 @@ def _is_tied(model: nn.Module, name: str) -> bool:
     return name == "decoder.lm_head.weight" and decoder is not None and decoder.config.tie_word_embeddings
 
 
-# llm-awq / TinyChat name their exports `<model>-w4-g128-awq-v2.pt`; that name is the only record
-# of the bit width and group size when the folder's config.json has no `quantization_config`.
-_V2_EXPORT_NAME = re.compile(r"-w(\d+)-g(\d+)-awq(-v2)?\.pt$")
+# llm-awq / TinyChat name their exports `<model>-w4-g128-awq-v2.pt` (TinyChat's README also
+# `<model>-w4-g128-v2.pt`); that name is the only record of the bit width and group size when the
+# folder's config.json has no `quantization_config`.
+_V2_EXPORT_NAME = re.compile(r"-w(\d+)-g(\d+)(?:-awq)?(-v2)?\.pt$")
+EXPORT_NAME_RULE = "<model>-w<bits>-g<group size>[-awq]-v2.pt"
+_QUANTIZED_SUFFIXES = (".qweight", ".qzeros", ".scaled_zeros")
 
 
 def read_quant_config(model_dir: Path, raw_config: dict) -> AWQConfig | None:
     """`quantization_config` in config.json, else AutoAWQ's `quant_config.json`, else what the name
-    of a lone llm-awq export (`*-w4-g128-awq-v2.pt`, no safetensors beside it) says, else None."""
+    of a lone llm-awq export (`*-w4-g128-awq-v2.pt` or `*-w4-g128-v2.pt`, no safetensors beside it)
+    says, else None."""
     d = raw_config.get("quantization_config")
     if d is None and (model_dir / "quant_config.json").is_file():
         d = read_json(model_dir / "quant_config.json")

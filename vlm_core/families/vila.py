@@ -13,24 +13,37 @@ Processor: Media come as a dict of lists, `{"image": [...], "video": [...]}`; a 
 (PIL images, paths or bytes). In the text each image is `<image>` and each video
 `<vila/video>` (placed where the message's parts put them, or first when the prompt is a plain
 string without them). Each media token expands into a placeholder run as long as the item's
-embedding, followed by the encoder's end tokens ("\\n" by default) as ordinary text; a video
-expands frame by frame. Images are cut as the config says: `resize` / `pad` (one tile),
-`dynamic` (aspect-ratio tiles plus a thumbnail, each its own `<image>` followed by "\\n"), or
-`dynamic_s2` (all scales' tiles in one item with its block size). Tiling applies to a lone
-image; several images are each resized to one tile, as VILA does. With static S2 (VILA-1.5-S2)
-every image and video frame is preprocessed at the largest scale, resized (bicubic, on the
-normalised tensor) to each scale and split into tower-sized tiles: one item per picture.
+embedding, followed by the encoder's end tokens ("\\n" by default) as ordinary text, tokenized
+without special tokens; a video expands frame by frame (`sample_frames` picks them). Images are
+cut as the config says: `resize` / `pad` (one tile), `dynamic` (aspect-ratio tiles plus a
+thumbnail, each its own `<image>` followed by "\\n"), or `dynamic_s2` (all scales' tiles in one
+item with its block size). Tiling applies to a lone image; several images and video frames go to
+the image processor as VILA hands them over: squashed to a tile in `resize` mode, padded to a
+square in `pad` mode, and otherwise as they are (CLIP's processor then centre-crops).
+
+End tokens and BOS: NVILA's released code embeds a media item's end tokens by calling the
+tokenizer with its defaults, so a BOS-adding (LLaMA) tokenizer would put BOS before each "\\n".
+NVILA's own checkpoints use Qwen2 tokenizers, which add no BOS, so for them that and "\\n" alone
+are the same tokens. The LLaMA-tokenizer checkpoints are VILA-1.5's, trained with VILA-1.5's
+code, which writes "<image>\\n" in the text and tokenizes the text after an image with its BOS
+stripped: no BOS follows an image there. That is what is matched: end tokens never carry BOS.
+
+With static S2 (VILA-1.5-S2) every image and video frame is preprocessed at the largest scale,
+resized (bicubic, on the normalised tensor) to each scale and split into tower-sized tiles: one
+item per picture.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -50,6 +63,7 @@ from ..models.s2 import merge_scales, project_blocks, tiles_per_scale
 from ..quant.awq_linear import awq_linear_factory
 
 Media = dict[str, Sequence[Any]]
+log = logging.getLogger(__name__)
 
 
 def detect(model_dir: str | Path) -> bool:
@@ -98,6 +112,7 @@ class VilaConfig:
     s2_dynamic: bool = True                   # NVILA's dynamic S2; False: VILA-1.5's static S2
     s2_output_scale_idx: int = 0
     max_tiles: int = 12
+    min_tiles: int = 1                        # "dynamic" mode's fewest tiles (dynamic S2: the last scale's square)
     image_token: str = "<image>"
     video_token: str = "<vila/video>"
     image_end_tokens: str | None = "\n"
@@ -128,6 +143,9 @@ class VilaConfig:
         for pool in self.video_pool_sizes:
             if len(pool) != 3 or min(pool) < 1:
                 raise ConfigError(f"video pool sizes are (frames, rows, cols) of positive ints, got {pool}")
+            if self.num_video_frames % pool[0]:
+                raise ConfigError(f"num_video_frames {self.num_video_frames} does not split into the video pool's "
+                                  f"groups of {pool[0]} frames")
 
     @property
     def grid(self) -> int:
@@ -156,6 +174,10 @@ class VilaConfig:
             raise ConfigError(f"s2_max_split_size {split} differs from the first S2 scale {scales[0]}; tiles are "
                               f"encoded at the tower's size, so they must be equal")
         image_enc, video_enc = _encoder_entry(top.get("image_encoder")), _encoder_entry(top.get("video_encoder"))
+        for key, neutral in (("video_max_tiles", (None, -1, 0, 1)), ("fps", (None, 0))):
+            if top.get(key) not in neutral:   # what NVILA's released inference does with them too
+                log.warning("config %s=%r is not applied: video frames are sampled evenly (num_video_frames) and "
+                            "encoded untiled, as NVILA's released inference code does", key, top[key])
         try:
             for key in ("hidden_size", "num_hidden_layers"):
                 if key not in tower:
@@ -167,7 +189,7 @@ class VilaConfig:
                                    out_features=text.hidden_size)
             return cls(text=text, vision=vision, projector=proj, image_mode=mode, s2_scales=scales, s2_dynamic=dynamic,
                        s2_output_scale_idx=int(top.get("s2_resize_output_to_scale_idx", 0)),
-                       max_tiles=int(top.get("max_tiles", 12)),
+                       max_tiles=int(top.get("max_tiles", 12)), min_tiles=int(top.get("min_tiles") or 1),
                        image_end_tokens=image_enc.get("end_tokens", "\n"),
                        video_end_tokens=video_enc.get("end_tokens", "\n"),
                        video_sep_tokens=video_enc.get("sep_tokens"),
@@ -373,8 +395,9 @@ def max_item_tiles(config: VilaConfig) -> int:
         square = (scales[-1] // scales[0],) * 2
         grids = tiles_per_scale(scales, square)
         most = sum(r * c for r, c in grids)
-        if config.s2_dynamic:
-            most += max(0, config.max_tiles - square[0] * square[1])
+        if config.s2_dynamic:   # the last scale: up to max_tiles, or one tile when max_tiles < its square
+            last = square[0] * square[1]
+            most += (config.max_tiles if config.max_tiles >= last else 1) - last
     for pool in config.video_pool_sizes:
         most = max(most, pool[0])
     return most
@@ -392,13 +415,13 @@ def default_template(config: VilaConfig) -> str:
 
 
 def sample_frames(frames: Sequence[Any], limit: int) -> list[Any]:
-    """At most `limit` frames, evenly spaced, first and last kept."""
-    n = len(frames)
-    if n <= limit:
-        return list(frames)
-    if limit == 1:
-        return [frames[0]]
-    return [frames[round(i * (n - 1) / (limit - 1))] for i in range(limit)]
+    """Exactly `limit` frames, as VILA samples a video: indices numpy.round(numpy.linspace(0, n - 1,
+    limit)) — first and last kept, evenly spaced, and a video shorter than `limit` repeats frames
+    (5 frames, limit 8 -> 0 1 1 2 2 3 3 4). The indices are numpy's float results rounded half to
+    even, so a position that lands on .5 goes where numpy's arithmetic puts it."""
+    if not frames:
+        return []
+    return [frames[i] for i in np.round(np.linspace(0, len(frames) - 1, limit)).astype(int).tolist()]
 
 
 class VilaProcessor(BaseProcessor):
@@ -449,14 +472,22 @@ class VilaProcessor(BaseProcessor):
             tiles, block = dynamic_s2_tiles(pics[0], cfg.s2_scales, size, cfg.max_tiles)
             return [MediaItem(self._tile_pixels(tiles), block)]
         if len(pics) == 1 and cfg.image_mode == "dynamic":
-            return [MediaItem(self._tile_pixels([t])) for t in dynamic_tiles(pics[0], size, cfg.max_tiles)]
+            return [MediaItem(self._tile_pixels([t]))
+                    for t in dynamic_tiles(pics[0], size, cfg.max_tiles, cfg.min_tiles)]
         return [MediaItem(self._tile_pixels([self._single(p)])) for p in pics]
 
     def _single(self, img, size: int | None = None):
-        if self.config.image_mode == "pad":
+        """A picture that is not tiled (one of several, a video frame, or any picture in resize / pad
+        mode) as VILA hands it to the image processor: padded to a square in "pad" mode, squashed to
+        the tile (or `size`) in "resize" mode, and untouched otherwise, where the processor's own
+        preprocessing decides (CLIP: shortest edge, then centre crop; SigLIP: resize)."""
+        mode = self.config.image_mode
+        if mode == "pad":
             return expand_to_square(img, tuple(int(x * 255) for x in self.image_processor.cfg.mean))
-        size = size or self.config.vision.image_size
-        return resize(img, (size, size))
+        if mode == "resize":
+            size = size or self.config.vision.image_size
+            return resize(img, (size, size))
+        return img
 
     def _static_s2_item(self, img, kind: str = "image") -> MediaItem:
         """Static S2: the picture at the largest scale, bicubically resized to every scale, each cut
@@ -481,10 +512,7 @@ class VilaProcessor(BaseProcessor):
         if not self.config.video_pool_sizes:
             return [[MediaItem(px[None], None, "video") for px in pixels]]
         groups = []
-        for pool in self.config.video_pool_sizes:
-            if len(picked) % pool[0]:
-                raise InputError(f"this model pools video frames in groups of {pool[0]}; the video has "
-                                 f"{len(picked)} frames")
+        for pool in self.config.video_pool_sizes:   # num_video_frames divides into every pool (config check)
             groups.append([MediaItem(pixels[i:i + pool[0]], None, "video", tuple(pool))
                            for i in range(0, len(picked), pool[0])])
         return groups

@@ -43,10 +43,17 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-# LLaMA-3 (VILA-1.5 8B)
+# LLaMA-3 (VILA-1.5 8B): VILA's llama_3 conversation, which opens with its own system prompt (a
+# system message given replaces it)
+VILA_LLAMA3_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual "
+                      "content that the user provides, and assist the user with a variety of tasks using natural "
+                      "language.")
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}"
-    "{% for message in messages %}"
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% else %}{% set system = '" + VILA_LLAMA3_SYSTEM + "' %}{% endif %}"
+    "{{ '<|start_header_id|>system<|end_header_id|>\\n\\n' + system + '<|eot_id|>' }}"
+    "{% for message in messages if message['role'] != 'system' %}"
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"

@@ -1,8 +1,13 @@
 """Image tiling for NVILA: dynamic S2 multi-scale tiles, and dynamic tiles plus a thumbnail.
 
 Both pick a tile grid (cols, rows) whose aspect ratio is closest to the image's, among grids
-with a tile count in [min_tiles, max_tiles]; ties go to the larger grid when the image has
-more than half its pixels. Tiles are cut row-major from the image resized to the grid.
+with a tile count in [min_tiles, max_tiles]; on a tie the later candidate wins when the image
+has more than half the grid's pixels. Tiles are cut row-major from the image resized to the grid.
+
+As NVILA does it: when no grid qualifies (max_tiles below min_tiles — for dynamic S2, below the
+last scale's square tile count) the grid is (1, 1); and candidates with equal tile counts keep
+the order a Python set of (cols, rows) filled n = min..max, cols and rows ascending, iterates in
+(a stable sort by tile count follows), which is what decides ties between such grids.
 """
 
 from __future__ import annotations
@@ -15,13 +20,16 @@ from .image import resize
 
 
 def candidate_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
-    """(cols, rows) grids with min_tiles <= cols * rows <= max_tiles, fewest tiles first."""
-    grids = {(c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1)
-             if min_tiles <= c * r <= max_tiles}
-    return sorted(grids, key=lambda g: (g[0] * g[1], g))
+    """(cols, rows) grids with min_tiles <= cols * rows <= max_tiles, fewest tiles first (equal
+    counts in the set's iteration order; see the module docstring); empty when max < min."""
+    grids = set()
+    for n in range(min_tiles, max_tiles + 1):
+        grids.update((c, r) for c in range(1, n + 1) for r in range(1, n + 1) if min_tiles <= c * r <= max_tiles)
+    return sorted(grids, key=lambda g: g[0] * g[1])
 
 
 def closest_grid(width: int, height: int, grids: list[tuple[int, int]], tile: int) -> tuple[int, int]:
+    """The grid of `grids` closest in aspect ratio to width / height; (1, 1) when there is none."""
     aspect = width / height
     best, best_diff = (1, 1), float("inf")
     for cols, rows in grids:
@@ -48,7 +56,7 @@ def dynamic_s2_tiles(img: Image.Image, scales: tuple[int, ...], tile: int, max_t
         n = s // scales[0]
         tiles += cut_tiles(img, n, n, tile)
     min_tiles = (scales[-1] // scales[0]) ** 2
-    cols, rows = closest_grid(img.width, img.height, candidate_grids(min_tiles, max(max_tiles, min_tiles)), tile)
+    cols, rows = closest_grid(img.width, img.height, candidate_grids(min_tiles, max_tiles), tile)
     tiles += cut_tiles(img, cols, rows, tile)
     return tiles, (rows, cols)
 
