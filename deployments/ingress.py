@@ -241,11 +241,13 @@ class Ingress:
             raise APIError(400, f"media uuid {missing[0]!r} is not known to this server; send the picture with its "
                                 f"image_url (and uuid) first", param="messages")
         fetch = [p.image_url.url for p in urls if p.image_url is not None] + [u for frames in videos for u in frames]
-        datas = await asyncio.gather(*(read_image_url(u, self.policy, self._http) for u in fetch))
+        unique = list(dict.fromkeys(fetch))     # a short video's sampled frames repeat: each is read once
+        datas = dict(zip(unique, await asyncio.gather(*(read_image_url(u, self.policy, self._http) for u in unique))))
 
         def work():   # image decoding and tokenization, off the event loop
             try:
-                opened = iter([open_image(b, o.max_image_pixels, o.max_aspect_ratio) for b in datas])
+                headers = {u: open_image(b, o.max_image_pixels, o.max_aspect_ratio) for u, b in datas.items()}
+                opened = iter([headers[u] for u in fetch])
                 sized = [known[p.uuid] if p.image_url is None else next(opened) for p in urls]
                 frames = [[next(opened) for _ in v] for v in videos]
                 pixels = sum(im.width * im.height for im in sized + [f for v in frames for f in v])

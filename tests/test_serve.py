@@ -616,14 +616,15 @@ def test_nvila_served_over_http_equals_in_process(nvila_app, monkeypatch):
                         .numpy()).save(buf, "PNG")
         frames.append(buf.getvalue())
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
-    ref = vlm.generate(messages, {"video": [frames]}, SamplingParams(max_new_tokens=10, ignore_eos=True))
-    r = client.chat.completions.create(
-        model="tiny-nvila", temperature=0, max_tokens=10, extra_body={"ignore_eos": True},
-        messages=[{"role": "user", "content": [
-            {"type": "video", "video": {"frames": ["data:image/png;base64," + base64.b64encode(f).decode()
-                                                   for f in frames]}},
-            {"type": "text", "text": "What happens?"}]}])
-    assert r.choices[0].message.content == ref.text and r.usage.prompt_tokens == ref.prompt_tokens
+    for video in (frames, frames[:5]):     # and a short one, whose sampled frames repeat
+        ref = vlm.generate(messages, {"video": [video]}, SamplingParams(max_new_tokens=10, ignore_eos=True))
+        r = client.chat.completions.create(
+            model="tiny-nvila", temperature=0, max_tokens=10, extra_body={"ignore_eos": True},
+            messages=[{"role": "user", "content": [
+                {"type": "video", "video": {"frames": ["data:image/png;base64," + base64.b64encode(f).decode()
+                                                       for f in video]}},
+                {"type": "text", "text": "What happens?"}]}])
+        assert r.choices[0].message.content == ref.text and r.usage.prompt_tokens == ref.prompt_tokens
     import httpx
 
     for frames, status, message in (([png_url(small_png())] * 65, 400, "at most 64"),
