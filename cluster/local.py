@@ -95,11 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vision-nodes", type=int, default=1)
     ap.add_argument("--llm-nodes", type=int, default=1)
     ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--model-dir", default=None, help="stands in for the model volume (default: the embedded model)")
     a = ap.parse_args(argv)
     cluster = LocalCluster(a.vision_nodes, a.llm_nodes)
     try:
         cluster.connect()
-        url = cluster.deploy(a.port)
+        if a.model_dir is None:
+            sys.path.insert(0, str(ROOT))
+            from vlm_core.default_model import default_model_dir
+
+            a.model_dir = str(default_model_dir("awq"))
+        # the nodes here have no GPUs and no /models volume
+        url = cluster.deploy(a.port, {"model_dir": a.model_dir, "accelerator": "cpu"})
         print(f"cluster at {cluster.address}; the application answers at {url}/v1/chat/completions (Ctrl-C stops)")
         while True:
             time.sleep(3600)

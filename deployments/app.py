@@ -4,8 +4,9 @@ Deployments are plain classes; here they get `serve.deployment` and are bound in
 application: Ingress -> (VisionEncoder, LLMServer). `args` are `AppSettings`
 (`deployments/settings.py`); each deployment receives its section and gets the Serve options that
 section derives. Resources: VisionEncoder and LLMServer take their GPU fractions (`vision.gpus`,
-`llm.gpus`) when the cluster has GPUs, otherwise CPUs only, so one config runs on a CPU box and
-on CUDA nodes unchanged.
+`llm.gpus`) with `accelerator: gpu` (what the cluster manifests say, so a deploy made before the
+GPU workers join still asks for GPUs), CPUs only with `cpu`, and with `auto` (the default) GPUs
+when the cluster has them at build time, so `serve run` works on a CPU box and a GPU box alike.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def build_app(args: dict | None = None) -> serve.Application:
 
     s = AppSettings(**(args or {}))
     model_dir = s.resolved_model_dir()
-    gpus = _cluster_has_gpus()
+    gpus = s.use_gpus(_cluster_has_gpus)
 
     def deployment(cls, name: str):
         return serve.deployment(cls, name=name).options(**s.serve_options(name, gpus))

@@ -17,7 +17,7 @@ VisionEncoder replica twice a tower batch) live here and nowhere else.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -139,6 +139,10 @@ class AppSettings(_Section):
     model_dir: str | None = Field(None, description="checkpoint folder (llava-hf or VILA layout); default: the "
                                                     "embedded AWQ model")
     dtype: str | None = None
+    accelerator: Literal["auto", "gpu", "cpu"] = Field(
+        "auto", description="where VisionEncoder and LLMServer replicas run: gpu (their `gpus` fractions, "
+                            "whether or not GPU nodes have joined yet), cpu, or auto (gpu when the cluster has "
+                            "GPUs when the application is built: a laptop's `serve run`)")
     ingress: IngressSettings = Field(default_factory=IngressSettings)
     vision: VisionSettings = Field(default_factory=VisionSettings)
     llm: LLMSettings = Field(default_factory=LLMSettings)
@@ -168,6 +172,10 @@ class AppSettings(_Section):
         from vlm_core.default_model import default_model_dir
 
         return str(default_model_dir("awq"))
+
+    def use_gpus(self, cluster_has_gpus) -> bool:
+        """Whether replicas request GPUs; `cluster_has_gpus()` is asked only in auto mode."""
+        return self.accelerator == "gpu" or (self.accelerator == "auto" and cluster_has_gpus())
 
     def serve_options(self, name: str, gpus_present: bool) -> dict[str, Any]:
         """A deployment's Serve options: derived from its section, then the `deployments` overrides."""

@@ -45,13 +45,22 @@ def body(i, **kw):
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(tmp_path_factory):
+    import shutil
+
     from local import LocalCluster
 
+    from vlm_core.default_model import default_model_dir
+
+    # the model volume as the README fills it: the checkpoint folder under the volume's root, and
+    # model_dir pointing there (here a local folder; on Kubernetes the PVC at /models)
+    volume = tmp_path_factory.mktemp("models")
+    shutil.copytree(default_model_dir("awq"), volume / "model")
     c = LocalCluster(vision_nodes=1, llm_nodes=1, dashboard_port=free_port())
     try:
         c.connect()
-        c.url = c.deploy(free_port(), OVERRIDES)
+        c.overrides = {**OVERRIDES, "model_dir": str(volume / "model"), "accelerator": "cpu"}
+        c.url = c.deploy(free_port(), c.overrides)
         wait_for(lambda: counts(c) == {"Ingress": 1, "VisionEncoder": 1, "LLMServer": 2}, 120)
         yield c
     finally:
@@ -255,7 +264,7 @@ def test_config_update_under_load_drops_nothing(cluster):
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(client, k) for k in range(6)]
         time.sleep(2)
-        name, prefix, app = app_from_config(str(CONFIG), {**OVERRIDES, "ingress": {"default_max_tokens": 48}})
+        name, prefix, app = app_from_config(str(CONFIG), {**cluster.overrides, "ingress": {"default_max_tokens": 48}})
         serve.run(app, name=name, route_prefix=prefix)          # returns once the new version runs
         time.sleep(2)
         stop.set()
