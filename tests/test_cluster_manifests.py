@@ -146,3 +146,65 @@ def test_accelerator_gpu_requests_gpus_on_a_cluster_without_gpus_yet(monkeypatch
         llm = app._bound_deployment.init_args[1]
         assert "num_gpus" not in llm._bound_deployment.ray_actor_options and calls == asked
         assert llm._bound_deployment.ray_actor_options["num_cpus"] == 0.5
+
+
+# ---- the upstream schemas ------------------------------------------------------------------------
+
+# The openAPIV3Schema of the RayService CRD (ray.io/v1) of KubeRay v1.7.0, taken unchanged from
+# ray-project/kuberay, ray-operator/config/crd/bases/ray.io_rayservices.yaml at tag v1.7.0, and
+# stored as compact JSON, gzipped.
+KUBERAY_SCHEMA = ROOT / "tests" / "data" / "kuberay-v1.7.0-rayservice-v1.schema.json.gz"
+
+
+def strict(schema: dict) -> dict:
+    """The CRD's structural schema as the API server applies it, in JSON Schema terms: objects that
+    list their properties take no others (unknown fields are an error here, where the server would
+    prune them silently) unless marked x-kubernetes-preserve-unknown-fields, and
+    x-kubernetes-int-or-string fields take an integer or a string."""
+    out = {k: v for k, v in schema.items() if not k.startswith("x-kubernetes-")}
+    if schema.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if "properties" in out:
+        out["properties"] = {k: strict(v) for k, v in out["properties"].items()}
+        if not schema.get("x-kubernetes-preserve-unknown-fields") and "additionalProperties" not in out:
+            out["additionalProperties"] = False
+    for key in ("items", "additionalProperties"):
+        if isinstance(out.get(key), dict):
+            out[key] = strict(out[key])
+    for key in ("allOf", "anyOf", "oneOf"):
+        if key in schema:
+            out[key] = [strict(s) for s in out[key]]
+    return out
+
+
+def test_rayservice_validates_strictly_against_kuberays_crd():
+    import gzip
+
+    import jsonschema
+
+    schema = strict(json.loads(gzip.decompress(KUBERAY_SCHEMA.read_bytes())))
+    rs = yaml.safe_load((ROOT / "cluster" / "rayservice.yaml").read_text())
+    jsonschema.validate(rs, schema)
+    # the validator is strict: an unknown field, or a string where a number belongs, is refused
+    bad = json.loads(json.dumps(rs))
+    bad["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicaz"] = 1
+    with __import__("pytest").raises(jsonschema.ValidationError, match="replicaz"):
+        jsonschema.validate(bad, schema)
+    bad = json.loads(json.dumps(rs))
+    bad["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["minReplicas"] = "1"
+    with __import__("pytest").raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+def test_cluster_launcher_config_passes_rays_own_checks():
+    import copy
+
+    import jsonschema
+    import ray
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = yaml.safe_load((ROOT / "cluster" / "ray-cluster.yaml").read_text())
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    jsonschema.validate(cfg, schema)
+    validate_config(prepare_config(copy.deepcopy(cfg)))
