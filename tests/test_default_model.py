@@ -8,7 +8,8 @@ import torch
 from vlm_core.default_model import default_model_dir
 from vlm_core.default_model.data import (HELDOUT_START, Item, Scene, heldout_set, make_scene, questions,
                                          sample_qa, split_ids, vocabulary)
-from vlm_core.default_model.evaluate import accuracy, answer_all, hf_answers
+from vlm_core.default_model.evaluate import accuracy, answer_all, by_kind, hf_answers
+from vlm_core.default_model.shapes_eval import Picture, Shape, eval_set
 from vlm_core.default_model.train import build_tokenizer
 from vlm_core.vlm import VLM
 
@@ -35,6 +36,40 @@ def test_questions_and_answers_for_a_hand_built_scene():
     img = scene.image()
     assert img.getpixel((7, 15)) == (40, 70, 220) and img.getpixel((40, 25)) == (220, 40, 40)
     assert img.getpixel((25, 5)) == (255, 255, 255)
+
+
+def test_the_independent_generator_draws_the_same_world_with_other_rules():
+    import numpy as np
+
+    items = eval_set(60, seed=3)
+    assert [(q, a) for _, q, a in items] == [(q, a) for _, q, a in eval_set(60, seed=3)]
+    kinds = set()
+    for pic, q, a in items:
+        kinds.add(q.split()[0])
+        assert 48 <= pic.side <= 400 and 1 <= len(pic.shapes) <= 3
+        assert len({sh.kind for sh in pic.shapes}) == len({sh.colour for sh in pic.shapes}) == len(pic.shapes)
+        for sh in pic.shapes:
+            assert 0.18 * pic.side <= sh.size <= 0.30 * pic.side
+            assert sh.size / 2 <= sh.cx <= pic.side - sh.size / 2 and sh.size / 2 <= sh.cy <= pic.side - sh.size / 2
+        xs = sorted(sh.cx for sh in pic.shapes)
+        assert all(b - a >= 0.08 * pic.side for a, b in zip(xs, xs[1:]))
+        if q.startswith("Describe"):
+            assert a == " and ".join(f"{s.colour} {s.kind}" for s in sorted(pic.shapes, key=lambda s: s.cx))
+    assert kinds == {"What", "How", "Is", "Describe"}
+    # a hand-placed circle: its centre is the colour, far corners the background, its rim blended
+    pic = Picture(60, (255, 255, 255), (Shape("circle", "red", 30.0, 30.0, 20.0, (220, 40, 40)),), None)
+    arr = np.asarray(pic.image()).astype(int)
+    assert tuple(arr[30, 30]) == (220, 40, 40) and tuple(arr[2, 2]) == (255, 255, 255)
+    rim = arr[22, 23]             # row 22, column 23: a pixel the rim crosses
+    assert 40 < rim[1] < 255 and 220 <= rim[0] <= 255
+
+
+def test_accuracy_by_question_kind():
+    items = [(None, "What colour is the circle?", "red"), (None, "How many shapes are there?", "two"),
+             (None, "What colour is the square?", "blue"), (None, "Describe the image.", "red circle")]
+    answers = ["red", "three", "green", "red circle"]
+    assert accuracy(answers, items) == 0.5
+    assert by_kind(answers, items) == {"colour": 0.5, "count": 0.0, "describe": 1.0}
 
 
 def test_sampled_questions_cover_all_kinds():

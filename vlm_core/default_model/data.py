@@ -103,6 +103,11 @@ def sample_qa(scene: Scene, rng: random.Random) -> tuple[str, str]:
     return rng.choice(kinds[kind])
 
 
+def question_kind(question: str) -> str:
+    """colour | count | left-of | describe."""
+    return {"What": "colour", "How": "count", "Is": "left-of", "Describe": "describe"}[question.split()[0]]
+
+
 def split_ids(split: str, count: int, offset: int = 0) -> range:
     if split == "train":
         if offset + count > TRAIN_IDS:
