@@ -262,3 +262,34 @@ def test_n_choices_through_vlm_and_async_engine_and_abort(vlm, images):
     aborted = engine.step()
     assert sorted(o.index for o in aborted if o.finish_reason == "abort") == [0, 1, 2]
     assert not engine.has_unfinished() and engine.blocks.num_free_blocks == 64
+
+
+def test_a_short_request_is_not_stuck_behind_a_long_prefill(vlm):
+    """A 10-token request arriving after the first chunk of a 400-token prefill (budget 64) gets its
+    first token in the next step, and both requests produce what they produce alone."""
+    from vlm_core.inputs.placeholders import MultimodalPrompt
+
+    vocab = vlm.model.config.text.vocab_size
+    sp = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    long = EngineRequest(MultimodalPrompt(tuple(5 + (7 * i) % (vocab - 50) for i in range(400)), ()), params=sp)
+    short = EngineRequest(MultimodalPrompt(tuple(range(20, 30)), ()), params=sp)
+    expected = {}
+    for name, r in (("long", long), ("short", short)):
+        e = vlm.engine(EngineConfig(num_blocks=256, max_num_batched_tokens=64))
+        e.add_request(name, r)
+        expected[name] = [t for o in e.run_to_completion()[name] for t in o.token_ids]
+    engine = vlm.engine(EngineConfig(num_blocks=256, max_num_batched_tokens=64))
+    engine.add_request("long", long)
+    first = engine.step()
+    assert not first                                      # the long prompt's first chunk: nothing sampled
+    engine.add_request("short", short)
+    got = {"long": [], "short": []}
+    steps_to_first = None
+    step = 0
+    while engine.has_unfinished():
+        step += 1
+        for o in engine.step():
+            got[o.request_id] += o.token_ids
+            if o.request_id == "short" and o.token_ids and steps_to_first is None:
+                steps_to_first = step
+    assert steps_to_first == 1 and got == expected

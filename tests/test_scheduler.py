@@ -131,3 +131,59 @@ def test_block_manager_counts():
     assert (bm.num_free_blocks, bm.stats.freed) == (8, 3)
     with pytest.raises(RuntimeError, match="out of KV blocks"):
         bm.allocate(seq("b", 40), 40)
+
+
+def chunk_sizes(out):
+    return [(c.seq.request_id, c.num_tokens) for c in out.chunks]
+
+
+def test_a_short_prompt_arriving_during_a_long_prefill_runs_in_the_next_step():
+    sched, _ = make(num_blocks=256, budget=64)
+    long = seq("long", 400)
+    sched.add(long)
+    assert chunk_sizes(run_step(sched)) == [("long", 64)]       # alone: the whole budget
+    short = seq("short", 0, tokens=range(600, 610))      # nothing in common with the long prompt
+    sched.add(short)
+    out = run_step(sched)
+    # the long prefill takes the cap (a quarter of the budget), the short prompt all of itself,
+    # and the rest of the budget goes back to the long one: nothing is left unused
+    assert chunk_sizes(out) == [("long", 54), ("short", 10)]
+    assert short.output_ids == [7] and out.num_batched_tokens == 64
+
+
+def test_two_long_prompts_share_the_budget_oldest_first():
+    sched, _ = make(num_blocks=256, budget=64)
+    a, b = seq("a", 300), seq("b", 0, tokens=range(5000, 5300))
+    sched.add(a)
+    sched.add(b)
+    # both admitted in one step: each takes the cap (16), the 32 left go back to the older one
+    assert chunk_sizes(run_step(sched)) == [("a", 48), ("b", 16)]
+    assert chunk_sizes(run_step(sched)) == [("a", 48), ("b", 16)]   # two prefills running: still capped
+
+
+def test_a_long_prompt_finishes_under_a_steady_stream_of_short_ones():
+    sched, _ = make(num_blocks=1024, budget=64, max_seqs=64)
+    long = seq("long", 400)
+    sched.add(long)
+    steps = 0
+    while not long.output_ids:
+        for k in range(3):                       # three new 20-token prompts every step
+            sched.add(seq(f"s{steps}-{k}", 0, max_new=1, tokens=range(1000 + 20 * (3 * steps + k),
+                                                                        1020 + 20 * (3 * steps + k))))
+        run_step(sched)
+        steps += 1
+        assert steps <= -(-400 // 16)            # at least the cap (64 / 4) every step
+    assert long.num_computed_tokens == 400
+
+
+def test_a_configured_cap_and_no_cap_without_competition():
+    bm = BlockManager(256, 4, True)
+    sched = Scheduler(SchedulerConfig(64, 8, prefill_chunk_cap=8), bm)
+    a = seq("a", 200)
+    sched.add(a)
+    assert chunk_sizes(run_step(sched)) == [("a", 64)]
+    b = seq("b", 0, tokens=range(700, 800))
+    sched.add(b)
+    assert chunk_sizes(run_step(sched)) == [("a", 56), ("b", 8)]
+    with pytest.raises(ValueError, match="prefill_chunk_cap"):
+        SchedulerConfig(64, 8, prefill_chunk_cap=0)

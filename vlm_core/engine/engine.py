@@ -54,6 +54,8 @@ class EngineConfig:
     kv_cache_bytes: int | None = None           # default: 80% of free GPU memory, or 512 MiB on CPU
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
+    prefill_chunk_cap: int | None = None        # a prefill's tokens per step while other prompts
+                                                # compete (scheduler.py); None: a quarter of the budget
     enable_prefix_caching: bool = True
     attention: str = "auto"                     # "auto" (Triton on CUDA, torch on CPU) | "triton" | "torch"
     cuda_graphs: bool = False                   # replay decode-only steps as CUDA graphs (CUDA only)
@@ -79,7 +81,8 @@ class LLMEngine:
         self.cache = PagedKVCache(t.num_layers, num_blocks + 1, config.block_size, t.num_kv_heads, t.head_dim,
                                   model.dtype, model.device)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs), self.blocks)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs,
+                                                   config.prefill_chunk_cap), self.blocks)
         use_triton = config.attention == "triton" or (config.attention == "auto" and model.device.type == "cuda")
         if use_triton and not triton_available(model.device):
             raise ValueError("Triton attention needs a CUDA device or TRITON_INTERPRET=1")

@@ -8,6 +8,12 @@ Policy, per step:
   2. waiting sequences in arrival order while the token budget, `max_num_seqs` and free blocks
      allow; a new sequence first takes whatever prefix of it the prefix cache holds (short of
      prompt positions whose log-probabilities it still owes).
+  3. while other prompts compete (sequences wait, or several prefills run), a prefill chunk takes
+     at most `prefill_chunk_cap` tokens in steps 1 and 2, so a long prompt cannot hold the whole
+     budget while a short one queues behind it (head-of-line blocking); whatever budget is left
+     after step 2 goes back to the capped chunks, oldest first, so no step leaves budget unused
+     that a prefill could take. A long prompt still advances by at least the cap every step,
+     however many short ones arrive.
 A long prompt is thus split over steps (chunked prefill) without ever stalling running decodes.
 """
 
@@ -24,10 +30,18 @@ from .sequence import Sequence, SeqStatus
 class SchedulerConfig:
     max_num_batched_tokens: int = 2048   # token budget of one step (decodes + prefill chunks)
     max_num_seqs: int = 64               # sequences running at once
+    prefill_chunk_cap: int | None = None  # a prefill's tokens per step while others compete;
+                                          # None: a quarter of the budget
 
     def __post_init__(self):
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
+        if self.prefill_chunk_cap is not None and self.prefill_chunk_cap < 1:
+            raise ValueError("prefill_chunk_cap must be positive")
+
+    @property
+    def chunk_cap(self) -> int:
+        return self.prefill_chunk_cap or max(1, self.max_num_batched_tokens // 4)
 
 
 @dataclass(frozen=True)
@@ -104,12 +118,17 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: set[int] = set()
         order = sorted(self.running, key=lambda s: (s.num_remaining > 1, s.arrival))
+        contended = bool(self.waiting) or sum(s.num_remaining > 1 for s in self.running) > 1
+        cap = self.config.chunk_cap if contended else budget
+        capped: list[int] = []     # indexes in out.chunks of chunks the cap cut short
         for seq in order:
             if budget == 0:
                 break
             if seq.status is not SeqStatus.RUNNING:   # preempted earlier in this loop
                 continue
             n = min(seq.num_remaining, budget)
+            cut = n > cap
+            n = min(n, cap)
             while not self.blocks.can_allocate(seq, seq.num_computed_tokens + n):
                 victims = [s for s in self.running if id(s) not in scheduled and s is not seq]
                 if not victims:
@@ -119,6 +138,8 @@ class Scheduler:
                 self._preempt(seq, out)
                 continue
             self.blocks.allocate(seq, seq.num_computed_tokens + n)
+            if cut:
+                capped.append(len(out.chunks))
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
             scheduled.add(id(seq))
             budget -= n
@@ -129,6 +150,8 @@ class Scheduler:
                 if seq.num_computed_tokens == 0 else []
             start = len(prefix) * self.blocks.block_size
             n = min(seq.num_tokens - start, budget)
+            cut = n > cap
+            n = min(n, cap)
             if not self.blocks.can_allocate(seq, start + n, prefix):
                 break
             self.waiting.popleft()
@@ -137,8 +160,19 @@ class Scheduler:
             self.blocks.allocate(seq, start + n)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
+            if cut:
+                capped.append(len(out.chunks))
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
             budget -= n
+        for i in capped:              # budget nobody else took goes back to the capped prefills
+            if budget == 0:
+                break
+            c = out.chunks[i]
+            more = min(c.seq.num_tokens - c.start - c.num_tokens, budget)
+            if more > 0 and self.blocks.can_allocate(c.seq, c.start + c.num_tokens + more):
+                self.blocks.allocate(c.seq, c.start + c.num_tokens + more)
+                out.chunks[i] = ScheduledChunk(c.seq, c.start, c.num_tokens + more)
+                budget -= more
         return out
 
     def update(self, out: SchedulerOutput, sampled: dict[int, int]) -> list[tuple[Sequence, int]]:
