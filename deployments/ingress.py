@@ -519,7 +519,7 @@ class Ingress:
         rid = new_request_id().replace("chatcmpl-", "cmpl-")
         try:
             prompt, sampling = await self._prepare_text(body)
-            stream, out = await self._submit(prompt, [], sampling, rid)
+            stream, out = await self._submit(prompt, [], sampling, rid, body.priority)
         except Exception as e:
             raise api_error_of(e, self.options.retry_after_s, rid) from None
         outs = await self._gather(stream, out, rid)
@@ -541,7 +541,7 @@ class Ingress:
         rid = request_id or new_request_id().replace("chatcmpl-", "cmpl-")
         try:
             prompt, sampling = await self._prepare_text(body)
-            stream, out = await self._submit(prompt, [], sampling, rid)
+            stream, out = await self._submit(prompt, [], sampling, rid, body.priority)
         except Exception as e:
             raise api_error_of(e, self.options.retry_after_s, rid) from None
         created = int(time.time())
@@ -622,9 +622,9 @@ class Ingress:
         """Validate, send images to the vision deployment and the prompt to the LLM deployment;
         returns once the engine has accepted the request (its first output in hand)."""
         prompt, items, sampling = await self._prepare(body)
-        return await self._submit(prompt, items, sampling, rid)
+        return await self._submit(prompt, items, sampling, rid, body.priority)
 
-    async def _submit(self, prompt, items, sampling, rid: str):
+    async def _submit(self, prompt, items, sampling, rid: str, priority: int = 0):
         hashes = [it.hash for it in items]
         # the vision call's response goes straight into the LLM call: the embeddings move
         # vision replica -> object store -> LLM replica and never through this process
@@ -632,7 +632,7 @@ class Ingress:
         if hashes:
             embeds = self.vision.encode.remote(items, hashes)
             await self._wait_done(embeds)
-        request = EngineRequest(prompt, (), sampling, tuple(hashes))
+        request = EngineRequest(prompt, (), sampling, tuple(hashes), priority)
         stream = self.llm.options(stream=True).generate.remote(rid, request, embeds)
         first = await anext(stream)   # raises when not admitted (queue full, invalid, replica gone)
         return stream, first

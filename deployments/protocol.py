@@ -209,6 +209,9 @@ class _GenerationRequest(BaseModel):
                                                                        "penalty over prompt and output")
     stop_token_ids: list[int] | None = Field(None, description="extension: token ids that end the answer")
     ignore_eos: bool = Field(False, description="extension: keep generating past EOS up to max_tokens")
+    priority: int = Field(0, ge=-2 ** 31, le=2 ** 31 - 1,
+                          description="extension (vLLM): lower is admitted first and preempted last; equal "
+                                      "priorities keep arrival order")
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                         description="extension (vLLM): each prompt token's log-probability, rank "
                                                     "and the k most likely tokens at its position; not with stream")

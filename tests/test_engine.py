@@ -293,3 +293,17 @@ def test_a_short_request_is_not_stuck_behind_a_long_prefill(vlm):
             if o.request_id == "short" and o.token_ids and steps_to_first is None:
                 steps_to_first = step
     assert steps_to_first == 1 and got == expected
+
+
+def test_request_priority_orders_admission_in_the_engine(vlm):
+    from vlm_core.inputs.placeholders import MultimodalPrompt
+
+    sp = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    engine = vlm.engine(EngineConfig(num_blocks=64, max_num_seqs=1))
+    for name, first_token, priority in (("a", 20, 0), ("b", 40, 0), ("urgent", 60, -1)):
+        engine.add_request(name, EngineRequest(MultimodalPrompt(tuple(range(first_token, first_token + 8)), ()),
+                                               params=sp, priority=priority))
+    finished = []
+    while engine.has_unfinished():
+        finished += [o.request_id for o in engine.step() if o.finish_reason is not None]
+    assert finished == ["urgent", "a", "b"]

@@ -187,3 +187,33 @@ def test_a_configured_cap_and_no_cap_without_competition():
     assert chunk_sizes(run_step(sched)) == [("a", 56), ("b", 8)]
     with pytest.raises(ValueError, match="prefill_chunk_cap"):
         SchedulerConfig(64, 8, prefill_chunk_cap=0)
+
+
+def test_priority_orders_admission_and_equal_priorities_keep_arrival_order():
+    sched, _ = make(num_blocks=64, budget=64, max_seqs=1)
+    first, urgent, later = seq("first", 6, max_new=1), seq("urgent", 0, max_new=1, tokens=range(300, 306)), \
+        seq("later", 0, max_new=1, tokens=range(400, 406))
+    urgent.priority = -1
+    for s in (first, later, urgent):
+        sched.add(s)
+    assert [s.request_id for s in sched.waiting] == ["urgent", "first", "later"]
+    admitted = []
+    while sched.has_unfinished:
+        admitted += [c.seq.request_id for c in run_step(sched).chunks if c.start == 0]
+    assert admitted == ["urgent", "first", "later"]
+
+
+def test_preemption_takes_the_least_urgent_before_the_newest():
+    sched, bm = make(num_blocks=5, block_size=4, budget=64)
+    low, high = seq("low", 8, max_new=8), seq("high", 0, max_new=8, tokens=range(300, 308))
+    low.priority, high.priority = 5, 0          # the older request is the less urgent one
+    sched.add(low)
+    sched.add(high)
+    run_step(sched)                       # both prefilled: 2 blocks each, 1 free
+    run_step(sched)                       # one more block needed by each: the low-priority one yields
+    assert low.num_preemptions == 1 and high.num_preemptions == 0
+    for _ in range(40):
+        if not sched.has_unfinished:
+            break
+        run_step(sched)
+    assert len(low.output_ids) == len(high.output_ids) == 8 and bm.num_free_blocks == 5

@@ -178,7 +178,7 @@ REFUSED = [
 ]
 INVALID = [("n", 100000000, "n"), ("top_logprobs", 30, "top_logprobs"), ("presence_penalty", 3, "presence_penalty"),
            ("logit_bias", {"x": 1}, "logit_bias"), ("max_tokens", 10 ** 6, "max_tokens"),
-           ("prompt_logprobs", 21, "prompt_logprobs")]
+           ("prompt_logprobs", 21, "prompt_logprobs"), ("priority", 2 ** 40, "priority")]
 
 
 @pytest.mark.parametrize("name,body,status,message", HOSTILE, ids=[h[0] for h in HOSTILE])
@@ -660,7 +660,7 @@ def test_neutral_values_developer_role_and_unknown_fields_are_accepted(server):
 
     body = {"messages": [{"role": "developer", "content": "Answer briefly."}, *HI], "max_tokens": 3,
             "response_format": {"type": "text"}, "modalities": ["text"], "user": "u-1", "metadata": {"k": "v"},
-            "store": False, "parallel_tool_calls": True, "service_tier": "auto", "not_a_field": 1}
+            "store": False, "parallel_tool_calls": True, "service_tier": "auto", "not_a_field": 1, "priority": -3}
     r = httpx.post(server + "/v1/chat/completions", json=body, headers=AUTH, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")

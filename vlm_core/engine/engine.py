@@ -145,7 +145,8 @@ class LLMEngine:
                                         generator=p.make_generator(self.model.device), index=i,
                                         matcher=self.runner.grammar.matcher(compiled, params.structured)
                                         if compiled else None,
-                                        prompt_logprobs=[] if p.prompt_logprobs is not None else None))
+                                        prompt_logprobs=[] if p.prompt_logprobs is not None else None,
+                                        priority=request.priority))
             self._pending.append(("add", choices))
 
     def _grammar(self):

@@ -24,6 +24,8 @@ class EngineRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     image_hashes: tuple[str, ...] | None = None    # content hash per span (prefix / encoder cache keys);
                                                    # None: the engine hashes the embeddings
+    priority: int = 0                              # lower is admitted first and preempted last;
+                                                   # equal priorities keep arrival order
 
     def with_embeds(self, image_embeds: Sequence[torch.Tensor]) -> "EngineRequest":
         """This request with its embeddings (for a request that crossed a process without them)."""

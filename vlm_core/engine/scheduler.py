@@ -3,9 +3,10 @@
 Policy, per step:
   1. running sequences, decodes (one token left) first, then unfinished prefills, oldest first;
      each takes min(tokens left, token budget). When the KV blocks it needs are not free, the
-     newest running sequence not yet scheduled this step is preempted (its blocks freed, to be
-     recomputed later); if there is none, the sequence itself waits.
-  2. waiting sequences in arrival order while the token budget, `max_num_seqs` and free blocks
+     running sequence not yet scheduled this step with the largest (priority, arrival) — the least
+     urgent, then the newest — is preempted (its blocks freed, to be recomputed later); if there is
+     none, the sequence itself waits.
+  2. waiting sequences in (priority, arrival) order while the token budget, `max_num_seqs` and free blocks
      allow; a new sequence first takes whatever prefix of it the prefix cache holds (short of
      prompt positions whose log-probabilities it still owes).
   3. while other prompts compete (sequences wait, or several prefills run), a prefill chunk takes
@@ -19,7 +20,7 @@ A long prompt is thus split over steps (chunked prefill) without ever stalling r
 
 from __future__ import annotations
 
-from collections import deque
+import bisect
 from dataclasses import dataclass, field
 
 from .kv_cache import BlockManager
@@ -79,13 +80,16 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, blocks: BlockManager):
         self.config = config
         self.blocks = blocks
-        self.waiting: deque[Sequence] = deque()
+        self.waiting: list[Sequence] = []      # kept in (priority, arrival) order
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
-        self.waiting.append(seq)
+        self._enqueue(seq)
+
+    def _enqueue(self, seq: Sequence) -> None:
+        bisect.insort(self.waiting, seq, key=lambda s: s.rank)
 
     @property
     def has_unfinished(self) -> bool:
@@ -110,14 +114,14 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self._enqueue(seq)
         out.preempted.append(seq)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         scheduled: set[int] = set()
-        order = sorted(self.running, key=lambda s: (s.num_remaining > 1, s.arrival))
+        order = sorted(self.running, key=lambda s: (s.num_remaining > 1, s.rank))
         contended = bool(self.waiting) or sum(s.num_remaining > 1 for s in self.running) > 1
         cap = self.config.chunk_cap if contended else budget
         capped: list[int] = []     # indexes in out.chunks of chunks the cap cut short
@@ -133,7 +137,7 @@ class Scheduler:
                 victims = [s for s in self.running if id(s) not in scheduled and s is not seq]
                 if not victims:
                     break
-                self._preempt(max(victims, key=lambda s: s.arrival), out)
+                self._preempt(max(victims, key=lambda s: s.rank), out)
             if not self.blocks.can_allocate(seq, seq.num_computed_tokens + n):
                 self._preempt(seq, out)
                 continue
@@ -154,7 +158,7 @@ class Scheduler:
             n = min(n, cap)
             if not self.blocks.can_allocate(seq, start + n, prefix):
                 break
-            self.waiting.popleft()
+            self.waiting.pop(0)
             if prefix:
                 self.blocks.take_prefix(seq, prefix)
             self.blocks.allocate(seq, start + n)

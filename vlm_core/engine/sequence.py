@@ -45,6 +45,12 @@ class Sequence:
     matcher: object | None = None         # its structured-output grammar matcher, if any
     prompt_logprobs: list | None = None   # when asked for: `TokenLogprobs` of prompt tokens 1, 2, ... scored so far
     prompt_logprobs_sent: bool = False    # they went out with the request's first output
+    priority: int = 0                     # lower first (admission), and last to be preempted
+
+    @property
+    def rank(self) -> tuple[int, int]:
+        """Scheduling order: priority, then arrival."""
+        return self.priority, self.arrival
 
     @property
     def max_prefix_hit(self) -> int:
