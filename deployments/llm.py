@@ -37,12 +37,14 @@ class LLMServer:
         self.m_ttft = metric("Histogram", "vlm_time_to_first_token_s", "time to first token", latency)
         self.m_tpot = metric("Histogram", "vlm_time_per_output_token_s", "time per output token after the first",
                                         latency)
+        self.m_queue = metric("Histogram", "vlm_queue_time_s", "time from a request's arrival in the engine to "
+                              "its first scheduled chunk", latency)
         self.m_running = metric("Gauge", "vlm_running_sequences", "sequences in the running batch")
         self.m_waiting = metric("Gauge", "vlm_waiting_sequences", "sequences waiting for admission")
         self.m_kv = metric("Gauge", "vlm_kv_cache_usage", "fraction of KV blocks in use")
         self.m_requests = metric("Counter", "vlm_requests", "finished requests", tag_keys=("finish_reason",))
-        self.counts = {"requests": 0, "ttft_observations": 0, "tpot_observations": 0, "aborted": 0,
-                       "refused": 0}
+        self.counts = {"requests": 0, "ttft_observations": 0, "tpot_observations": 0, "queue_observations": 0,
+                       "aborted": 0, "refused": 0}
 
     async def generate(self, request_id: str, request: EngineRequest, image_embeds: bytes | None = None):
         """Stream the engine's `RequestOutput` deltas (merged within `stream_interval_s`); a cancelled
@@ -59,10 +61,15 @@ class LLMServer:
         self.active.add(request_id)
         start = last = sent = time.perf_counter()
         first, finish, open_choices = True, None, request.params.n
+        queued = False
         held: dict[int, object] = {}          # per choice, what waits for the next message
         try:
             async for out in self.engine.generate(request_id, request):
                 now = time.perf_counter()
+                if not queued and out.queue_time_s is not None:
+                    queued = True
+                    self.m_queue.observe(out.queue_time_s)
+                    self.counts["queue_observations"] += 1
                 if out.token_ids:
                     if first:
                         self.m_ttft.observe(now - start)

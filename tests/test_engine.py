@@ -293,6 +293,10 @@ def test_a_short_request_is_not_stuck_behind_a_long_prefill(vlm):
             if o.request_id == "short" and o.token_ids and steps_to_first is None:
                 steps_to_first = step
     assert steps_to_first == 1 and got == expected
+    # queue time: from add_request to the first scheduled chunk, on every output of the request
+    engine.add_request("again", short)
+    outs = engine.run_to_completion()["again"]
+    assert {o.queue_time_s for o in outs} == {outs[0].queue_time_s} and 0 <= outs[0].queue_time_s < 5
 
 
 def test_request_priority_orders_admission_in_the_engine(vlm):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Sequence as Seq
 
@@ -146,7 +147,7 @@ class LLMEngine:
                                         matcher=self.runner.grammar.matcher(compiled, params.structured)
                                         if compiled else None,
                                         prompt_logprobs=[] if p.prompt_logprobs is not None else None,
-                                        priority=request.priority))
+                                        priority=request.priority, queued_at=time.perf_counter()))
             self._pending.append(("add", choices))
 
     def _grammar(self):
@@ -204,6 +205,10 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return outputs
+        now = time.perf_counter()
+        for c in sched.chunks:
+            if c.seq.queue_time_s is None:
+                c.seq.queue_time_s = now - c.seq.queued_at
         sampled, logprobs, prompt_logprobs, late = self._execute(sched)
         outputs.extend(late)
         failed = {key: e for key, e in sampled.items() if isinstance(e, BaseException)}
@@ -286,7 +291,8 @@ class LLMEngine:
     def _output(self, seq: Sequence, text: str, new: list[int], error: str | None = None,
                 logprobs: list | None = None) -> RequestOutput:
         return RequestOutput(seq.request_id, text, new, seq.finish_reason, seq.num_prompt_tokens,
-                             len(seq.output_ids), seq.num_cached_tokens, error, logprobs, seq.index)
+                             len(seq.output_ids), seq.num_cached_tokens, error, logprobs, seq.index,
+                             queue_time_s=seq.queue_time_s)
 
     def _forget(self, seq: Sequence) -> None:
         choices = self._seqs.get(seq.request_id)

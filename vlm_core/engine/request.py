@@ -47,6 +47,7 @@ class RequestOutput:
     # with SamplingParams.prompt_logprobs, on the first output of choice 0: one `TokenLogprobs` per
     # prompt token after the first (its log-probability given the tokens before it, its rank, the top k)
     prompt_logprobs: list[TokenLogprobs] | None = None
+    queue_time_s: float | None = None   # from the request's arrival in the engine to its first scheduled chunk
 
 
 def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
@@ -56,4 +57,5 @@ def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
     logprobs = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
     return RequestOutput(a.request_id, a.text + b.text, a.token_ids + b.token_ids, b.finish_reason,
                          b.prompt_tokens, b.completion_tokens, b.cached_tokens, b.error, logprobs, b.index,
-                         a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs)
+                         a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
+                         a.queue_time_s if a.queue_time_s is not None else b.queue_time_s)

@@ -46,6 +46,8 @@ class Sequence:
     prompt_logprobs: list | None = None   # when asked for: `TokenLogprobs` of prompt tokens 1, 2, ... scored so far
     prompt_logprobs_sent: bool = False    # they went out with the request's first output
     priority: int = 0                     # lower first (admission), and last to be preempted
+    queued_at: float = 0.0                # time.perf_counter() when the request was added
+    queue_time_s: float | None = None     # from queued_at to its first scheduled chunk
 
     @property
     def rank(self) -> tuple[int, int]:
