@@ -524,15 +524,13 @@ class Ingress:
             raise api_error_of(e, self.options.retry_after_s, rid) from None
         outs = await self._gather(stream, out, rid)
         echo = self._echo(body, prompt) if body.echo else ""
-        scored = outs[0].prompt_logprobs
-        echoed = self._echo_logprobs(body, prompt, scored)
+        echoed = self._echo_logprobs(body, prompt, outs[0].prompt_logprobs)
+        scored = self._prompt_logprobs(outs[0]) if body.prompt_logprobs is not None else None   # one for all choices
         return Completion(
             id=rid, created=int(time.time()), model=self.model_name, usage=usage_of(outs.values()),
             choices=[CompletionChoice(index=i, text=echo + o.text, finish_reason=o.finish_reason,
                                       logprobs=self._completion_logprobs(o.logprobs or [], body.logprobs, echoed)
-                                      if body.logprobs is not None else None,
-                                      prompt_logprobs=self._prompt_logprobs(outs[0]) if body.prompt_logprobs is not None
-                                      else None)
+                                      if body.logprobs is not None else None, prompt_logprobs=scored)
                      for i, o in outs.items()])
 
     async def complete_stream(self, body: CompletionRequest, request_id: str | None = None

@@ -743,6 +743,12 @@ def test_text_completions_tokenize_and_model_routes(server, client, monkeypatch)
                                                                    for e in scored]
         if not stream:
             assert [round(x, 5) for x in lp.token_logprobs[len(ids):]] == [round(e.logprob, 5) for e in ref.logprobs]
+    two = client.completions.create(model="vlm-serve-default", prompt=text, max_tokens=2, n=2,
+                                    extra_body={"prompt_logprobs": 2}).choices
+    per_choice = [c.model_extra["prompt_logprobs"] for c in two]
+    assert per_choice[0] == per_choice[1] and per_choice[0][0] is None and len(per_choice[0]) == len(ids)
+    assert [e[str(t)]["logprob"] for e, t in zip(per_choice[0][1:], ids[1:])] == \
+        pytest.approx([e.logprob for e in scored], abs=1e-5)
     refused = httpx.post(server + "/v1/completions", json={"prompt": text, "prompt_logprobs": 1, "stream": True},
                          headers=AUTH, timeout=30)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt_logprobs"
