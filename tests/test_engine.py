@@ -264,24 +264,34 @@ def test_n_choices_through_vlm_and_async_engine_and_abort(vlm, images):
     assert not engine.has_unfinished() and engine.blocks.num_free_blocks == 64
 
 
-def test_a_short_request_is_not_stuck_behind_a_long_prefill(vlm):
-    """A 10-token request arriving after the first chunk of a 400-token prefill (budget 64) gets its
-    first token in the next step, and both requests produce what they produce alone."""
+@pytest.fixture(scope="module")
+def long_context_vlm(tmp_path_factory):
+    from vlm_core.tiny import build_tiny_llava
+    from vlm_core.vlm import VLM
+
+    return VLM.from_pretrained(build_tiny_llava(tmp_path_factory.mktemp("tiny-8k"), seed=3, max_positions=8192),
+                               dtype="float32")
+
+
+def test_a_short_request_is_not_stuck_behind_a_long_prefill(long_context_vlm):
+    """A 10-token request arriving after the first chunk of a 4,006-token prefill (budget 512)
+    gets its first token in the next step, and both requests produce what they produce alone."""
     from vlm_core.inputs.placeholders import MultimodalPrompt
 
+    vlm = long_context_vlm
     vocab = vlm.model.config.text.vocab_size
     sp = SamplingParams(max_new_tokens=6, ignore_eos=True)
-    long = EngineRequest(MultimodalPrompt(tuple(5 + (7 * i) % (vocab - 50) for i in range(400)), ()), params=sp)
+    long = EngineRequest(MultimodalPrompt(tuple(5 + (7 * i) % (vocab - 50) for i in range(4006)), ()), params=sp)
     short = EngineRequest(MultimodalPrompt(tuple(range(20, 30)), ()), params=sp)
+    config = EngineConfig(num_blocks=300, max_num_batched_tokens=512)
     expected = {}
     for name, r in (("long", long), ("short", short)):
-        e = vlm.engine(EngineConfig(num_blocks=256, max_num_batched_tokens=64))
+        e = vlm.engine(config)
         e.add_request(name, r)
         expected[name] = [t for o in e.run_to_completion()[name] for t in o.token_ids]
-    engine = vlm.engine(EngineConfig(num_blocks=256, max_num_batched_tokens=64))
+    engine = vlm.engine(config)
     engine.add_request("long", long)
-    first = engine.step()
-    assert not first                                      # the long prompt's first chunk: nothing sampled
+    assert not engine.step()                               # the long prompt's first chunk: nothing sampled
     engine.add_request("short", short)
     got = {"long": [], "short": []}
     steps_to_first = None

@@ -176,6 +176,26 @@ def test_a_long_prompt_finishes_under_a_steady_stream_of_short_ones():
     assert long.num_computed_tokens == 400
 
 
+def test_at_most_max_partial_prefills_prompts_are_part_way_and_shorter_ones_pass_a_waiting_long_one():
+    sched, _ = make(num_blocks=512, budget=64)       # max_partial_prefills 2 by default
+    a, b, c = (seq(name, 0, tokens=range(base, base + 100)) for name, base in (("a", 1000), ("b", 2000), ("c", 3000)))
+    d = seq("d", 0, tokens=range(4000, 4010))
+    for s in (a, b, c, d):
+        sched.add(s)
+    # a and b start; c would be a third prompt part-way, so it keeps its place while d, which
+    # finishes its prompt in this step, goes past it; the budget left goes back to a
+    assert chunk_sizes(run_step(sched)) == [("a", 38), ("b", 16), ("d", 10)]
+    assert [s.request_id for s in sched.waiting] == ["c"] and d.output_ids == [7]
+    for step in (2, 3):
+        out = run_step(sched)
+        assert len([s for s in sched.running if s.num_remaining > 1]) <= 2
+    # c started in step 3, the step a's prefill ended (a advanced by at least the cap each step)
+    assert [ch.seq.request_id for ch in out.chunks if ch.start == 0] == ["c"]
+    assert a.output_ids and not b.output_ids and c.num_computed_tokens > 0
+    with pytest.raises(ValueError, match="max_partial_prefills"):
+        SchedulerConfig(64, 8, max_partial_prefills=0)
+
+
 def test_a_configured_cap_and_no_cap_without_competition():
     bm = BlockManager(256, 4, True)
     sched = Scheduler(SchedulerConfig(64, 8, prefill_chunk_cap=8), bm)

@@ -57,6 +57,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     prefill_chunk_cap: int | None = None        # a prefill's tokens per step while other prompts
                                                 # compete (scheduler.py); None: a quarter of the budget
+    max_partial_prefills: int = 2               # prompts part-way through their prefill at once
     enable_prefix_caching: bool = True
     attention: str = "auto"                     # "auto" (Triton on CUDA, torch on CPU) | "triton" | "torch"
     cuda_graphs: bool = False                   # replay decode-only steps as CUDA graphs (CUDA only)
@@ -83,7 +84,8 @@ class LLMEngine:
                                   model.dtype, model.device)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs,
-                                                   config.prefill_chunk_cap), self.blocks)
+                                                   config.prefill_chunk_cap, config.max_partial_prefills),
+                                   self.blocks)
         use_triton = config.attention == "triton" or (config.attention == "auto" and model.device.type == "cuda")
         if use_triton and not triton_available(model.device):
             raise ValueError("Triton attention needs a CUDA device or TRITON_INTERPRET=1")

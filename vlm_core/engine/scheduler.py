@@ -15,6 +15,12 @@ Policy, per step:
      after step 2 goes back to the capped chunks, oldest first, so no step leaves budget unused
      that a prefill could take. A long prompt still advances by at least the cap every step,
      however many short ones arrive.
+  4. at most `max_partial_prefills` prompts are part-way through their prefill at once: a waiting
+     sequence whose chunk would not finish its prompt this step is passed over (it keeps its
+     place) while that many are, and the shorter ones behind it that finish this step are
+     admitted; it starts as soon as one of those prefills completes, which takes a bounded number
+     of steps because each advances by at least the cap. Several long prompts thus share a step
+     without all of them holding KV blocks and stretching each other's time to first token.
 A long prompt is thus split over steps (chunked prefill) without ever stalling running decodes.
 """
 
@@ -33,10 +39,11 @@ class SchedulerConfig:
     max_num_seqs: int = 64               # sequences running at once
     prefill_chunk_cap: int | None = None  # a prefill's tokens per step while others compete;
                                           # None: a quarter of the budget
+    max_partial_prefills: int = 2         # prompts part-way through their prefill at once
 
     def __post_init__(self):
-        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
-            raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1 or self.max_partial_prefills < 1:
+            raise ValueError("max_num_batched_tokens, max_num_seqs and max_partial_prefills must be positive")
         if self.prefill_chunk_cap is not None and self.prefill_chunk_cap < 1:
             raise ValueError("prefill_chunk_cap must be positive")
 
@@ -148,17 +155,27 @@ class Scheduler:
             scheduled.add(id(seq))
             budget -= n
 
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
-            seq = self.waiting[0]
+        # prompts still part-way through their prefill after this step's chunks
+        finishing = {id(c.seq) for c in out.chunks if c.samples}
+        partial = sum(1 for s in self.running if s.num_remaining > 1 and id(s) not in finishing)
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs \
+                and not out.preempted:
+            seq = self.waiting[i]
             prefix = self.blocks.match_prefix(seq)[:seq.max_prefix_hit // self.blocks.block_size] \
                 if seq.num_computed_tokens == 0 else []
             start = len(prefix) * self.blocks.block_size
             n = min(seq.num_tokens - start, budget)
             cut = n > cap
             n = min(n, cap)
+            unfinished = start + n < seq.num_tokens
+            if unfinished and partial >= self.config.max_partial_prefills:
+                i += 1                # keeps its place; shorter prompts behind it may go
+                continue
             if not self.blocks.can_allocate(seq, start + n, prefix):
                 break
-            self.waiting.pop(0)
+            self.waiting.pop(i)
+            partial += unfinished
             if prefix:
                 self.blocks.take_prefix(seq, prefix)
             self.blocks.allocate(seq, start + n)
