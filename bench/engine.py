@@ -1,6 +1,8 @@
-"""Engine benchmark (CPU): host overhead per step, and the default model under concurrency.
+"""Engine benchmark (CPU): host overhead per step, the default model under concurrency, and time
+to first token under mixed load.
 
     python bench/engine.py [--steps 40] [--out bench/results/engine-cpu-2cores.json]
+    python bench/engine.py --mixed [--duration 60] [--out bench/results/engine-mixed-cpu-2cores.json]
 
 (a) Host overhead: the engine around a null model (embeddings, hidden states and logits of the
     right shapes, all zeros, no attention) at 1/32/128/256 running sequences in decode: the
@@ -10,6 +12,14 @@
     sequences; aggregate tokens/s of 1, 8 and 32 concurrent requests (a picture and a question
     each, 32 tokens, EOS ignored) through `add_request` / `step`; and transformers' `generate`
     on the same model's fp16 checkpoint, one request at a time.
+(c) --mixed: long image prompts (four 256-token pictures and a question, ~1,050 tokens) and short
+    text prompts (8-24 tokens) arriving as two Poisson processes, 16 tokens out each, on a
+    checkpoint built here with an 8k context (a 10M-parameter LLaMA, so that a step's time grows
+    with its tokens). The same arrivals are replayed through the engine under the scheduler's old
+    policy (no prefill cap: a running prefill takes the whole budget; no bound on partial
+    prefills) and its current one (the defaults); p50/p99 time to first token of each kind and
+    the total throughput, measured side by side. The long prompts' arrival rate is set from a
+    measured full-budget step so that their prefills alone take about 40 % of the engine's time.
 
 Prints a table, writes JSON and (with matplotlib) a PNG beside it.
 """
@@ -20,7 +30,9 @@ import argparse
 import json
 import os
 import platform
+import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -176,13 +188,148 @@ def hf_one_at_a_time(n: int, tokens: int) -> dict:
     return {"requests": n, "tokens": produced, "wall_s": wall, "tokens_per_s": produced / wall}
 
 
+MIXED_BUDGET = 512
+MIXED_OUT = SamplingParams(max_new_tokens=16, ignore_eos=True)
+
+
+def mixed_workload(vlm: VLM, duration: float, long_rate: float, short_rate: float, seed: int):
+    """(arrival s, name, request) sorted by arrival: every long request has its own four pictures."""
+    rng = random.Random(seed)
+    vocab = vlm.model.config.text.vocab_size
+    arrivals = []
+    for kind, rate in (("long", long_rate), ("short", short_rate)):
+        t = rng.expovariate(rate)
+        while t < duration:
+            arrivals.append((t, kind))
+            t += rng.expovariate(rate)
+    arrivals.sort()
+    scenes = iter(heldout_set(4 * sum(k == "long" for _, k in arrivals), seed=seed))
+    out = []
+    for i, (t, kind) in enumerate(arrivals):
+        if kind == "long":
+            pictures = [next(scenes)[0].image() for _ in range(4)]
+            req = vlm.request("Compare these pictures.", {"image": pictures}, MIXED_OUT)
+        else:
+            ids = tuple(rng.randrange(10, vocab - 10) for _ in range(rng.randint(8, 24)))
+            req = EngineRequest(MultimodalPrompt(ids, ()), params=MIXED_OUT)
+        out.append((t, f"{kind}-{i}", req))
+    return out
+
+
+def replay(vlm: VLM, config: EngineConfig, workload) -> dict:
+    """Add each request at its arrival time (between steps, as a server would), step the engine,
+    and record every request's time to first token."""
+    engine = vlm.engine(config)
+    first: dict[str, float] = {}
+    prompt_tokens = generated = 0
+    start = time.perf_counter()
+    i = 0
+    while i < len(workload) or engine.has_unfinished():
+        now = time.perf_counter() - start
+        while i < len(workload) and workload[i][0] <= now:
+            engine.add_request(workload[i][1], workload[i][2])
+            prompt_tokens += len(workload[i][2].prompt.token_ids)
+            i += 1
+        if not engine.has_unfinished():
+            time.sleep(max(0.0, workload[i][0] - now))
+            continue
+        for o in engine.step():
+            if o.token_ids and o.request_id not in first:
+                first[o.request_id] = time.perf_counter() - start
+            generated += len(o.token_ids)
+    wall = time.perf_counter() - start - workload[0][0]
+    arrival = {name: t for t, name, _ in workload}
+    ttft = {kind: sorted(first[n] - arrival[n] for n in first if n.startswith(kind)) for kind in ("short", "long")}
+
+    def pct(xs, q):
+        return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))] * 1e3
+
+    row = {"requests": {k: len(v) for k, v in ttft.items()}, "wall_s": wall,
+           "tokens_per_s": (prompt_tokens + generated) / wall, "generated_per_s": generated / wall,
+           "preemptions": engine.scheduler.num_preemptions}
+    for kind, xs in ttft.items():
+        row[f"{kind}_ttft_p50_ms"], row[f"{kind}_ttft_p99_ms"] = pct(xs, 50), pct(xs, 99)
+    row["short_ttft_ms"] = [x * 1e3 for x in ttft["short"]]
+    return row
+
+
+def mixed_load(duration: float, seed: int, out: Path) -> None:
+    from vlm_core.tiny import build_tiny_llava
+
+    folder = build_tiny_llava(tempfile.mkdtemp(prefix="mixed-load-"), seed=0, image_size=224, patch_size=14,
+                              max_positions=8192, text_hidden=512, text_layers=4)
+    vlm = VLM.from_pretrained(folder, dtype="float32")
+    # one full-budget prefill step, measured (after a warm-up), sets the arrival rates
+    pictures = [s.image() for s, _, _ in heldout_set(8)]        # two requests with nothing in common
+    probe = [vlm.request("Compare these pictures.", {"image": pictures[k:k + 4]}, MIXED_OUT) for k in (0, 4)]
+    engine = vlm.engine(EngineConfig(max_num_batched_tokens=MIXED_BUDGET))
+    for k, req in enumerate(probe):
+        engine.add_request(f"probe-{k}", req)
+    engine.step()
+    t = time.perf_counter()
+    engine.step()
+    step_s = time.perf_counter() - t
+    long_tokens = len(probe[0].prompt.token_ids)
+    long_rate = 0.4 / (long_tokens / MIXED_BUDGET * step_s)
+    short_rate = 6 * long_rate
+    workload = mixed_workload(vlm, duration, long_rate, short_rate, seed)
+    policies = {
+        "before (no cap, no partial-prefill bound)": EngineConfig(
+            max_num_batched_tokens=MIXED_BUDGET, prefill_chunk_cap=MIXED_BUDGET, max_partial_prefills=64),
+        "after (defaults)": EngineConfig(max_num_batched_tokens=MIXED_BUDGET),
+    }
+    rows = {name: replay(vlm, config, workload) for name, config in policies.items()}
+
+    print(f"\n(c) mixed load: {sum(n.startswith('long') for _, n, _ in workload)} long image prompts "
+          f"(~{long_tokens} tokens) and {sum(n.startswith('short') for _, n, _ in workload)} short text prompts "
+          f"over {duration:.0f} s, budget {MIXED_BUDGET}, full-budget step {step_s * 1e3:.0f} ms")
+    print(f"{'policy':<44} {'short p50':>10} {'short p99':>10} {'long p50':>9} {'long p99':>9} {'tok/s':>8}")
+    for name, r in rows.items():
+        print(f"{name:<44} {r['short_ttft_p50_ms']:>8.0f}ms {r['short_ttft_p99_ms']:>8.0f}ms "
+              f"{r['long_ttft_p50_ms']:>7.0f}ms {r['long_ttft_p99_ms']:>7.0f}ms {r['tokens_per_s']:>8.0f}")
+    before, after = rows.values()
+    result = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "duration_s": duration, "seed": seed, "budget": MIXED_BUDGET, "full_budget_step_ms": step_s * 1e3,
+              "long_prompt_tokens": long_tokens, "long_rate_per_s": long_rate, "short_rate_per_s": short_rate,
+              "policies": rows,
+              "ratios": {"short_p50_before_over_after": before["short_ttft_p50_ms"] / after["short_ttft_p50_ms"],
+                         "short_p99_before_over_after": before["short_ttft_p99_ms"] / after["short_ttft_p99_ms"],
+                         "throughput_after_over_before": after["tokens_per_s"] / before["tokens_per_s"]}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in rows.items():
+        xs = r["short_ttft_ms"]
+        ax.plot(xs, [(k + 1) / len(xs) for k in range(len(xs))], label=name)
+    ax.set(xscale="log", xlabel="time to first token of a short request, ms", ylabel="fraction of requests")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+    print(f"wrote {out.with_suffix('.png')}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--out", default=str(ROOT / "bench/results/engine-cpu-2cores.json"))
+    ap.add_argument("--mixed", action="store_true", help="run only the mixed-load comparison (c)")
+    ap.add_argument("--duration", type=float, default=60.0, help="--mixed: seconds of arrivals")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if a.mixed:
+        mixed_load(a.duration, a.seed, Path(a.out or ROOT / "bench/results/engine-mixed-cpu-2cores.json"))
+        return
+    a.out = a.out or str(ROOT / "bench/results/engine-cpu-2cores.json")
     vlm = VLM.from_pretrained(default_model_dir("awq"), fuse_projections=True)
     host = host_overhead(vlm, [1, 32, 128, 256], a.steps)
     steps = decode_steps(vlm, [1, 32, 128, 256], min(a.steps, 40))

@@ -64,12 +64,12 @@ def build_tokenizer(vocab_size: int = 384, chat_template: str | None = None, ext
 
 def tiny_llava_config(tokenizer, *, feature_layer=-2, strategy="default", tie=False, rope_parameters=None,
                       image_size=32, patch_size=8, text_init=0.05, vision_layers=3, text_layers=2,
-                      max_positions=512):
+                      max_positions=512, text_hidden=64):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
                               num_attention_heads=2, image_size=image_size, patch_size=patch_size, projection_dim=32)
-    text_kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers, num_attention_heads=4,
+    text_kw = dict(hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=text_layers, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=max_positions,
                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=tie, initializer_range=text_init)
