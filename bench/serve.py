@@ -1,7 +1,9 @@
-"""End-to-end serving benchmark: the Serve application over HTTP vs the in-process engine.
+"""End-to-end serving benchmark: the Serve application over HTTP vs the in-process engine, and
+routing across replicas.
 
     python bench/serve.py [--model DIR] [--concurrency 1 8 32] [--requests 48] [--max-tokens 32]
                           [--out bench/results/serve-<device>.json]
+    python bench/serve.py --multi-turn [--conversations 16] [--out bench/results/routing-<device>.json]
 
 Both sides run the same requests (one distinct held-out picture + question each, greedy,
 `max_tokens` tokens with EOS ignored so every request produces the same number of tokens):
@@ -15,6 +17,18 @@ For each concurrency level (that many clients, each sending its next request whe
 one finishes) it reports requests/s, end-to-end latency, time to first token (TTFT) and time
 per output token after the first (TPOT) at p50/p90, and Serve's p50 latency overhead. Writes
 the table, a JSON file and a PNG (with matplotlib, `pip install -e '.[bench]'`) beside it.
+
+--multi-turn runs the application with two replicas of each deployment, once with Serve's
+default router (power of two choices) and once with the cache-aware one (`llm.routing`,
+`vision.routing`), and measures for each:
+- conversations: `--conversations` three-turn image conversations, turns interleaved across
+  conversations (four clients): the share of the previous turn's prompt, in whole blocks, that
+  turns 2-3 find in the prefix cache (`usage.prompt_tokens_details.cached_tokens`), and the
+  encoder-cache hits of their pictures;
+- skewed load: 96 requests from 16 clients, half of them next turns of one hot conversation
+  (one picture, one first exchange, different follow-up questions), half single questions about
+  distinct pictures: requests/s, output tokens/s, TTFT, and the largest difference between the
+  two LLM replicas' requests in flight, sampled every 50 ms.
 """
 
 from __future__ import annotations
@@ -228,6 +242,195 @@ def plot(rows: list[dict], path: Path, title: str) -> bool:
     return True
 
 
+# ---- routing across replicas (--multi-turn) ---------------------------------------------------
+
+def data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def conversation_messages(png: bytes, exchanges: list[tuple[str, str | None]]) -> list[dict]:
+    msgs = []
+    for i, (q, a) in enumerate(exchanges):
+        content = [{"type": "image_url", "image_url": {"url": data_url(png)}}, {"type": "text", "text": q}] \
+            if i == 0 else q
+        msgs.append({"role": "user", "content": content})
+        if a is not None:
+            msgs.append({"role": "assistant", "content": a})
+    return msgs
+
+
+def replica_stats(deployment: str, count: int = 2) -> dict[int, dict]:
+    """stats() of each replica (keyless calls reach replicas at random: call until all answered)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(deployment, "vlm")
+    seen: dict[int, dict] = {}
+    for _ in range(200):
+        st = handle.stats.remote().result(timeout_s=30)
+        seen[st["pid"]] = st
+        if len(seen) == count:
+            break
+    return seen
+
+
+async def chat(http, url: str, messages: list[dict], max_tokens: int) -> tuple[dict, float, float]:
+    """(usage and answer, TTFT, latency) of one streamed request."""
+    body = {"model": "vlm-serve-default", "temperature": 0, "max_tokens": max_tokens, "stream": True,
+            "stream_options": {"include_usage": True}, "messages": messages}
+    start, first, text, usage = time.perf_counter(), None, "", None
+    async with http.stream("POST", url, json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                first = first or time.perf_counter()
+                text += chunk["choices"][0]["delta"]["content"]
+    end = time.perf_counter()
+    return {**usage, "answer": text}, (first or end) - start, end - start
+
+
+async def conversations(base: str, n: int) -> dict:
+    import httpx
+
+    from vlm_core.default_model.data import make_scene, questions, split_ids
+
+    scenes = [make_scene(i) for i in split_ids("heldout", n, offset=51000)]
+    pngs = []
+    for scene in scenes:
+        buf = io.BytesIO()
+        scene.image().save(buf, "PNG")
+        pngs.append(buf.getvalue())
+    asked = [[(questions(s)[0][0], None)] for s in scenes]
+    prompts, cached = [[] for _ in scenes], [[] for _ in scenes]
+    before = replica_stats("VisionEncoder")
+    async with httpx.AsyncClient(timeout=300) as http:
+        for turn in range(3):
+            queue = list(range(n))
+
+            async def client():
+                while queue:
+                    i = queue.pop(0)
+                    usage, _, _ = await chat(http, base + "/v1/chat/completions", conversation_messages(pngs[i], asked[i]), 8)
+                    asked[i][-1] = (asked[i][-1][0], usage["answer"])
+                    prompts[i].append(usage["prompt_tokens"])
+                    cached[i].append(usage["prompt_tokens_details"]["cached_tokens"])
+
+            await asyncio.gather(*(client() for _ in range(4)))
+            for i, s in enumerate(scenes):
+                qs = questions(s)
+                asked[i].append((qs[(turn + 1) % len(qs)][0], None))
+    after = replica_stats("VisionEncoder")
+    whole = sum(p // 16 * 16 for ps in prompts for p in ps[:2])
+    found = sum(c for cs in cached for c in cs[1:])
+    hits = sum(after[p]["hits"] - before.get(p, {"hits": 0})["hits"] for p in after)
+    return {"conversations": n, "previous_prompt_tokens_in_whole_blocks": whole, "found_cached": found,
+            "cached_share": found / whole, "encoder_hits_turns_2_3": hits, "encoder_lookups_turns_2_3": 2 * n}
+
+
+async def skewed(base: str, requests: int = 96, clients: int = 16, max_tokens: int = 16) -> dict:
+    import httpx
+
+    from vlm_core.default_model.data import make_scene, questions, split_ids
+
+    def png_of(scene):
+        buf = io.BytesIO()
+        scene.image().save(buf, "PNG")
+        return buf.getvalue()
+
+    hot = make_scene(next(iter(split_ids("heldout", 1, offset=52000))))
+    hot_png, hot_qs = png_of(hot), [q for q, _ in questions(hot)]
+    cold = [make_scene(i) for i in split_ids("heldout", requests, offset=53000)]
+    items = []
+    for k in range(requests):
+        if k % 2 == 0:
+            items.append(conversation_messages(hot_png, [(hot_qs[0], "yes"), (hot_qs[k // 2 % len(hot_qs)], None)]))
+        else:
+            items.append(conversation_messages(png_of(cold[k]), [(questions(cold[k])[0][0], None)]))
+    ttfts, tokens, gaps = [], 0, []
+    done = asyncio.Event()
+
+    async def sample():
+        from ray import serve
+
+        handle = serve.get_deployment_handle("LLMServer", "vlm")
+        latest: dict[int, int] = {}
+        while not done.is_set():
+            st = await handle.stats.remote()
+            latest[st["pid"]] = st["in_flight"]
+            if len(latest) == 2:
+                gaps.append(max(latest.values()) - min(latest.values()))
+            await asyncio.sleep(0.05)
+
+    async with httpx.AsyncClient(timeout=300) as http:
+        queue = list(items)
+
+        async def client():
+            nonlocal tokens
+            while queue:
+                usage, ttft, _ = await chat(http, base + "/v1/chat/completions", queue.pop(0), max_tokens)
+                ttfts.append(ttft)
+                tokens += usage["completion_tokens"]
+
+        sampler = asyncio.create_task(sample())
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        wall = time.perf_counter() - start
+        done.set()
+        await sampler
+    return {"requests": requests, "clients": clients, "wall_s": wall, "requests_per_s": requests / wall,
+            "output_tokens_per_s": tokens / wall, "ttft_p50_ms": 1e3 * percentile(ttfts, 0.5),
+            "ttft_p90_ms": 1e3 * percentile(ttfts, 0.9), "max_in_flight_gap": max(gaps, default=0),
+            "in_flight_gap_samples": len(gaps)}
+
+
+def multi_turn(config: str, model_dir: str, n: int, out: Path | None) -> None:
+    import ray
+    from ray import serve
+
+    from deployments.app import DEPLOYMENTS
+    from deployments.settings import RoutingSettings
+
+    two = {"autoscaling_config": {"min_replicas": 2, "max_replicas": 2}}
+    imbalance = RoutingSettings().imbalance
+    results = {}
+    for policy in ("power_of_two", "cache_affinity"):
+        print(f"{policy}: starting two replicas of each deployment ...", flush=True)
+        base = start_serve(config, {"model_dir": model_dir, "deployments": {d: two for d in DEPLOYMENTS},
+                                    "llm": {"routing": {"policy": policy}}, "vision": {"routing": {"policy": policy}}})
+        try:
+            conv = asyncio.run(conversations(base, n))
+            skew = asyncio.run(skewed(base))
+            results[policy] = {"conversations": conv, "skewed": skew}
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu-{os.cpu_count()}cores"
+    print(f"\n{'router':<16} {'turns 2-3 cached':>17} {'encoder hits':>13} {'skew req/s':>11} {'tok/s':>7} "
+          f"{'TTFT p50':>9} {'max gap':>8}")
+    for policy, r in results.items():
+        c, k = r["conversations"], r["skewed"]
+        print(f"{policy:<16} {c['cached_share']:>16.0%} {c['encoder_hits_turns_2_3']:>6}/{c['encoder_lookups_turns_2_3']:<6} "
+              f"{k['requests_per_s']:>11.2f} {k['output_tokens_per_s']:>7.1f} {k['ttft_p50_ms']:>7.0f}ms "
+              f"{k['max_in_flight_gap']:>8}")
+    print(f"(max gap: the largest difference in requests in flight between the two LLM replicas, sampled; "
+          f"configured imbalance {imbalance})")
+    out = out or ROOT / "bench" / "results" / f"routing-{device.replace(' ', '_')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ratio = results["cache_affinity"]["skewed"]["requests_per_s"] / results["power_of_two"]["skewed"]["requests_per_s"]
+    out.write_text(json.dumps({"device": device, "platform": platform.platform(), "model_dir": model_dir,
+                               "imbalance": imbalance, "policies": results,
+                               "skewed_throughput_cache_affinity_over_default": ratio,
+                               "command": "python bench/serve.py " + " ".join(sys.argv[1:])}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     import yaml
 
@@ -237,6 +440,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--multi-turn", action="store_true", help="compare the routers across two replicas of each "
+                                                                  "deployment (conversations, skewed load)")
+    ap.add_argument("--conversations", type=int, default=16)
     ap.add_argument("--out", help="JSON path (default bench/results/serve-<device>.json)")
     a = ap.parse_args()
 
@@ -248,6 +454,9 @@ def main() -> None:
         app_args["model_dir"] = a.model
     model_dir = app_args.get("model_dir") or str(default_model_dir("awq"))
     overrides = {"model_dir": app_args.get("model_dir") or model_dir}
+    if a.multi_turn:
+        multi_turn(a.config, model_dir, a.conversations, Path(a.out) if a.out else None)
+        return
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu-{os.cpu_count()}cores"
     levels = sorted(set(a.concurrency))
     items = {c: workload(a.requests, offset=20000 + 1000 * c) for c in levels}

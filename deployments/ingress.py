@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import time
 import uuid
 from collections import OrderedDict
@@ -37,6 +38,7 @@ from vlm_core.inputs.placeholders import MultimodalPrompt
 
 from .frontdoor import FrontDoor
 from .media import new_http_client, read_image_url
+from .metrics import routing_decisions
 from .protocol import (APIError, AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
                        Choice, ChoiceLogprobs, ChunkChoice, Completion, CompletionChoice, CompletionLogprobs,
                        CompletionRequest, Delta, DetokenizeRequest, DetokenizeResponse, ErrorResponse, FunctionCall,
@@ -435,6 +437,11 @@ class Ingress:
             raise
         return dict(sorted(merged.items()))
 
+    def stats(self) -> dict:
+        """This replica's figures: its process id and the routing decisions its handles made
+        (`deployments/routing.py`), per deployment."""
+        return {"pid": os.getpid(), "routing": routing_decisions()}
+
     async def chat(self, body: ChatCompletionRequest) -> ChatCompletion:
         """One chat completion (n choices). From another Ray job:
         `serve.get_app_handle("vlm").chat.remote(ChatCompletionRequest(...)).result()`.
@@ -631,8 +638,8 @@ class Ingress:
             embeds = self.vision.encode.remote(items, hashes)
             await self._wait_done(embeds)
         request = EngineRequest(prompt, (), sampling, tuple(hashes), priority)
-        stream = self.llm.options(stream=True).generate.remote(rid, request, embeds)
-        first = await anext(stream)   # raises when not admitted (queue full, invalid, replica gone)
+        stream = LLMStream(self.llm, rid, request, embeds)
+        first = await anext(stream)   # raises when not admitted (queue full, invalid)
         return stream, first
 
     async def _wait_done(self, response) -> None:
@@ -646,6 +653,75 @@ class Ingress:
 
         ref = await response._to_object_ref()
         await asyncio.to_thread(ray.wait, [ref], fetch_local=False)
+
+
+def continues_exactly(params) -> bool:
+    """Whether a request cut off after some tokens can go on elsewhere from those tokens as a longer
+    prompt and produce what it would have: one choice, and nothing that depends on which tokens
+    were generated rather than given (a grammar's state, penalties on generated tokens, a stop
+    string that may straddle the cut, a seeded sample stream)."""
+    return (params.n == 1 and params.structured is None and not params.stop and params.presence_penalty == 0
+            and params.frequency_penalty == 0 and (params.seed is None or params.temperature == 0))
+
+
+class LLMStream:
+    """One request's output stream from the LLM deployment that survives the death of the replica
+    serving it: before its first output the request is sent again as it was; after, if
+    `continues_exactly`, its prompt and the tokens produced so far go to another replica as the
+    prompt of the rest (max_tokens and min_tokens reduced), and the outputs go on with the
+    request's own counts. Otherwise, or after `attempts` deaths, the error is raised (a 503)."""
+
+    attempts = 3
+
+    def __init__(self, llm, rid: str, request: EngineRequest, embeds):
+        self.llm, self.rid, self.request, self.embeds = llm, rid, request, embeds
+        self.produced: list[int] = []      # tokens already streamed out
+        self.offset = 0                    # of those, made by earlier replicas
+        self.cached: int | None = None     # the request's prefix-cache hit, as first reported
+        self.failures = 0
+        self.open_choices = request.params.n
+        self.stream = self._open()
+
+    def _open(self):
+        request = self.request
+        if self.produced:
+            p, done = request.params, len(self.produced)
+            request = dataclasses.replace(
+                request, prompt=MultimodalPrompt(request.prompt.token_ids + tuple(self.produced), request.prompt.spans),
+                params=dataclasses.replace(p, max_new_tokens=p.max_new_tokens - done,
+                                           min_tokens=max(0, p.min_tokens - done), prompt_logprobs=None))
+        self.offset = len(self.produced)
+        return self.llm.options(stream=True).generate.remote(self.rid, request, self.embeds)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        while True:
+            try:
+                out = await anext(self.stream)
+                break
+            except RayActorError:
+                if self.open_choices == 0:         # died after its last output: nothing is missing
+                    raise StopAsyncIteration from None
+                self.failures += 1
+                if self.failures >= self.attempts or (self.produced and not continues_exactly(self.request.params)):
+                    raise
+                log.warning("request %s: its LLM replica died after %d tokens; continuing on another",
+                            self.rid, len(self.produced))
+                await asyncio.sleep(0.1 * self.failures)      # the routers learn of the death meanwhile
+                self.stream = self._open()
+        self.produced += out.token_ids
+        self.open_choices -= out.finish_reason is not None
+        if self.cached is None:
+            self.cached = out.cached_tokens
+        if self.offset:
+            out = dataclasses.replace(out, prompt_tokens=len(self.request.prompt.token_ids), cached_tokens=self.cached,
+                                      completion_tokens=out.completion_tokens + self.offset)
+        return out
+
+    def cancel(self) -> None:
+        self.stream.cancel()
 
 
 def package_version() -> str:

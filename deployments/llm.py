@@ -42,9 +42,11 @@ class LLMServer:
         self.m_running = metric("Gauge", "vlm_running_sequences", "sequences in the running batch")
         self.m_waiting = metric("Gauge", "vlm_waiting_sequences", "sequences waiting for admission")
         self.m_kv = metric("Gauge", "vlm_kv_cache_usage", "fraction of KV blocks in use")
+        self.m_prefix = metric("Gauge", "vlm_prefix_cache_hit_rate", "prompt tokens served from the prefix cache / "
+                               "prompt tokens, over this replica's requests")
         self.m_requests = metric("Counter", "vlm_requests", "finished requests", tag_keys=("finish_reason",))
         self.counts = {"requests": 0, "ttft_observations": 0, "tpot_observations": 0, "queue_observations": 0,
-                       "aborted": 0, "refused": 0}
+                       "aborted": 0, "refused": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0}
 
     async def generate(self, request_id: str, request: EngineRequest, image_embeds: bytes | None = None):
         """Stream the engine's `RequestOutput` deltas (merged within `stream_interval_s`); a cancelled
@@ -61,11 +63,16 @@ class LLMServer:
         self.active.add(request_id)
         start = last = sent = time.perf_counter()
         first, finish, open_choices = True, None, request.params.n
-        queued = False
+        queued = counted = False
         held: dict[int, object] = {}          # per choice, what waits for the next message
         try:
             async for out in self.engine.generate(request_id, request):
                 now = time.perf_counter()
+                if not counted:
+                    counted = True
+                    self.counts["prompt_tokens"] += out.prompt_tokens
+                    self.counts["cached_prompt_tokens"] += out.cached_tokens
+                    self.m_prefix.set(self.counts["cached_prompt_tokens"] / max(1, self.counts["prompt_tokens"]))
                 if not queued and out.queue_time_s is not None:
                     queued = True
                     self.m_queue.observe(out.queue_time_s)

@@ -6,6 +6,10 @@ Serve's metrics need a replica context; the deployment classes also run in plain
 
 from __future__ import annotations
 
+from collections import Counter
+
+_ROUTING: Counter = Counter()     # (deployment routed to, decision) -> requests, in this process
+
 
 class _Inert:
     def __init__(self, *args, **kwargs):
@@ -39,3 +43,17 @@ def metric(kind: str, *args, **kwargs):
 
         return getattr(metrics, kind)(*args, **kwargs)
     return _Inert()
+
+
+def record_routing_decision(target: str, decision: str) -> None:
+    """Count a routing decision in this process (`deployments/routing.py`). The count lives here,
+    not in the router's module: Serve ships a router class by value, with its own module globals."""
+    _ROUTING[(target, decision)] += 1
+
+
+def routing_decisions() -> dict[str, dict[str, int]]:
+    """Routing decisions made in this process, per deployment routed to."""
+    out: dict[str, dict[str, int]] = {}
+    for (target, decision), n in _ROUTING.items():
+        out.setdefault(target, {})[decision] = n
+    return out

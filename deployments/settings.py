@@ -4,8 +4,8 @@
       model_dir: ...            # checkpoint folder (default: the embedded 4-bit model)
       dtype: ...
       ingress: {...}            # IngressSettings: the API, request limits, image URLs, API key
-      vision:  {...}            # VisionSettings: GPUs, tower batching, encoder cache
-      llm:     {...}            # LLMSettings: GPUs, engine (EngineConfig fields), queueing, streaming
+      vision:  {...}            # VisionSettings: GPUs, tower batching, encoder cache, routing
+      llm:     {...}            # LLMSettings: GPUs, engine (EngineConfig fields), queueing, streaming, routing
       deployments: {...}        # Serve options per deployment, over the derived ones (Python callers)
 
 Every section is validated (unknown keys are refused, values bounded). Each deployment receives
@@ -40,6 +40,27 @@ def _actor_options(gpus_present: bool, gpu_fraction: float, resources: dict[str,
     if resources:
         opts["resources"] = dict(resources)
     return opts
+
+
+class RoutingSettings(_Section):
+    policy: Literal["cache_affinity", "power_of_two"] = Field(
+        "cache_affinity", description="cache_affinity: to the replica that holds the request's cached prefix or "
+                                      "pictures (deployments/routing.py); power_of_two: Serve's default router")
+    imbalance: int = Field(8, ge=0, description="ongoing requests by which the preferred replica may exceed the "
+                                                "least loaded one before the least loaded takes the request")
+    index_size: int = Field(100_000, ge=1, description="keys each router remembers (least recently used evicted)")
+
+    def serve_options(self, keys: str, block_size: int = 16) -> dict[str, Any]:
+        if self.policy == "power_of_two":
+            return {}
+        from ray.serve.config import RequestRouterConfig
+
+        from .routing import ROUTER_PATH
+
+        return {"request_router_config": RequestRouterConfig(
+            request_router_class=ROUTER_PATH,
+            request_router_kwargs={"keys": keys, "block_size": block_size, "imbalance": self.imbalance,
+                                   "index_size": self.index_size})}
 
 
 class IngressSettings(_Section):
@@ -94,10 +115,13 @@ class VisionSettings(_Section):
     max_batch_images: int = Field(32, ge=1, description="images (tiles) per tower forward, across requests")
     batch_wait_s: float = Field(0.002, ge=0, description="how long a vision batch waits to fill")
     cache_size: int = Field(512, ge=0, description="embeddings kept in each replica's LRU cache")
+    routing: RoutingSettings = Field(default_factory=RoutingSettings, description="which replica encodes a "
+                                                                                  "request's pictures")
 
     def serve_options(self, gpus_present: bool) -> dict[str, Any]:
         return {"max_ongoing_requests": 2 * self.max_batch_images,
-                "ray_actor_options": _actor_options(gpus_present, self.gpus, self.resources)}
+                "ray_actor_options": _actor_options(gpus_present, self.gpus, self.resources),
+                **self.routing.serve_options("media")}
 
 
 class LLMSettings(_Section):
@@ -109,6 +133,8 @@ class LLMSettings(_Section):
                                                                     "None: no limit")
     stream_interval_s: float = Field(0.02, ge=0, description="tokens made within this long of the last streamed "
                                                              "message are sent together (0: every step)")
+    routing: RoutingSettings = Field(default_factory=RoutingSettings, description="which replica serves a request "
+                                                                                  "(its cached prefix)")
 
     @field_validator("engine", mode="before")
     @classmethod
@@ -132,7 +158,8 @@ class LLMSettings(_Section):
         # Serve's queue, answers the one beyond (503 + Retry-After)
         ongoing = self.max_in_flight or 5 * self.engine.max_num_seqs
         return {"max_ongoing_requests": ongoing,
-                "ray_actor_options": _actor_options(gpus_present, self.gpus, self.resources)}
+                "ray_actor_options": _actor_options(gpus_present, self.gpus, self.resources),
+                **self.routing.serve_options("prompt_blocks", self.engine.block_size)}
 
 
 class AppSettings(_Section):

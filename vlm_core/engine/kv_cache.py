@@ -22,6 +22,29 @@ from kernels.paged_attention import paged_attention, paged_attention_torch
 from .sequence import Sequence
 
 
+def block_key(prev: bytes, tokens, start: int, spans, image_hashes) -> bytes:
+    """The prefix-cache key of the block holding `tokens` from position `start`: chained on the
+    previous block's key, with the content hash and slice of every image span it overlaps."""
+    end = start + len(tokens)
+    h = hashlib.blake2b(prev, digest_size=16)
+    h.update(array("q", tokens).tobytes())
+    for span, img in zip(spans, image_hashes):
+        if span.offset < end and span.end > start:
+            h.update(f"|{img}:{max(span.offset, start) - span.offset}:{min(span.end, end) - span.offset}".encode())
+    return h.digest()
+
+
+def prompt_block_keys(prompt, image_hashes, block_size: int) -> list[bytes]:
+    """The keys of a prompt's full blocks, first to last: what a replica's prefix cache holds
+    after serving it (a cache-aware router matches requests on them)."""
+    keys: list[bytes] = []
+    ids = prompt.token_ids
+    for start in range(0, len(ids) - block_size + 1, block_size):
+        keys.append(block_key(keys[-1] if keys else b"", ids[start:start + block_size], start, prompt.spans,
+                              image_hashes))
+    return keys
+
+
 @dataclass
 class BlockStats:
     allocated: int = 0        # fresh blocks handed out
@@ -52,20 +75,12 @@ class BlockManager:
 
     # ---- hashing --------------------------------------------------------------------------
 
-    def _block_key(self, seq: Sequence, i: int, prev: bytes) -> bytes:
-        bs = self.block_size
-        start, end = i * bs, (i + 1) * bs
-        h = hashlib.blake2b(prev, digest_size=16)
-        h.update(array("q", seq.tokens(start, end)).tobytes())
-        for span, img in zip(seq.prompt.spans, seq.image_hashes):
-            if span.offset < end and span.end > start:
-                h.update(f"|{img}:{max(span.offset, start) - span.offset}:{min(span.end, end) - span.offset}".encode())
-        return h.digest()
-
     def _hashes(self, seq: Sequence, num_full_blocks: int) -> list[bytes]:
+        bs = self.block_size
         while len(seq.block_hashes) < num_full_blocks:
             i = len(seq.block_hashes)
-            seq.block_hashes.append(self._block_key(seq, i, seq.block_hashes[-1] if i else b""))
+            seq.block_hashes.append(block_key(seq.block_hashes[-1] if i else b"", seq.tokens(i * bs, (i + 1) * bs),
+                                              i * bs, seq.prompt.spans, seq.image_hashes))
         return seq.block_hashes[:num_full_blocks]
 
     # ---- allocation -----------------------------------------------------------------------

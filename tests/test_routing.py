@@ -1,0 +1,352 @@
+"""Cache-aware routing across replicas: the router's policy on its own, then the application with
+two replicas of each deployment on loopback (multi-turn conversations, a replica killed mid-load)."""
+
+import asyncio
+import os
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from helpers import data_url, free_port
+from vlm_core.default_model.data import heldout_set
+from vlm_core.engine.kv_cache import BlockManager, prompt_block_keys
+from vlm_core.engine.request import EngineRequest
+from vlm_core.engine.sampling import SamplingParams
+from vlm_core.engine.sequence import Sequence
+from vlm_core.inputs.placeholders import ImageSpan, MultimodalPrompt
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_prompt_block_keys_are_the_prefix_cache_keys():
+    prompt = MultimodalPrompt(tuple(range(100, 170)), (ImageSpan(10, 30),))
+    seq = Sequence("a", prompt, [None], ("img-1",), SamplingParams(), 0)
+    bm = BlockManager(64, 16)
+    assert prompt_block_keys(prompt, ("img-1",), 16) == bm._hashes(seq, 70 // 16)
+    # another picture behind the same text changes every key from its first block on, and only those
+    other = prompt_block_keys(prompt, ("img-2",), 16)
+    assert len(other) == 4 and other[0] != prompt_block_keys(prompt, ("img-1",), 16)[0]
+    shorter = prompt_block_keys(MultimodalPrompt(prompt.token_ids[:40], prompt.spans), ("img-1",), 16)
+    assert shorter == prompt_block_keys(prompt, ("img-1",), 16)[:2]       # a prefix keeps its keys
+
+
+def make_router(imbalance=2):
+    from ray.serve._private.common import DeploymentID
+
+    from deployments.routing import CacheAffinityRouter
+
+    r = CacheAffinityRouter.__new__(CacheAffinityRouter)        # the policy alone, without Serve's plumbing
+    r._deployment_id = DeploymentID(name="LLMServer", app_name="vlm")
+    r.initialize_state(keys="prompt_blocks", block_size=16, imbalance=imbalance, index_size=1000)
+    return r
+
+
+def replicas(*names):
+    from ray.serve._private.common import DeploymentID, ReplicaID
+
+    dep = DeploymentID(name="LLMServer", app_name="vlm")
+    return [SimpleNamespace(replica_id=ReplicaID(unique_id=n, deployment_id=dep)) for n in names]
+
+
+def pending(request, rid="r1"):
+    return SimpleNamespace(args=["id", request, None], kwargs={}, metadata=SimpleNamespace(internal_request_id=rid))
+
+
+def conversation(turn_tokens: int, image="pic"):
+    return EngineRequest(MultimodalPrompt(tuple(range(200, 200 + turn_tokens)), (ImageSpan(2, 20),)), (),
+                         SamplingParams(), (image,))
+
+
+def choose(router, reps, req, loads, rid="r1"):
+    async def loads_of(_replicas):
+        return {r.replica_id: loads[r.replica_id.unique_id] for r in _replicas}
+
+    router._loads = loads_of
+    ranks = asyncio.run(router.choose_replicas(reps, pending(req, rid)))
+    router.on_request_routed(pending(req, rid), ranks[0][0].replica_id, None)
+    return ranks[0][0].replica_id.unique_id
+
+
+def test_rendezvous_choice_is_shared_by_routers_and_moves_only_with_its_replica():
+    reps = replicas("a", "b", "c")
+    live = {r.replica_id: r for r in reps}
+    one, two = make_router(), make_router()
+    keys = [prompt_block_keys(conversation(40, f"pic-{i}").prompt, (f"pic-{i}",), 16) for i in range(300)]
+    first = [one.preferred(k, live)[0].unique_id for k in keys]
+    assert first == [two.preferred(k, live)[0].unique_id for k in keys]   # no shared state needed
+    assert {n: first.count(n) for n in "abc"} == pytest.approx({"a": 100, "b": 100, "c": 100}, abs=30)
+    without_b = {r.replica_id: r for r in reps if r.replica_id.unique_id != "b"}
+    moved = [one.preferred(k, without_b)[0].unique_id for k in keys]
+    assert all(m == f for m, f in zip(moved, first) if f != "b")           # only b's keys move
+    assert set(m for m, f in zip(moved, first) if f == "b") == {"a", "c"}
+
+
+def test_a_next_turn_follows_its_cached_prefix_and_the_load_bound_overrides_it():
+    reps = replicas("a", "b")
+    router = make_router(imbalance=2)
+    turn1, turn2 = conversation(40), conversation(90)       # turn 2 starts with turn 1's tokens
+    home = choose(router, reps, turn1, {"a": 0, "b": 0})
+    other = "b" if home == "a" else "a"
+    assert choose(router, reps, turn2, {"a": 0, "b": 0}, "r2") == home
+    assert choose(router, reps, conversation(120), {home: 2, other: 0}, "r3") == home    # within the bound
+    assert choose(router, reps, conversation(150), {home: 3, other: 0}, "r4") == other   # past it
+    from deployments.metrics import routing_decisions
+
+    assert routing_decisions()["LLMServer"]["load"] >= 1 and routing_decisions()["LLMServer"]["cached"] >= 2
+    # the conversation's next turn now follows the blocks it left on the other replica
+    assert choose(router, reps, conversation(170), {"a": 0, "b": 0}, "r5") == other
+    # a replica that is gone is passed over: its conversations go to the one left
+    assert choose(router, [r for r in reps if r.replica_id.unique_id == home], conversation(190),
+                  {home: 0}, "r6") == home
+
+
+def test_requests_without_keys_get_two_choices():
+    reps = replicas("a", "b", "c")
+    router = make_router()
+    short = EngineRequest(MultimodalPrompt(tuple(range(10)), ()), (), SamplingParams())
+    ranks = asyncio.run(router.choose_replicas(reps, pending(short)))
+    assert len(ranks) == 1 and len(ranks[0]) == 2 and len({r.replica_id for r in ranks[0]}) == 2
+
+
+def test_a_replica_dying_mid_stream_is_continued_on_another():
+    """LLMStream on a fake deployment whose replica dies after two outputs: the rest comes from the
+    request's prompt and the tokens produced so far, with the request's own counts."""
+    from ray.exceptions import ActorDiedError
+
+    from deployments.ingress import LLMStream, continues_exactly
+    from vlm_core.engine.request import RequestOutput
+
+    sent = []
+
+    class Stream:
+        def __init__(self, request, die_after):
+            self.request, self.die_after, self.n = request, die_after, 0
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            if self.n == self.die_after:
+                raise ActorDiedError()
+            if self.n == self.request.params.max_new_tokens:
+                raise StopAsyncIteration
+            self.n += 1
+            done = self.n == self.request.params.max_new_tokens
+            token = len(self.request.prompt.token_ids) + self.n - 1        # the position it is made at
+            return RequestOutput("r", "", [token], "length" if done else None,
+                                 len(self.request.prompt.token_ids), self.n, 16)
+
+        def cancel(self):
+            pass
+
+    class Method:
+        def remote(self, rid, request, embeds):
+            sent.append(request)
+            return Stream(request, 2 if len(sent) == 1 else 99)
+
+    class Handle:
+        def options(self, stream):
+            return SimpleNamespace(generate=Method())
+
+    request = EngineRequest(MultimodalPrompt(tuple(range(30)), ()), (), SamplingParams(max_new_tokens=5, min_tokens=3))
+    assert continues_exactly(request.params)
+
+    async def run():
+        return [o async for o in LLMStream(Handle(), "r", request, None)]
+
+    outs = asyncio.run(run())
+    assert [t for o in outs for t in o.token_ids] == [30, 31, 32, 33, 34]      # nothing lost, nothing twice
+    assert [o.completion_tokens for o in outs] == [1, 2, 3, 4, 5] and outs[-1].finish_reason == "length"
+    assert {o.prompt_tokens for o in outs} == {30} and {o.cached_tokens for o in outs} == {16}
+    again = sent[1]
+    assert again.prompt.token_ids == tuple(range(32)) and again.params.max_new_tokens == 3
+    assert again.params.min_tokens == 1
+    # a request whose rest depends on what it generated is not continued: the error stands
+    for params in (SamplingParams(n=2), SamplingParams(stop=("x",)), SamplingParams(presence_penalty=0.5),
+                   SamplingParams(temperature=0.7, seed=3)):
+        assert not continues_exactly(params)
+    sent.clear()
+    stops = EngineRequest(request.prompt, (), SamplingParams(max_new_tokens=5, stop=("x",)))
+    with pytest.raises(ActorDiedError):
+        asyncio.run(_collect(LLMStream(Handle(), "r", stops, None)))
+    assert len(sent) == 1
+
+
+async def _collect(stream):
+    return [o async for o in stream]
+
+
+# ---- the application, two replicas of each deployment ----------------------------------------
+
+@pytest.fixture(scope="module")
+def two_of_each():
+    os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+    import ray
+    from ray import serve
+
+    from deployments.app import DEPLOYMENTS, app_from_config
+
+    port = free_port()
+    ray.init(num_cpus=8, include_dashboard=False, address="local", log_to_driver=False,
+             runtime_env={"env_vars": {"TRITON_INTERPRET": "0"}})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        two = {"autoscaling_config": {"min_replicas": 2, "max_replicas": 2}}
+        config = os.path.join(os.path.dirname(__file__), "..", "serve_config.yaml")
+        name, prefix, app = app_from_config(config, {"deployments": {d: two for d in DEPLOYMENTS}})
+        serve.run(app, name=name, route_prefix=prefix, blocking=False)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def replica_stats(deployment: str, count: int = 2, pids=(), timeout_s: float = 30) -> dict[int, dict]:
+    """stats() of `count` replicas of a deployment (or of those in processes `pids`), by pid: stats
+    calls carry no routing keys, so they reach replicas at random; call until all have answered."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(deployment, "vlm")
+    seen: dict[int, dict] = {}
+    deadline = time.monotonic() + timeout_s
+
+    def done():
+        return set(pids) <= set(seen) if pids else len(seen) >= count
+
+    while not done() and time.monotonic() < deadline:
+        st = handle.stats.remote().result(timeout_s=30)
+        seen[st["pid"]] = st
+    assert done(), f"{deployment} stats answered from processes {sorted(seen)}"
+    return seen
+
+
+def turn_messages(scene, asked):
+    """The conversation so far: the picture with the first question, then each answer and question."""
+    msgs = []
+    for i, (q, a) in enumerate(asked):
+        content = [{"type": "image_url", "image_url": {"url": data_url(scene.image())}},
+                   {"type": "text", "text": q}] if i == 0 else q
+        msgs.append({"role": "user", "content": content})
+        if a is not None:
+            msgs.append({"role": "assistant", "content": a})
+    return msgs
+
+
+def test_turns_of_image_conversations_find_their_prefix_and_pictures_cached(two_of_each):
+    """16 three-turn image conversations, turns interleaved across conversations (four at a time)
+    through two Ingress replicas: each next turn finds the previous turn's whole prompt blocks in
+    the prefix cache of the replica it lands on, and its picture in the encoder cache."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    from vlm_core.default_model.data import questions
+
+    client = OpenAI(base_url=two_of_each + "/v1", api_key="unused", timeout=120, max_retries=0)
+    scenes = [s for s, _, _ in heldout_set(16, seed=41)]
+    asked = [[[q, None]] for q, _ in (questions(s)[0] for s in scenes)]
+    vision_before = replica_stats("VisionEncoder")
+    prompt_tokens = [[] for _ in scenes]
+    cached = [[] for _ in scenes]
+
+    def turn(i):
+        r = client.chat.completions.create(model="vlm-serve-default", temperature=0, max_tokens=8,
+                                           messages=turn_messages(scenes[i], asked[i]))
+        asked[i][-1][1] = r.choices[0].message.content
+        prompt_tokens[i].append(r.usage.prompt_tokens)
+        cached[i].append(r.usage.prompt_tokens_details.cached_tokens)
+
+    with ThreadPoolExecutor(4) as pool:
+        for t in range(3):
+            list(pool.map(turn, range(16)))
+            if t < 2:
+                for i, s in enumerate(scenes):
+                    asked[i].append([questions(s)[(t + 1) % len(questions(s))][0], None])
+    # of the previous turn's prompt, in whole blocks, what the next turn found cached
+    whole = sum(p // 16 * 16 for ps in prompt_tokens for p in ps[:2])
+    found = sum(c for cs in cached for c in cs[1:])
+    print(f"turns 2-3 found {found} of {whole} previous-prompt tokens in whole blocks cached ({found / whole:.0%})")
+    assert found >= 0.9 * whole
+    vision_after = replica_stats("VisionEncoder")
+    hits = sum(vision_after[p]["hits"] - vision_before[p]["hits"] for p in vision_after)
+    print(f"encoder cache hits on turns 2-3: {hits} of 32")
+    assert hits >= 0.9 * 32
+    llm = replica_stats("LLMServer")
+    assert all(st["requests"] > 0 for st in llm.values())                  # both replicas served
+    assert all(0 <= st["cached_prompt_tokens"] <= st["prompt_tokens"] for st in llm.values())
+    # every Ingress replica counted its routing decisions (no load fallback was needed here)
+    routing = [st["routing"] for st in replica_stats("Ingress").values()]
+    decided = sum(n for r in routing for n in r.get("LLMServer", {}).values())
+    assert decided == 48 and not any(r.get("LLMServer", {}).get("load") for r in routing)
+    assert sum(n for r in routing for n in r.get("VisionEncoder", {}).values()) == 48
+
+
+def test_killing_an_llm_replica_mid_load_moves_its_conversations(two_of_each):
+    """Eight streams in flight on two LLMServer replicas; the busier replica is killed once every
+    stream has tokens. Its streams go on from their tokens on the other replica and every one ends
+    with all its tokens; each conversation's next turn completes too."""
+    import json
+
+    import httpx
+    import ray
+    from ray.util import list_named_actors
+
+    from vlm_core.default_model.data import questions
+
+    scenes = [s for s, _, _ in heldout_set(8, seed=43)]
+    first_q = [questions(s)[0][0] for s in scenes]
+    started: set[int] = set()
+    max_tokens = 150
+
+    async def stream(http, messages, i=None):
+        body = {"messages": messages, "stream": True, "max_tokens": max_tokens, "ignore_eos": True,
+                "temperature": 0, "stream_options": {"include_usage": True}}
+        text, usage, finish = "", None, None
+        async with http.stream("POST", two_of_each + "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                elif chunk["choices"]:
+                    text += chunk["choices"][0]["delta"].get("content") or ""
+                    finish = chunk["choices"][0].get("finish_reason") or finish
+                    if i is not None and text:
+                        started.add(i)
+        return text, usage, finish
+
+    def kill_busiest():
+        stats = replica_stats("LLMServer")
+        pid = max(stats, key=lambda p: len(stats[p]["active"]))
+        for entry in list_named_actors(all_namespaces=True):
+            if "LLMServer" in entry["name"]:
+                actor = ray.get_actor(entry["name"], namespace=entry["namespace"])
+                if ray.get(actor.__ray_call__.remote(lambda _self: os.getpid())) == pid:
+                    ray.kill(actor, no_restart=True)
+                    return len(stats[pid]["active"]), {p: st["requests"] for p, st in stats.items() if p != pid}
+        raise AssertionError(f"no LLMServer replica runs in process {pid}")
+
+    async def main():
+        async with httpx.AsyncClient(timeout=120) as http:
+            tasks = [asyncio.create_task(stream(http, turn_messages(s, [(q, None)]), i))
+                     for i, (s, q) in enumerate(zip(scenes, first_q))]
+            while len(started) < len(tasks):
+                await asyncio.sleep(0.005)
+            cut, survivors = await asyncio.to_thread(kill_busiest)
+            first = await asyncio.gather(*tasks)
+            second = await asyncio.gather(*(
+                stream(http, turn_messages(s, [(q, text), ("How many shapes are there?", None)]))
+                for s, q, (text, _, _) in zip(scenes, first_q, first)))
+            return cut, survivors, first, second
+
+    cut, survivors, first, second = asyncio.run(main())
+    assert cut >= 1                                              # streams were on the killed replica
+    for text, usage, finish in first + second:
+        assert finish == "length" and usage["completion_tokens"] == max_tokens and text
+    # the survivor finished its own first turns and the rest of the cut ones
+    after = replica_stats("LLMServer", pids=survivors)
+    assert sum(after[p]["requests"] - n for p, n in survivors.items()) >= 8
