@@ -60,7 +60,7 @@ class CacheAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self._imbalance = imbalance
         self._index_size = index_size
         self._index: OrderedDict[bytes, ReplicaID] = OrderedDict()
-        self._routing: OrderedDict[str, tuple] = OrderedDict()   # request -> (keys, preferred, decision)
+        self._routing: OrderedDict[str, tuple] = OrderedDict()   # request -> (its keys, the replica chosen)
         self._metric = metric("Counter", "vlm_routing_decisions", "requests routed, by decision: cached (the "
                               "replica holding the longest cached prefix), hashed (rendezvous), load (load "
                               "bound), unkeyed (power of two choices)", tag_keys=("target", "decision"))
