@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from vlm_core.default_model import default_model_dir
-from vlm_core.default_model.data import (HELDOUT_START, Item, Scene, heldout_set, make_scene, questions,
-                                         sample_qa, split_ids, vocabulary)
+from vlm_core.default_model.data import (COLOURS, HELDOUT_START, MAX_ASPECT, MIN_GAP, SHAPES, SIDES, Item, Scene,
+                                         heldout_set, make_scene, patch_labels, questions, sample_qa, split_ids,
+                                         vocabulary)
 from vlm_core.default_model.evaluate import accuracy, answer_all, by_kind, hf_answers
 from vlm_core.default_model.shapes_eval import Picture, Shape, eval_set
 from vlm_core.default_model.train import build_tokenizer
@@ -19,23 +20,54 @@ def test_scenes_are_deterministic_and_splits_never_share_a_picture():
     assert list(make_scene(42).image().getdata()) == list(make_scene(42).image().getdata())
     train, held = split_ids("train", 1000), split_ids("heldout", 1000)
     assert not set(train) & set(held) and held[0] == HELDOUT_START
-    for sid in range(200):
+    shapes_seen, sizes = set(), set()
+    for sid in range(300):
         s = make_scene(sid)
-        assert 1 <= len(s.items) <= 3
+        assert 1 <= len(s.items) <= 3 and SIDES[0] <= min(s.width, s.height) <= max(s.width, s.height) <= SIDES[1]
+        assert max(s.width, s.height) / min(s.width, s.height) <= MAX_ASPECT + 0.05
         assert len({i.shape for i in s.items}) == len(s.items) and len({i.colour for i in s.items}) == len(s.items)
-        assert [i.column for i in s.items] == sorted(i.column for i in s.items)
+        assert [i.cx for i in s.items] == sorted(i.cx for i in s.items)
+        for a, b in zip(s.items, s.items[1:]):
+            assert b.cx - a.cx >= MIN_GAP * s.width                       # "left of" is well defined
+        for a in s.items:
+            assert 0 <= a.x <= s.width - a.size and 0 <= a.y <= s.height - a.size
+            for b in s.items:
+                if a is not b:   # no two shapes overlap
+                    assert a.x + a.size <= b.x or b.x + b.size <= a.x or a.y + a.size <= b.y or b.y + b.size <= a.y
+        shapes_seen.add((s.width == s.height, s.jpeg_quality is None, s.background == (255, 255, 255)))
+        sizes.add(s.width)
+    assert len(shapes_seen) == 8 and len(sizes) > 100     # square or not, PNG or JPEG, white or not; many sizes
 
 
 def test_questions_and_answers_for_a_hand_built_scene():
-    scene = Scene(0, (Item("square", "blue", 0, 2, 10, 10), Item("circle", "red", 2, 35, 20, 10)))
+    scene = Scene(0, (Item("square", "blue", 2, 10, 10), Item("circle", "red", 35, 20, 10)), 48, 48)
     assert questions(scene) == [
         ("What colour is the square?", "blue"), ("What colour is the circle?", "red"),
         ("How many shapes are there?", "two"),
         ("Is the square left of the circle?", "yes"), ("Is the circle left of the square?", "no"),
         ("Describe the image.", "blue square and red circle")]
     img = scene.image()
+    assert img.size == (48, 48)
     assert img.getpixel((7, 15)) == (40, 70, 220) and img.getpixel((40, 25)) == (220, 40, 40)
     assert img.getpixel((25, 5)) == (255, 255, 255)
+    box = [img.getpixel((x, y)) for x in range(35, 45) for y in range(20, 30)]
+    blended = [p for p in box if p not in ((220, 40, 40), (255, 255, 255))]   # anti-aliased rim
+    assert blended and all(p[0] >= 220 and 40 <= p[1] <= 255 for p in blended)
+
+
+def test_patch_labels_name_the_shape_covering_each_patch():
+    """The training-only probes' targets on a hand-built scene: 8 x 8 patches of 6 px on a 48 px canvas."""
+    scene = Scene(0, (Item("square", "blue", 2, 10, 10), Item("circle", "red", 35, 20, 10)), 48, 48)
+    kind, colour, place = (x.reshape(8, 8) for x in patch_labels(scene, 8))
+    # the patch x 6-12, y 12-18 lies inside the square; x 36-42, y 24-30 mostly inside the circle
+    assert (kind[2, 1], colour[2, 1], place[2, 1]) == (1 + SHAPES.index("square"), 1 + sorted(COLOURS).index("blue"), 1)
+    assert (kind[4, 6], colour[4, 6], place[4, 6]) == (1 + SHAPES.index("circle"), 1 + sorted(COLOURS).index("red"), 2)
+    assert kind[0, 0] == colour[0, 0] == place[0, 0] == 0 and kind[7, 3] == 0            # background
+    assert set(kind.ravel()) == {0, 1 + SHAPES.index("circle"), 1 + SHAPES.index("square")}
+    assert (place > 0).sum() == (kind > 0).sum()
+    # a wide canvas is squashed: the same square drawn on twice the width covers half the columns
+    wide = Scene(0, (Item("square", "blue", 0, 0, 24),), 96, 48)
+    assert (patch_labels(wide, 8)[0].reshape(8, 8)[:4] > 0).sum(axis=1).tolist() == [2, 2, 2, 2]
 
 
 def test_the_independent_generator_draws_the_same_world_with_other_rules():
@@ -93,8 +125,9 @@ def awq_model():
     return VLM.from_pretrained(default_model_dir("awq"))
 
 
-def test_shipped_awq_model_answers_heldout_questions(awq_model):
-    items = heldout_set(50, seed=1)
+@pytest.mark.parametrize("generator", ["heldout", "independent"])
+def test_shipped_awq_model_answers_questions_on_both_generators(awq_model, generator):
+    items = heldout_set(60, seed=1) if generator == "heldout" else eval_set(60, seed=1)
     answers = answer_all(awq_model, items)
     acc = accuracy(answers, items)
     assert acc >= 0.95, f"accuracy {acc:.2f}: {[(q, a, g) for (s, q, g), a in zip(items, answers) if a != g]}"
@@ -111,7 +144,7 @@ def test_shipped_checkpoints_are_small_and_quantized():
 
 def test_fp16_answers_equal_transformers():
     fp16 = VLM.from_pretrained(default_model_dir("fp16"))
-    items = heldout_set(20, seed=2)
+    items = heldout_set(20, seed=2) + eval_set(20, seed=2)
     assert answer_all(fp16, items) == hf_answers(default_model_dir("fp16"), fp16, items)
 
 

@@ -4,77 +4,179 @@ Every picture is a pure function of its integer id (`make_scene(i)`), so the dat
 deterministic; the train split uses ids [0, TRAIN_IDS) and the held-out split ids from
 HELDOUT_START on, so the two never share a picture.
 
-Shapes stand in three columns (left, middle, right), each in a 16 px cell placed on one of five
-rows of an 8 px grid, with some jitter in position and size;
-within a picture each shape kind and each colour appears at most once, so "the circle" and
-"left of" are always well defined. Questions and exact answers:
+The world: one to three shapes (circle, square, upward triangle), each kind and each colour at
+most once per picture, so "the circle" is always well defined. A picture is any size and aspect
+ratio a person might draw: canvases 40-420 px a side, up to 2.5:1 either way, white or a light
+background, shapes 14-36 % of the shorter side placed anywhere without overlapping, colours
+jittered around the palette, edges anti-aliased (drawn at 4x, box-reduced), some pictures saved
+as JPEG. Shape centres lie at least `MIN_GAP` of the width apart horizontally, so "left of"
+(compared by centre x) and the left-to-right description are well defined. Questions and exact
+answers:
     What colour is the circle?          -> red
     How many shapes are there?          -> two
     Is the square left of the triangle? -> yes | no
     Describe the image.                 -> red circle and blue square   (left to right)
+
+`vlm_core/default_model/shapes_eval.py` draws a second, independently written family of
+pictures in the same world for evaluation.
 """
 
 from __future__ import annotations
 
+import io
+import math
 import random
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-IMAGE_SIZE = 48
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220),
            "yellow": (235, 205, 30), "purple": (140, 50, 170), "orange": (245, 140, 20)}
 SHAPES = ("circle", "square", "triangle")
 NUMBERS = ("zero", "one", "two", "three")
 TRAIN_IDS = 10 ** 8
 HELDOUT_START = 10 ** 9
+SIDES = (40, 420)          # canvas side range, px
+MAX_ASPECT = 2.5           # longer side / shorter side
+SIZES = (0.14, 0.36)       # shape size as a fraction of the shorter side
+MIN_OF_LONG = 0.15         # ... and at least this fraction of the longer side (legible once squashed)
+MIN_GAP = 0.08             # least horizontal distance between two shapes' centres, as a fraction of the width
+SUPERSAMPLE = 4
 
 
 @dataclass(frozen=True)
 class Item:
     shape: str
     colour: str
-    column: int      # 0 left, 1 middle, 2 right
-    x: int           # left edge
-    y: int           # top edge
-    size: int
+    x: int           # left edge, px
+    y: int           # top edge, px
+    size: int        # side of the shape's bounding square, px
+    fill: tuple[int, int, int] | None = None   # the drawn colour (None: the palette's)
+
+    @property
+    def cx(self) -> float:
+        return self.x + self.size / 2
 
 
 @dataclass(frozen=True)
 class Scene:
     id: int
-    items: tuple[Item, ...]   # left to right
+    items: tuple[Item, ...]               # left to right (by centre x)
+    width: int = 48
+    height: int = 48
+    background: tuple[int, int, int] = (255, 255, 255)
+    jpeg_quality: int | None = None       # saved as JPEG at this quality, else PNG (lossless)
 
     def image(self) -> Image.Image:
-        img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (255, 255, 255))
+        k = SUPERSAMPLE
+        img = Image.new("RGB", (self.width * k, self.height * k), self.background)
         draw = ImageDraw.Draw(img)
         for it in self.items:
-            fill = COLOURS[it.colour]
-            box = (it.x, it.y, it.x + it.size, it.y + it.size)
+            fill = it.fill or COLOURS[it.colour]
+            x0, y0, s = it.x * k, it.y * k, it.size * k
+            box = (x0, y0, x0 + s - 1, y0 + s - 1)
             if it.shape == "circle":
                 draw.ellipse(box, fill=fill)
             elif it.shape == "square":
                 draw.rectangle(box, fill=fill)
             else:
-                draw.polygon([(it.x, it.y + it.size), (it.x + it.size, it.y + it.size), (it.x + it.size // 2, it.y)],
-                             fill=fill)
+                draw.polygon([(x0, y0 + s - 1), (x0 + s - 1, y0 + s - 1), (x0 + (s - 1) / 2, y0)], fill=fill)
+        img = img.reduce(k)
+        if self.jpeg_quality is not None:
+            buf = io.BytesIO()
+            img.save(buf, "JPEG", quality=self.jpeg_quality)
+            img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
         return img
+
+
+def _jitter(rng: random.Random, rgb: tuple[int, int, int], amount: int) -> tuple[int, int, int]:
+    return tuple(min(255, max(0, c + rng.randint(-amount, amount))) for c in rgb)
+
+
+def _canvas(rng: random.Random) -> tuple[int, int]:
+    """Width and height: half the pictures square, the rest up to MAX_ASPECT either way."""
+    side = round(math.exp(rng.uniform(math.log(SIDES[0]), math.log(SIDES[1]))))
+    if rng.random() < 0.5:
+        return side, side
+    aspect = math.exp(rng.uniform(math.log(1.15), math.log(MAX_ASPECT)))
+    long_side = min(SIDES[1], max(SIDES[0], round(side * aspect ** 0.5)))
+    short_side = max(SIDES[0], round(long_side / aspect))
+    return (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
+
+
+def _place(rng: random.Random, width: int, height: int, sizes: list[int]) -> list[tuple[int, int]] | None:
+    """Top-left corners for squares of `sizes` inside the canvas, no two overlapping and their
+    centres MIN_GAP * width apart in x; None when random tries find no such layout."""
+    placed: list[tuple[int, int, int]] = []
+    for s in sizes:
+        for _ in range(50):
+            x, y = rng.randint(0, width - s), rng.randint(0, height - s)
+            if all((x + s <= px or px + ps <= x or y + s <= py or py + ps <= y)
+                   and abs((x + s / 2) - (px + ps / 2)) >= MIN_GAP * width for px, py, ps in placed):
+                placed.append((x, y, s))
+                break
+        else:
+            return None
+    return [(x, y) for x, y, _ in placed]
 
 
 def make_scene(scene_id: int) -> Scene:
     rng = random.Random(scene_id * 7919 + 17)
-    n = rng.randint(1, 3)
-    columns = sorted(rng.sample(range(3), n))
+    while True:
+        width, height = _canvas(rng)
+        n = rng.randint(1, 3)
+        short = min(width, height)
+        lo = max(SIZES[0] * short, MIN_OF_LONG * max(width, height))
+        hi = max(lo, SIZES[1] * short)
+        sizes = [max(6, round(rng.uniform(lo, hi))) for _ in range(n)]
+        corners = _place(rng, width, height, sizes)
+        if corners is not None:
+            break
     shapes = rng.sample(SHAPES, n)
     colours = rng.sample(sorted(COLOURS), n)
-    items = []
-    for col, shape, colour in zip(columns, shapes, colours):
-        size = rng.randint(12, 15)
-        # a 16 px cell per column and one of five rows of the 8 px grid, with a pixel of jitter
-        x = col * 16 + (16 - size) // 2 + rng.randint(0, 1)
-        y = 8 * rng.randint(0, 4) + (16 - size) // 2 + rng.randint(0, 1)
-        items.append(Item(shape, colour, col, x, y, size))
-    return Scene(scene_id, tuple(items))
+    items = [Item(shape, colour, x, y, s, _jitter(rng, COLOURS[colour], 20))
+             for shape, colour, (x, y), s in zip(shapes, colours, corners, sizes)]
+    background = (255, 255, 255) if rng.random() < 0.5 else tuple(rng.randint(215, 255) for _ in range(3))
+    quality = rng.randint(55, 95) if rng.random() < 0.4 else None
+    return Scene(scene_id, tuple(sorted(items, key=lambda it: it.cx)), width, height, background, quality)
+
+
+def _inside(item: Item, x, y):
+    """Boolean mask: which canvas points (x, y arrays, px) lie inside the item's shape."""
+    s = item.size
+    if item.shape == "circle":
+        cx, cy = item.x + s / 2, item.y + s / 2
+        return (x - cx) ** 2 + (y - cy) ** 2 <= (s / 2) ** 2
+    inside_box = (x >= item.x) & (x <= item.x + s) & (y >= item.y) & (y <= item.y + s)
+    if item.shape == "square":
+        return inside_box
+    # upward triangle: apex (x + s/2, y), base from (x, y + s) to (x + s, y + s)
+    half_width = (y - item.y) / 2
+    return inside_box & (abs(x - (item.x + s / 2)) <= half_width)
+
+
+def patch_labels(scene: Scene, grid: int, samples: int = 4):
+    """Per patch of a `grid` x `grid` split of the picture squashed to a square, the shape that
+    covers most of it (at least a quarter, on `samples` x `samples` points per patch) as three
+    row-major int arrays: kind (0 background, 1 + SHAPES index), colour (0, 1 + sorted palette
+    index) and place from the left (0, 1 + index in `scene.items`)."""
+    import numpy as np
+
+    n = grid * samples
+    u = (np.arange(n) + 0.5) / n
+    x = (u * scene.width)[None, :].repeat(n, 0)
+    y = (u * scene.height)[:, None].repeat(n, 1)
+    cover = np.zeros((len(scene.items), grid * grid))
+    for i, item in enumerate(scene.items):
+        mask = _inside(item, x, y).reshape(grid, samples, grid, samples)
+        cover[i] = mask.mean(axis=(1, 3)).reshape(-1)
+    best = cover.argmax(axis=0)
+    hit = cover.max(axis=0) >= 0.25
+    palette = sorted(COLOURS)
+    kind = np.array([1 + SHAPES.index(it.shape) for it in scene.items])[best] * hit
+    colour = np.array([1 + palette.index(it.colour) for it in scene.items])[best] * hit
+    place = (best + 1) * hit
+    return kind, colour, place
 
 
 def describe(scene: Scene) -> str:
@@ -88,7 +190,7 @@ def questions(scene: Scene) -> list[tuple[str, str]]:
     for a in scene.items:
         for b in scene.items:
             if a is not b:
-                qa.append((f"Is the {a.shape} left of the {b.shape}?", "yes" if a.column < b.column else "no"))
+                qa.append((f"Is the {a.shape} left of the {b.shape}?", "yes" if a.cx < b.cx else "no"))
     qa.append(("Describe the image.", describe(scene)))
     return qa
 

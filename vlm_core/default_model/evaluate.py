@@ -86,6 +86,7 @@ def main(argv=None) -> None:
         tmp = tempfile.TemporaryDirectory()
         dirs["rtn"] = quantize(dirs["fp16"], Path(tmp.name) / "rtn", "rtn", seed=0)
     rows: dict[str, dict] = {}
+    fp16_answers: dict[str, list[str]] = {}
     for name, d in dirs.items():
         vlm = VLM.from_pretrained(d)
         rows[name] = {}
@@ -94,13 +95,15 @@ def main(argv=None) -> None:
             answers = answer_all(vlm, items)
             rows[name][set_name] = {"accuracy": accuracy(answers, items), "by_kind": by_kind(answers, items),
                                     "seconds": round(time.time() - t0, 1)}
-            if name == "fp16" and set_name == "heldout":
-                fp16_vlm, fp16_answers = vlm, answers
+            if name == "fp16":
+                fp16_vlm, fp16_answers[set_name] = vlm, answers
     if args.hf:
-        items = sets["heldout"]
-        hf = hf_answers(dirs["fp16"], fp16_vlm, items)
-        rows["fp16 (transformers)"] = {"heldout": {"accuracy": accuracy(hf, items), "by_kind": by_kind(hf, items),
-                                                   "differs_from_vlm_core": sum(a != b for a, b in zip(hf, fp16_answers))}}
+        rows["fp16 (transformers)"] = {}
+        for set_name, items in sets.items():
+            hf = hf_answers(dirs["fp16"], fp16_vlm, items)
+            rows["fp16 (transformers)"][set_name] = {
+                "accuracy": accuracy(hf, items), "by_kind": by_kind(hf, items),
+                "differs_from_vlm_core": sum(a != b for a, b in zip(hf, fp16_answers[set_name]))}
     kinds = sorted({k for r in rows.values() for v in r.values() for k in v["by_kind"]})
     print(f"pictures per generator: {args.count}")
     print(f"{'model':>20} {'generator':>12} {'all':>7} " + " ".join(f"{k:>9}" for k in kinds))

@@ -4,7 +4,12 @@
 
 writes `fp16/` (llava-hf checkpoint + tokenizer + preprocessor config) and `awq/` (AutoAWQ
 4-bit, calibrated on image+question samples of the train split). Deterministic for a given
-`--seed` and thread count; about 15 minutes on 2 CPU cores with the defaults.
+`--seed` and thread count; about 42 minutes of training on 2 CPU cores with the defaults.
+
+Besides the answers' loss, training-only probes (`PatchHeads`, not saved) read the tower's patch
+features and are taught, per patch, the kind, colour and place from the left of the shape that
+covers it: a dense signal that binds what a shape is to where it is, which the answers alone
+teach too slowly.
 """
 
 from __future__ import annotations
@@ -17,13 +22,15 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..inputs.image import ImageProcessor, ImageProcessorConfig
 from ..inputs.template import LLAVA_15_TEMPLATE, render_chat, user_turn
-from .data import IMAGE_SIZE, TRAIN_IDS, make_scene, sample_qa, split_ids, vocabulary
+from .data import COLOURS, SHAPES, TRAIN_IDS, make_scene, patch_labels, sample_qa, split_ids, vocabulary
 
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+IMAGE_SIZE = 64      # pictures are resized (squashed, whatever their aspect ratio) to this square
 PATCH = 8
 GROUP_SIZE = 64
 
@@ -44,12 +51,13 @@ def build_tokenizer():
     return fast
 
 
-def build_config(tokenizer):
+def build_config(tokenizer, vision_layers: int = 4, text_layers: int = 3, width: int = 128):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    vision = CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=128)
-    text = LlamaConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
+    vision = CLIPVisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=vision_layers,
+                              num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=width)
+    text = LlamaConfig(hidden_size=width, intermediate_size=3 * width, num_hidden_layers=text_layers,
+                       num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id, rms_norm_eps=1e-5)
@@ -62,15 +70,44 @@ def tokens_per_image() -> int:
     return (IMAGE_SIZE // PATCH) ** 2
 
 
-class Batcher:
-    """Training batches: one random question per picture, loss on the answer and EOS only."""
+def grid_positions(side: int, dim: int) -> torch.Tensor:
+    """[side * side, dim] 2-D sine-cosine codes of a side x side patch grid, row-major: the first
+    half of the channels encode the column (x), the second half the row (y)."""
+    quarter = dim // 4
+    freq = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64),
+                                indexing="ij")
 
-    def __init__(self, tokenizer, seed: int):
+    def code(pos):
+        angles = pos.reshape(-1, 1) * freq
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([code(cols), code(rows)], dim=1).float()
+
+
+def init_grid_positions(model) -> None:
+    """Start the tower's learned position embeddings from 2-D sine-cosine codes (the class
+    position stays random): where a patch sits is then readable from the first step, which
+    "left of" and left-to-right descriptions need. They stay trainable."""
+    emb = model.model.vision_tower.embeddings.position_embedding.weight
+    side = IMAGE_SIZE // PATCH
+    with torch.no_grad():
+        emb[1:] = grid_positions(side, emb.shape[1])
+
+
+class Batcher:
+    """Training batches. Each picture is a conversation of `turns` questions about it (the first
+    turn exactly the single-question prompt the model answers at inference, later turns as the
+    chat template continues it); the loss covers the answers and their EOS only."""
+
+    def __init__(self, tokenizer, seed: int, turns: int = 1):
         self.tok = tokenizer
         self.rng = random.Random(seed)
-        self.proc = ImageProcessor(ImageProcessorConfig(IMAGE_SIZE, IMAGE_SIZE))
+        self.turns = turns
+        self.proc = ImageProcessor(ImageProcessorConfig(IMAGE_SIZE, IMAGE_SIZE, square_resize=True))
         self.image_id = tokenizer.convert_tokens_to_ids("<image>")
         self._prompts: dict[str, list[int]] = {}
+        self._later: dict[str, list[int]] = {}
 
     def prompt_ids(self, question: str) -> list[int]:
         if question not in self._prompts:
@@ -80,25 +117,67 @@ class Batcher:
             self._prompts[question] = ids[:i] + [self.image_id] * tokens_per_image() + ids[i + 1:]
         return self._prompts[question]
 
+    def later_turn_ids(self, question: str) -> list[int]:
+        """A follow-up question as the template renders it after an answer's EOS."""
+        if question not in self._later:
+            self._later[question] = self.tok(f"USER: {question} ASSISTANT:", add_special_tokens=False)["input_ids"]
+        return self._later[question]
+
     def batch(self, size: int):
-        ids, labels, pixels = [], [], []
+        ids, labels, pixels, dense = [], [], [], []
         for _ in range(size):
             scene = make_scene(self.rng.randrange(TRAIN_IDS))
-            q, a = sample_qa(scene, self.rng)
-            p = self.prompt_ids(q)
-            ans = self.tok(a, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
-            ids.append(p + ans)
-            labels.append([-100] * len(p) + ans)
+            dense.append(patch_labels(scene, IMAGE_SIZE // PATCH))
+            seq, lab, asked = [], [], set()
+            for turn in range(self.turns):
+                q, a = sample_qa(scene, self.rng)
+                if q in asked:
+                    continue
+                asked.add(q)
+                p = self.prompt_ids(q) if turn == 0 else self.later_turn_ids(q)
+                ans = self.tok(a, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+                seq += p + ans
+                lab += [-100] * len(p) + ans
+            ids.append(seq)
+            labels.append(lab)
             pixels.append(self.proc.one(scene.image()))
         width = max(len(x) for x in ids)
         pad = self.tok.pad_token_id
         input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
         mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
         lab = torch.tensor([x + [-100] * (width - len(x)) for x in labels])
-        return input_ids, mask, lab, torch.stack(pixels)
+        patches = torch.from_numpy(np.stack([np.stack(d) for d in dense])).long()     # [batch, 3, patches]
+        return input_ids, mask, lab, torch.stack(pixels), patches
 
 
-def train(out_dir: Path, steps: int, batch_size: int, lr: float, seed: int, log_every: int = 100) -> Path:
+class PatchHeads(torch.nn.Module):
+    """Training-only probes on the patch features the projector reads: per patch, which kind,
+    which colour and which place from the left the shape covering it has (or background). Their
+    loss teaches the tower to bind a shape's kind, colour and order to its patches; they are not
+    part of the saved checkpoint."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.kind = torch.nn.Linear(width, 1 + len(SHAPES))
+        self.colour = torch.nn.Linear(width, 1 + len(COLOURS))
+        self.place = torch.nn.Linear(width, 4)
+        self.features = None
+
+    def capture(self, tower) -> None:
+        def hook(_module, _inputs, output):
+            self.features = output[0] if isinstance(output, tuple) else output
+        tower.encoder.layers[-1].register_forward_hook(hook)
+
+    def loss(self, targets: torch.Tensor) -> torch.Tensor:
+        feats = self.features[:, 1:]          # patch tokens, as vision_feature_select_strategy "default"
+        ce = torch.nn.functional.cross_entropy
+        return sum(ce(head(feats).flatten(0, 1), targets[:, i].flatten())
+                   for i, head in enumerate((self.kind, self.colour, self.place))) / 3
+
+
+def train(out_dir: Path, steps: int, batch_size: int, lr: float, seed: int, log_every: int = 100,
+          vision_layers: int = 4, text_layers: int = 3, width: int = 128, turns: int = 1,
+          patch_loss: float = 1.0) -> Path:
     from transformers import LlavaForConditionalGeneration
 
     try:
@@ -108,31 +187,38 @@ def train(out_dir: Path, steps: int, batch_size: int, lr: float, seed: int, log_
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-    model = LlavaForConditionalGeneration(build_config(tokenizer))
+    model = LlavaForConditionalGeneration(build_config(tokenizer, vision_layers, text_layers, width))
+    init_grid_positions(model)
+    heads = PatchHeads(width)
+    heads.capture(model.model.vision_tower)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(list(model.parameters()) + list(heads.parameters()), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    batcher = Batcher(tokenizer, seed)
-    t0, running = time.time(), None
+    batcher = Batcher(tokenizer, seed, turns)
+    t0, running, running_aux = time.time(), None, None
     for step in range(steps):
-        input_ids, mask, labels, pixels = batcher.batch(batch_size)
-        loss = model(input_ids=input_ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
+        input_ids, mask, labels, pixels, patches = batcher.batch(batch_size)
+        lm = model(input_ids=input_ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
+        aux = heads.loss(patches)
+        loss = lm + patch_loss * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        running = lm.item() if running is None else 0.98 * running + 0.02 * lm.item()
+        running_aux = aux.item() if running_aux is None else 0.98 * running_aux + 0.02 * aux.item()
         if (step + 1) % log_every == 0 or step == steps - 1:
-            print(f"step {step + 1}/{steps}  loss {running:.4f}  lr {sched.get_last_lr()[0]:.2e}  "
+            print(f"step {step + 1}/{steps}  loss {running:.4f}  patch loss {running_aux:.4f}  lr {sched.get_last_lr()[0]:.2e}  "
                   f"{time.time() - t0:.0f}s", flush=True)
     model.eval()
     fp16 = out_dir / "fp16"
     model.half().save_pretrained(str(fp16))
     tokenizer.save_pretrained(str(fp16))
-    CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
+    # resized straight to the square (no centre crop: a wide picture keeps its edges)
+    CLIPImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_center_crop=False,
                        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(str(fp16))
     return fp16
 
@@ -167,15 +253,24 @@ def quantize(fp16_dir: Path, out_dir: Path, method: str, seed: int, samples: int
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(Path(__file__).parent / "weights"))
-    ap.add_argument("--steps", type=int, default=6000)
+    ap.add_argument("--steps", type=int, default=6500)
     ap.add_argument("--batch-size", type=int, default=48)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--vision-layers", type=int, default=4)
+    ap.add_argument("--text-layers", type=int, default=3)
+    ap.add_argument("--width", type=int, default=128, help="hidden size of the tower, projector and LLM")
+    ap.add_argument("--turns", type=int, default=3, help="questions per picture in one training conversation")
+    ap.add_argument("--patch-loss", type=float, default=1.0, help="weight of the training-only patch probes' loss")
+    ap.add_argument("--no-quantize", action="store_true", help="write fp16/ only")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    fp16 = train(out, args.steps, args.batch_size, args.lr, args.seed)
+    fp16 = train(out, args.steps, args.batch_size, args.lr, args.seed, vision_layers=args.vision_layers,
+                 text_layers=args.text_layers, width=args.width, turns=args.turns, patch_loss=args.patch_loss)
+    if args.no_quantize:
+        return
     awq = quantize(fp16, out / "awq", "awq", args.seed)
     recorded = {k: v for k, v in vars(args).items() if k != "out"}
     (out / "train_args.json").write_text(json.dumps(recorded, indent=2) + "\n")
