@@ -719,7 +719,7 @@ def test_text_completions_tokenize_and_model_routes(server, client, monkeypatch)
                                   extra_body={"ignore_eos": True})
     c = r.choices[0]
     assert c.text == ref.text and r.usage.completion_tokens == 6 and r.object == "text_completion"
-    assert [round(x, 5) for x in c.logprobs.token_logprobs] == [round(e.logprob, 5) for e in ref.logprobs]
+    assert c.logprobs.token_logprobs == pytest.approx([e.logprob for e in ref.logprobs], abs=1e-4)
     assert c.logprobs.tokens == [vlm.tokenizer.decode([t]) for t in ref.token_ids]
     assert c.logprobs.text_offset == [sum(len(t) for t in c.logprobs.tokens[:i]) for i in range(6)]
     streamed = client.completions.create(model="vlm-serve-default", prompt=text, max_tokens=6, temperature=0,
@@ -738,11 +738,11 @@ def test_text_completions_tokenize_and_model_routes(server, client, monkeypatch)
         lp = got.choices[0].logprobs if not stream else next(iter(got)).choices[0].logprobs
         assert lp.tokens[:len(ids)] == [vlm.tokenizer.decode([t]) for t in ids]
         assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
-        assert [round(x, 5) for x in lp.token_logprobs[1:len(ids)]] == [round(e.logprob, 5) for e in scored]
+        assert lp.token_logprobs[1:len(ids)] == pytest.approx([e.logprob for e in scored], abs=1e-4)
         assert [list(d) for d in lp.top_logprobs[1:len(ids)]] == [[vlm.tokenizer.decode([t]) for t, _ in e.top]
                                                                    for e in scored]
         if not stream:
-            assert [round(x, 5) for x in lp.token_logprobs[len(ids):]] == [round(e.logprob, 5) for e in ref.logprobs]
+            assert lp.token_logprobs[len(ids):] == pytest.approx([e.logprob for e in ref.logprobs], abs=1e-4)
     two = client.completions.create(model="vlm-serve-default", prompt=text, max_tokens=2, n=2,
                                     extra_body={"prompt_logprobs": 2}).choices
     per_choice = [c.model_extra["prompt_logprobs"] for c in two]
