@@ -196,6 +196,21 @@ def test_at_most_max_partial_prefills_prompts_are_part_way_and_shorter_ones_pass
         SchedulerConfig(64, 8, max_partial_prefills=0)
 
 
+def test_budget_the_bound_would_leave_unused_goes_to_a_prompt_passed_over():
+    sched, _ = make(num_blocks=512, budget=64)
+    a, b = seq("a", 0, tokens=range(1000, 1100)), seq("b", 0, tokens=range(2000, 2100))
+    sched.add(a)
+    sched.add(b)
+    run_step(sched)
+    a.num_computed_tokens = b.num_computed_tokens = 80          # 20 tokens left each
+    c = seq("c", 0, tokens=range(3000, 3100))
+    sched.add(c)
+    # a and b take the cap each (two part-way: c is passed over), then the rest of their prompts
+    # from the budget left; the 24 tokens still left go to c rather than stay unused
+    assert chunk_sizes(run_step(sched)) == [("a", 20), ("b", 20), ("c", 24)]
+    assert a.output_ids and b.output_ids and not sched.waiting
+
+
 def test_a_configured_cap_and_no_cap_without_competition():
     bm = BlockManager(256, 4, True)
     sched = Scheduler(SchedulerConfig(64, 8, prefill_chunk_cap=8), bm)

@@ -20,7 +20,9 @@ Policy, per step:
      place) while that many are, and the shorter ones behind it that finish this step are
      admitted; it starts as soon as one of those prefills completes, which takes a bounded number
      of steps because each advances by at least the cap. Several long prompts thus share a step
-     without all of them holding KV blocks and stretching each other's time to first token.
+     without all of them holding KV blocks and stretching each other's time to first token. Budget
+     still left at the end of the step (those prefills are finishing) goes to the prompts passed
+     over, so the bound never leaves a step short of work.
 A long prompt is thus split over steps (chunked prefill) without ever stalling running decodes.
 """
 
@@ -158,6 +160,25 @@ class Scheduler:
         # prompts still part-way through their prefill after this step's chunks
         finishing = {id(c.seq) for c in out.chunks if c.samples}
         partial = sum(1 for s in self.running if s.num_remaining > 1 and id(s) not in finishing)
+        budget = self._admit(out, budget, cap, capped, self.config.max_partial_prefills - partial)
+        for i in capped:              # budget nobody else took goes back to the capped prefills
+            if budget == 0:
+                break
+            c = out.chunks[i]
+            more = min(c.seq.num_tokens - c.start - c.num_tokens, budget)
+            if more > 0 and self.blocks.can_allocate(c.seq, c.start + c.num_tokens + more):
+                self.blocks.allocate(c.seq, c.start + c.num_tokens + more)
+                out.chunks[i] = ScheduledChunk(c.seq, c.start, c.num_tokens + more)
+                budget -= more
+        # budget still left (the prefills above are about to finish): prompts passed over for the
+        # partial-prefill bound take it rather than leave it unused
+        self._admit(out, budget, budget, [], None)
+        return out
+
+    def _admit(self, out: SchedulerOutput, budget: int, cap: int, capped: list[int], partial_room: int | None) -> int:
+        """Admit waiting sequences in order into `out` within `budget` (chunks of at most `cap`);
+        with `partial_room` not None, at most that many may stay part-way through their prefill,
+        the others keep their place while shorter ones behind them go. Returns the budget left."""
         i = 0
         while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs \
                 and not out.preempted:
@@ -169,13 +190,14 @@ class Scheduler:
             cut = n > cap
             n = min(n, cap)
             unfinished = start + n < seq.num_tokens
-            if unfinished and partial >= self.config.max_partial_prefills:
+            if unfinished and partial_room is not None and partial_room <= 0:
                 i += 1                # keeps its place; shorter prompts behind it may go
                 continue
             if not self.blocks.can_allocate(seq, start + n, prefix):
                 break
             self.waiting.pop(i)
-            partial += unfinished
+            if unfinished and partial_room is not None:
+                partial_room -= 1
             if prefix:
                 self.blocks.take_prefix(seq, prefix)
             self.blocks.allocate(seq, start + n)
@@ -185,16 +207,7 @@ class Scheduler:
                 capped.append(len(out.chunks))
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
             budget -= n
-        for i in capped:              # budget nobody else took goes back to the capped prefills
-            if budget == 0:
-                break
-            c = out.chunks[i]
-            more = min(c.seq.num_tokens - c.start - c.num_tokens, budget)
-            if more > 0 and self.blocks.can_allocate(c.seq, c.start + c.num_tokens + more):
-                self.blocks.allocate(c.seq, c.start + c.num_tokens + more)
-                out.chunks[i] = ScheduledChunk(c.seq, c.start, c.num_tokens + more)
-                budget -= more
-        return out
+        return budget
 
     def update(self, out: SchedulerOutput, sampled: dict[int, int]) -> list[tuple[Sequence, int]]:
         """Advance sequences after the runner ran `out`: their computed tokens move on and their
