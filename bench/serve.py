@@ -25,7 +25,7 @@ default router (power of two choices) and once with the cache-aware one (`llm.ro
   conversations (four clients): the share of the previous turn's prompt, in whole blocks, that
   turns 2-3 find in the prefix cache (`usage.prompt_tokens_details.cached_tokens`), and the
   encoder-cache hits of their pictures;
-- skewed load: 96 requests from 16 clients, half of them next turns of one hot conversation
+- skewed load: 384 requests from 16 clients, half of them next turns of one hot conversation
   (one picture, one first exchange, different follow-up questions), half single questions about
   distinct pictures: requests/s, output tokens/s, TTFT, and the largest difference between the
   two LLM replicas' requests in flight, sampled every 50 ms.
@@ -142,7 +142,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_serve(config: str, overrides: dict) -> str:
+def start_serve(config: str, overrides: dict, num_cpus: int | None = None) -> str:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
@@ -151,7 +151,7 @@ def start_serve(config: str, overrides: dict) -> str:
     from deployments.app import app_from_config
 
     port = free_port()
-    ray.init(include_dashboard=False, address="local", log_to_driver=False)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, address="local", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     name, prefix, app = app_from_config(config, overrides)
     serve.run(app, name=name, route_prefix=prefix, blocking=False)
@@ -309,7 +309,7 @@ async def conversations(base: str, n: int) -> dict:
         pngs.append(buf.getvalue())
     asked = [[(questions(s)[0][0], None)] for s in scenes]
     prompts, cached = [[] for _ in scenes], [[] for _ in scenes]
-    before = replica_stats("VisionEncoder")
+    before = await asyncio.to_thread(replica_stats, "VisionEncoder")
     async with httpx.AsyncClient(timeout=300) as http:
         for turn in range(3):
             queue = list(range(n))
@@ -326,7 +326,7 @@ async def conversations(base: str, n: int) -> dict:
             for i, s in enumerate(scenes):
                 qs = questions(s)
                 asked[i].append((qs[(turn + 1) % len(qs)][0], None))
-    after = replica_stats("VisionEncoder")
+    after = await asyncio.to_thread(replica_stats, "VisionEncoder")
     whole = sum(p // 16 * 16 for ps in prompts for p in ps[:2])
     found = sum(c for cs in cached for c in cs[1:])
     hits = sum(after[p]["hits"] - before.get(p, {"hits": 0})["hits"] for p in after)
@@ -334,7 +334,7 @@ async def conversations(base: str, n: int) -> dict:
             "cached_share": found / whole, "encoder_hits_turns_2_3": hits, "encoder_lookups_turns_2_3": 2 * n}
 
 
-async def skewed(base: str, requests: int = 96, clients: int = 16, max_tokens: int = 16) -> dict:
+async def skewed(base: str, requests: int = 384, clients: int = 16, max_tokens: int = 16) -> dict:
     import httpx
 
     from vlm_core.default_model.data import make_scene, questions, split_ids
@@ -403,7 +403,8 @@ def multi_turn(config: str, model_dir: str, n: int, out: Path | None) -> None:
     for policy in ("power_of_two", "cache_affinity"):
         print(f"{policy}: starting two replicas of each deployment ...", flush=True)
         base = start_serve(config, {"model_dir": model_dir, "deployments": {d: two for d in DEPLOYMENTS},
-                                    "llm": {"routing": {"policy": policy}}, "vision": {"routing": {"policy": policy}}})
+                                    "llm": {"routing": {"policy": policy}}, "vision": {"routing": {"policy": policy}}},
+                           num_cpus=8)     # logical CPUs: six replicas that mostly wait on each other
         try:
             conv = asyncio.run(conversations(base, n))
             skew = asyncio.run(skewed(base))

@@ -18,9 +18,9 @@ Policy, per request:
   2. else rendezvous hashing of the first key over the live replicas: every router (every Ingress
      replica) picks the same replica for a conversation without sharing state, and when a
      replica joins or leaves only the keys it wins or held move;
-  3. the load bound: when the preferred replica's queue (its ongoing requests, asked of the
-     replicas for every request) exceeds the least loaded one's by more than `imbalance`, the
-     least loaded replica takes the request.
+  3. the load bound: when the preferred replica's queue (its ongoing requests; asked of the
+     replicas whenever this router's own figures put it past half the bound) exceeds the least
+     loaded one's by more than `imbalance`, the least loaded replica takes the request.
 Keys whose replica is gone are passed over, so a replica's death moves its conversations to
 the others (their next turn is prefilled again there). A request without keys (a prompt shorter
 than a block, no pictures) is routed by power of two choices, as by Serve's default router.
@@ -80,16 +80,20 @@ class CacheAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
 
     # ---- choice ---------------------------------------------------------------------------
 
-    async def _loads(self, replicas: list[RunningReplica]) -> dict[ReplicaID, int]:
-        """Each replica's ongoing requests, asked of the replicas themselves: the bound holds across
-        every Ingress replica's router only on fresh figures (this router's cache misses what the
-        others sent). A replica that does not answer in time counts with its cached figure, if any."""
-        loads: dict[ReplicaID, int] = {}
+    async def _loads(self, replicas: list[RunningReplica], preferred: ReplicaID) -> dict[ReplicaID, int]:
+        """Each replica's ongoing requests: this router's figures (Serve's queue-length cache, kept
+        by its own sends and their completions) while they put the preferred replica well within
+        the bound; else, or where they are missing, asked of the replicas, which also see what
+        other Ingress replicas sent. A replica that does not answer in time keeps its cached figure."""
+        cache = self._replica_queue_len_cache
+        loads = {r.replica_id: cache.get(r.replica_id) for r in replicas}
+        known = [q for q in loads.values() if q is not None]
+        if len(known) == len(replicas) and loads[preferred] - min(known) <= self._imbalance // 2:
+            return loads
         for r, q in await self._probe_queue_lens(replicas, 0):
-            q = q if q is not None else self._replica_queue_len_cache.get(r.replica_id)
             if q is not None:
                 loads[r.replica_id] = q
-        return loads
+        return {rid: q for rid, q in loads.items() if q is not None}
 
     def preferred(self, keys: list[bytes], live: dict[ReplicaID, RunningReplica]) -> tuple[ReplicaID, str]:
         for key in reversed(keys):
@@ -106,7 +110,7 @@ class CacheAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]   # the lower queue wins
         live = {r.replica_id: r for r in candidate_replicas}
         rid, decision = self.preferred(keys, live)
-        loads = await self._loads(candidate_replicas) if len(candidate_replicas) > 1 else {}
+        loads = await self._loads(candidate_replicas, rid) if len(candidate_replicas) > 1 else {}
         known = [r for r in candidate_replicas if r.replica_id in loads]
         ranked = sorted(known, key=lambda r: loads[r.replica_id]) + [r for r in candidate_replicas
                                                                       if r.replica_id not in loads]

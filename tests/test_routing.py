@@ -59,7 +59,7 @@ def conversation(turn_tokens: int, image="pic"):
 
 
 def choose(router, reps, req, loads, rid="r1"):
-    async def loads_of(_replicas):
+    async def loads_of(_replicas, _preferred=None):
         return {r.replica_id: loads[r.replica_id.unique_id] for r in _replicas}
 
     router._loads = loads_of
