@@ -190,6 +190,21 @@ def hf_one_at_a_time(n: int, tokens: int) -> dict:
     return {"requests": n, "tokens": produced, "wall_s": wall, "tokens_per_s": produced / wall}
 
 
+def write_json(out: Path, result: dict):
+    """Write the results; returns matplotlib's pyplot for the figure beside them (None without it)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
 MIXED_BUDGET = 512
 MIXED_OUT = SamplingParams(max_new_tokens=16, ignore_eos=True)
 
@@ -300,15 +315,8 @@ def mixed_load(duration: float, seed: int, out: Path, load: float = 0.3) -> None
               "ratios": {"short_p50_before_over_after": before["short_ttft_p50_ms"] / after["short_ttft_p50_ms"],
                          "short_p99_before_over_after": before["short_ttft_p99_ms"] / after["short_ttft_p99_ms"],
                          "throughput_after_over_before": after["tokens_per_s"] / before["tokens_per_s"]}}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out}")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = write_json(out, result)
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in rows.items():
@@ -364,15 +372,8 @@ def main() -> None:
               "ratios": {"step_256_over_1": steps[-1]["step_ms"] / base,
                          "streams_32_over_1": streams[-1]["tokens_per_s"] / one}}
     out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out}")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = write_json(out, result)
+    if plt is None:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot([r["running"] for r in host], [r["per_seq_us"] for r in host], "o-", label="null model, whole step")

@@ -158,6 +158,20 @@ def start_serve(config: str, overrides: dict, num_cpus: int | None = None) -> st
     return f"http://127.0.0.1:{port}" + prefix.rstrip("/")
 
 
+async def sse_chunks(http, url: str, body: dict):
+    """The JSON chunks of one streamed request; an HTTP error or an error event raises."""
+    async with http.stream("POST", url, json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            yield chunk
+
+
 class OverHTTP:
     def __init__(self, base: str, model_name: str, max_tokens: int):
         import httpx
@@ -175,20 +189,12 @@ class OverHTTP:
                     {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}},
                     {"type": "text", "text": question}]}]}
         first, tokens = None, 0
-        async with self.http.stream("POST", self.url, json=body) as r:
-            if r.status_code != 200:
-                raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
-            async for line in r.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    raise RuntimeError(chunk["error"]["message"])
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-                elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content") is not None \
-                        and chunk["choices"][0]["delta"].get("role") is None:
-                    first = time.perf_counter()
+        async for chunk in sse_chunks(self.http, self.url, body):
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content") is not None \
+                    and chunk["choices"][0]["delta"].get("role") is None:
+                first = time.perf_counter()
         return timing(start, first, time.perf_counter(), tokens)
 
 
@@ -278,20 +284,12 @@ async def chat(http, url: str, messages: list[dict], max_tokens: int) -> tuple[d
     body = {"model": "vlm-serve-default", "temperature": 0, "max_tokens": max_tokens, "stream": True,
             "stream_options": {"include_usage": True}, "messages": messages}
     start, first, text, usage = time.perf_counter(), None, "", None
-    async with http.stream("POST", url, json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(chunk["error"]["message"])
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                first = first or time.perf_counter()
-                text += chunk["choices"][0]["delta"]["content"]
+    async for chunk in sse_chunks(http, url, body):
+        if chunk.get("usage"):
+            usage = chunk["usage"]
+        elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            first = first or time.perf_counter()
+            text += chunk["choices"][0]["delta"]["content"]
     end = time.perf_counter()
     return {**usage, "answer": text}, (first or end) - start, end - start
 

@@ -1,8 +1,12 @@
 """Small helpers shared by the tests."""
 
 import base64
+import contextlib
 import io
+import os
 import socket
+
+SERVE_CONFIG = os.path.join(os.path.dirname(__file__), "..", "serve_config.yaml")
 
 
 def free_port() -> int:
@@ -48,3 +52,29 @@ def generate_on(engine, requests):
             out = merge_outputs(out, p)
         outs.append(out)
     return outs
+
+
+@contextlib.contextmanager
+def local_serve(overrides: dict):
+    """A local Ray instance on loopback serving serve_config.yaml's application with its args
+    merged with `overrides`; yields the HTTP base URL, and shuts Serve and Ray down after."""
+    os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+    import ray
+    from ray import serve
+
+    from deployments.app import app_from_config
+
+    port = free_port()
+    # logical CPUs: room for replicas that mostly wait on each other (and a second app beside);
+    # replicas run the product's CPU path (torch), not the Triton interpreter the kernel tests use
+    ray.init(num_cpus=8, include_dashboard=False, address="local", log_to_driver=False,
+             runtime_env={"env_vars": {"TRITON_INTERPRET": "0"}})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        name, prefix, app = app_from_config(SERVE_CONFIG, overrides)
+        assert (name, prefix) == ("vlm", "/")
+        serve.run(app, name=name, route_prefix=prefix, blocking=False)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from helpers import data_url, free_port
+from helpers import data_url, local_serve
 from vlm_core.default_model.data import heldout_set
 from vlm_core.engine.kv_cache import BlockManager, prompt_block_keys
 from vlm_core.engine.request import EngineRequest
@@ -181,25 +181,11 @@ async def _collect(stream):
 
 @pytest.fixture(scope="module")
 def two_of_each():
-    os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
-    import ray
-    from ray import serve
+    from deployments.app import DEPLOYMENTS
 
-    from deployments.app import DEPLOYMENTS, app_from_config
-
-    port = free_port()
-    ray.init(num_cpus=8, include_dashboard=False, address="local", log_to_driver=False,
-             runtime_env={"env_vars": {"TRITON_INTERPRET": "0"}})
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        two = {"autoscaling_config": {"min_replicas": 2, "max_replicas": 2}}
-        config = os.path.join(os.path.dirname(__file__), "..", "serve_config.yaml")
-        name, prefix, app = app_from_config(config, {"deployments": {d: two for d in DEPLOYMENTS}})
-        serve.run(app, name=name, route_prefix=prefix, blocking=False)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    two = {"autoscaling_config": {"min_replicas": 2, "max_replicas": 2}}
+    with local_serve({"deployments": {d: two for d in DEPLOYMENTS}}) as url:
+        yield url
 
 
 def replica_stats(deployment: str, count: int = 2, pids=(), timeout_s: float = 30) -> dict[int, dict]:

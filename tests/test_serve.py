@@ -8,42 +8,24 @@ import time
 
 import pytest
 
-from helpers import data_url, free_port
+from helpers import data_url, local_serve
 from vlm_core.default_model.data import heldout_set
 
 pytestmark = pytest.mark.timeout(300)
 
 
 API_KEY = "test-key"
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "serve_config.yaml")
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(scope="module")
 def server():
-    os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
-    import ray
-    from ray import serve
+    from deployments.app import DEPLOYMENTS
 
-    from deployments.app import DEPLOYMENTS, app_from_config
-
-    port = free_port()
-    # logical CPUs: room for the back-pressure app beside the main one (they mostly wait)
-    # replicas run the product's CPU path (torch), not the Triton interpreter the kernel tests use
-    ray.init(num_cpus=8, include_dashboard=False, address="local", log_to_driver=False,
-             runtime_env={"env_vars": {"TRITON_INTERPRET": "0"}})
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        one = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}   # stats() then sees every request
-        name, prefix, app = app_from_config(CONFIG, {"ingress": {"api_key": API_KEY, "body_timeout_s": 2},
-                                                     "vision": {"batch_wait_s": 0.05},
-                                                     "deployments": {d: one for d in DEPLOYMENTS}})
-        assert (name, prefix) == ("vlm", "/")
-        serve.run(app, name=name, route_prefix=prefix, blocking=False)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    one = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}   # stats() then sees every request
+    with local_serve({"ingress": {"api_key": API_KEY, "body_timeout_s": 2}, "vision": {"batch_wait_s": 0.05},
+                      "deployments": {d: one for d in DEPLOYMENTS}}) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
