@@ -4,7 +4,7 @@
 
 writes `fp16/` (llava-hf checkpoint + tokenizer + preprocessor config) and `awq/` (AutoAWQ
 4-bit, calibrated on image+question samples of the train split). Deterministic for a given
-`--seed` and thread count; about 42 minutes of training on 2 CPU cores with the defaults.
+`--seed` and thread count; 41-47 minutes of training on 2 CPU cores with the defaults.
 
 Besides the answers' loss, training-only probes (`PatchHeads`, not saved) read the tower's patch
 features and are taught, per patch, the kind, colour and place from the left of the shape that
