@@ -3,7 +3,8 @@ routing across replicas.
 
     python bench/serve.py [--model DIR] [--concurrency 1 8 32] [--requests 48] [--max-tokens 32]
                           [--out bench/results/serve-<device>.json]
-    python bench/serve.py --multi-turn [--conversations 16] [--out bench/results/routing-<device>.json]
+    python bench/serve.py --multi-turn [--conversations 16] [--rounds 3] [--skewed-requests 512]
+                          [--out bench/results/routing-<device>.json]
 
 Both sides run the same requests (one distinct held-out picture + question each, greedy,
 `max_tokens` tokens with EOS ignored so every request produces the same number of tokens):
@@ -18,17 +19,20 @@ one finishes) it reports requests/s, end-to-end latency, time to first token (TT
 per output token after the first (TPOT) at p50/p90, and Serve's p50 latency overhead. Writes
 the table, a JSON file and a PNG (with matplotlib, `pip install -e '.[bench]'`) beside it.
 
---multi-turn runs the application with two replicas of each deployment, once with Serve's
-default router (power of two choices) and once with the cache-aware one (`llm.routing`,
-`vision.routing`), and measures for each:
+--multi-turn runs the application with two replicas of each deployment, with Serve's default
+router (power of two choices) and with the cache-aware one (`llm.routing`, `vision.routing`),
+`--rounds` times each, alternating which goes first, and measures in each run:
 - conversations: `--conversations` three-turn image conversations, turns interleaved across
   conversations (four clients): the share of the previous turn's prompt, in whole blocks, that
   turns 2-3 find in the prefix cache (`usage.prompt_tokens_details.cached_tokens`), and the
   encoder-cache hits of their pictures;
-- skewed load: 384 requests from 16 clients, half of them next turns of one hot conversation
-  (one picture, one first exchange, different follow-up questions), half single questions about
-  distinct pictures: requests/s, output tokens/s, TTFT, and the largest difference between the
-  two LLM replicas' requests in flight, sampled every 50 ms.
+- skewed load: `--skewed-requests` requests of 16 tokens each from 16 clients, half of them next
+  turns of one hot conversation (one picture, one first exchange, different follow-up
+  questions), half single questions about distinct pictures: requests/s, output tokens/s, TTFT,
+  the difference between the two LLM replicas' queues (Serve's count of ongoing requests, what
+  the load bound uses), read from both together every 20 ms, and the Ingresses' routing
+  decisions and queue probes.
+Throughput is compared per round (the two routers' runs back to back) and over the rounds.
 """
 
 from __future__ import annotations
@@ -279,10 +283,11 @@ def replica_stats(deployment: str, count: int = 2) -> dict[int, dict]:
     return seen
 
 
-async def chat(http, url: str, messages: list[dict], max_tokens: int) -> tuple[dict, float, float]:
+async def chat(http, url: str, messages: list[dict], max_tokens: int,
+               ignore_eos: bool = False) -> tuple[dict, float, float]:
     """(usage and answer, TTFT, latency) of one streamed request."""
     body = {"model": "vlm-serve-default", "temperature": 0, "max_tokens": max_tokens, "stream": True,
-            "stream_options": {"include_usage": True}, "messages": messages}
+            "stream_options": {"include_usage": True}, "messages": messages, "ignore_eos": ignore_eos}
     start, first, text, usage = time.perf_counter(), None, "", None
     async for chunk in sse_chunks(http, url, body):
         if chunk.get("usage"):
@@ -332,7 +337,29 @@ async def conversations(base: str, n: int) -> dict:
             "cached_share": found / whole, "encoder_hits_turns_2_3": hits, "encoder_lookups_turns_2_3": 2 * n}
 
 
-async def skewed(base: str, requests: int = 384, clients: int = 16, max_tokens: int = 16) -> dict:
+def replica_actors(deployment: str) -> list:
+    import ray
+    from ray.util import list_named_actors
+
+    return [ray.get_actor(e["name"], namespace=e["namespace"]) for e in list_named_actors(all_namespaces=True)
+            if f"#{deployment}#" in e["name"]]
+
+
+def routing_counts() -> dict:
+    """Routing decisions and queue probes for LLMServer, summed over the Ingress replicas."""
+    decisions: dict[str, int] = {}
+    probes = 0
+    for st in replica_stats("Ingress").values():
+        for decision, n in st["routing"].get("LLMServer", {}).items():
+            decisions[decision] = decisions.get(decision, 0) + n
+        probes += st["routing_probes"].get("LLMServer", 0)
+    return {"decisions": decisions, "probes": probes}
+
+
+async def skewed(base: str, imbalance: int, requests: int, clients: int = 16, max_tokens: int = 16) -> dict:
+    """Half the requests extend one hot conversation, half ask about distinct pictures; every
+    request makes `max_tokens` tokens. Both LLM replicas' queues (Serve's count of their ongoing
+    requests, which the router's load bound uses) are read together every 20 ms."""
     import httpx
 
     from vlm_core.default_model.data import make_scene, questions, split_ids
@@ -353,18 +380,15 @@ async def skewed(base: str, requests: int = 384, clients: int = 16, max_tokens: 
             items.append(conversation_messages(png_of(cold[k]), [(questions(cold[k])[0][0], None)]))
     ttfts, tokens, gaps = [], 0, []
     done = asyncio.Event()
+    actors = await asyncio.to_thread(replica_actors, "LLMServer")
+    assert len(actors) == 2, f"expected two LLMServer replicas, found {len(actors)}"
+    before = await asyncio.to_thread(routing_counts)
 
     async def sample():
-        from ray import serve
-
-        handle = serve.get_deployment_handle("LLMServer", "vlm")
-        latest: dict[int, int] = {}
         while not done.is_set():
-            st = await handle.stats.remote()
-            latest[st["pid"]] = st["in_flight"]
-            if len(latest) == 2:
-                gaps.append(max(latest.values()) - min(latest.values()))
-            await asyncio.sleep(0.05)
+            queues = await asyncio.gather(*(a.get_num_ongoing_requests.remote() for a in actors))
+            gaps.append(max(queues) - min(queues))
+            await asyncio.sleep(0.02)
 
     async with httpx.AsyncClient(timeout=300) as http:
         queue = list(items)
@@ -372,7 +396,8 @@ async def skewed(base: str, requests: int = 384, clients: int = 16, max_tokens: 
         async def client():
             nonlocal tokens
             while queue:
-                usage, ttft, _ = await chat(http, base + "/v1/chat/completions", queue.pop(0), max_tokens)
+                usage, ttft, _ = await chat(http, base + "/v1/chat/completions", queue.pop(0), max_tokens,
+                                            ignore_eos=True)
                 ttfts.append(ttft)
                 tokens += usage["completion_tokens"]
 
@@ -382,13 +407,18 @@ async def skewed(base: str, requests: int = 384, clients: int = 16, max_tokens: 
         wall = time.perf_counter() - start
         done.set()
         await sampler
+    after = await asyncio.to_thread(routing_counts)
+    decisions = {k: n - before["decisions"].get(k, 0) for k, n in after["decisions"].items()}
     return {"requests": requests, "clients": clients, "wall_s": wall, "requests_per_s": requests / wall,
             "output_tokens_per_s": tokens / wall, "ttft_p50_ms": 1e3 * percentile(ttfts, 0.5),
-            "ttft_p90_ms": 1e3 * percentile(ttfts, 0.9), "max_in_flight_gap": max(gaps, default=0),
-            "in_flight_gap_samples": len(gaps)}
+            "ttft_p90_ms": 1e3 * percentile(ttfts, 0.9), "queue_gap_samples": len(gaps),
+            "max_queue_gap": max(gaps, default=0), "queue_gap_p99": percentile(gaps, 0.99),
+            "share_of_samples_over_imbalance": sum(g > imbalance for g in gaps) / max(1, len(gaps)),
+            "routing_decisions": {k: n for k, n in decisions.items() if n},
+            "queue_probes": after["probes"] - before["probes"]}
 
 
-def multi_turn(config: str, model_dir: str, n: int, out: Path | None) -> None:
+def multi_turn(config: str, model_dir: str, n: int, rounds: int, skewed_requests: int, out: Path | None) -> None:
     import ray
     from ray import serve
 
@@ -397,35 +427,59 @@ def multi_turn(config: str, model_dir: str, n: int, out: Path | None) -> None:
 
     two = {"autoscaling_config": {"min_replicas": 2, "max_replicas": 2}}
     imbalance = RoutingSettings().imbalance
-    results = {}
-    for policy in ("power_of_two", "cache_affinity"):
-        print(f"{policy}: starting two replicas of each deployment ...", flush=True)
-        base = start_serve(config, {"model_dir": model_dir, "deployments": {d: two for d in DEPLOYMENTS},
-                                    "llm": {"routing": {"policy": policy}}, "vision": {"routing": {"policy": policy}}},
-                           num_cpus=8)     # logical CPUs: six replicas that mostly wait on each other
-        try:
-            conv = asyncio.run(conversations(base, n))
-            skew = asyncio.run(skewed(base))
-            results[policy] = {"conversations": conv, "skewed": skew}
-        finally:
-            serve.shutdown()
-            ray.shutdown()
+    policies = ("power_of_two", "cache_affinity")
+    runs: dict[str, list] = {p: [] for p in policies}
+    for r in range(rounds):
+        for policy in (policies if r % 2 == 0 else policies[::-1]):     # alternate which goes first
+            print(f"round {r + 1}/{rounds}, {policy}: starting two replicas of each deployment ...", flush=True)
+            base = start_serve(config, {"model_dir": model_dir, "deployments": {d: two for d in DEPLOYMENTS},
+                                        "llm": {"routing": {"policy": policy}},
+                                        "vision": {"routing": {"policy": policy}}},
+                               num_cpus=8)     # logical CPUs: six replicas that mostly wait on each other
+            try:
+                conv = asyncio.run(conversations(base, n))
+                skew = asyncio.run(skewed(base, imbalance, skewed_requests))
+                runs[policy].append({"round": r + 1, "conversations": conv, "skewed": skew})
+                print(f"  cached {conv['cached_share']:.0%}, encoder hits {conv['encoder_hits_turns_2_3']}, "
+                      f"skewed {skew['requests_per_s']:.2f} req/s, max queue gap {skew['max_queue_gap']}", flush=True)
+            finally:
+                serve.shutdown()
+                ray.shutdown()
+    summary = {}
+    for policy, rs in runs.items():
+        rps = [x["skewed"]["requests_per_s"] for x in rs]
+        summary[policy] = {
+            "cached_share_min": min(x["conversations"]["cached_share"] for x in rs),
+            "cached_share_mean": statistics.mean(x["conversations"]["cached_share"] for x in rs),
+            "encoder_hits": [x["conversations"]["encoder_hits_turns_2_3"] for x in rs],
+            "encoder_lookups": rs[0]["conversations"]["encoder_lookups_turns_2_3"],
+            "skewed_requests_per_s": rps, "skewed_requests_per_s_median": statistics.median(rps),
+            "ttft_p50_ms_median": statistics.median(x["skewed"]["ttft_p50_ms"] for x in rs),
+            "max_queue_gap": max(x["skewed"]["max_queue_gap"] for x in rs),
+            "queue_gap_p99_max": max(x["skewed"]["queue_gap_p99"] for x in rs),
+            "share_of_samples_over_imbalance": statistics.mean(x["skewed"]["share_of_samples_over_imbalance"]
+                                                               for x in rs)}
+    paired = [a["skewed"]["requests_per_s"] / b["skewed"]["requests_per_s"]
+              for a, b in zip(runs["cache_affinity"], runs["power_of_two"])]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu-{os.cpu_count()}cores"
-    print(f"\n{'router':<16} {'turns 2-3 cached':>17} {'encoder hits':>13} {'skew req/s':>11} {'tok/s':>7} "
-          f"{'TTFT p50':>9} {'max gap':>8}")
-    for policy, r in results.items():
-        c, k = r["conversations"], r["skewed"]
-        print(f"{policy:<16} {c['cached_share']:>16.0%} {c['encoder_hits_turns_2_3']:>6}/{c['encoder_lookups_turns_2_3']:<6} "
-              f"{k['requests_per_s']:>11.2f} {k['output_tokens_per_s']:>7.1f} {k['ttft_p50_ms']:>7.0f}ms "
-              f"{k['max_in_flight_gap']:>8}")
-    print(f"(max gap: the largest difference in requests in flight between the two LLM replicas, sampled; "
-          f"configured imbalance {imbalance})")
+    print(f"\n{'router':<16} {'turns 2-3 cached':>17} {'encoder hits':>13} {'skew req/s (median; runs)':>32} "
+          f"{'TTFT p50':>9} {'max gap':>8} {'p99 gap':>8}")
+    for policy, m in summary.items():
+        runs_s = " ".join(f"{x:.1f}" for x in m["skewed_requests_per_s"])
+        hits = "/".join(str(h) for h in m["encoder_hits"])
+        print(f"{policy:<16} {m['cached_share_min']:>16.0%} {hits:>7}/{m['encoder_lookups']:<5} "
+              f"{m['skewed_requests_per_s_median']:>7.2f} ({runs_s}){'':>4} {m['ttft_p50_ms_median']:>7.0f}ms "
+              f"{m['max_queue_gap']:>8} {m['queue_gap_p99_max']:>8.1f}")
+    print(f"cache_affinity / default skewed throughput, paired by round: {' '.join(f'{x:.3f}' for x in paired)} "
+          f"(median {statistics.median(paired):.3f})")
+    print(f"(turns 2-3 cached: the lowest of the rounds; gap: the difference between the two LLM replicas' "
+          f"queues, read together every 20 ms; configured imbalance {imbalance})")
     out = out or ROOT / "bench" / "results" / f"routing-{device.replace(' ', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    ratio = results["cache_affinity"]["skewed"]["requests_per_s"] / results["power_of_two"]["skewed"]["requests_per_s"]
     out.write_text(json.dumps({"device": device, "platform": platform.platform(), "model_dir": model_dir,
-                               "imbalance": imbalance, "policies": results,
-                               "skewed_throughput_cache_affinity_over_default": ratio,
+                               "imbalance": imbalance, "summary": summary, "runs": runs,
+                               "skewed_throughput_cache_affinity_over_default_paired": paired,
+                               "skewed_throughput_cache_affinity_over_default_median": statistics.median(paired),
                                "command": "python bench/serve.py " + " ".join(sys.argv[1:])}, indent=2) + "\n")
     print(f"wrote {out}")
 
@@ -442,6 +496,8 @@ def main() -> None:
     ap.add_argument("--multi-turn", action="store_true", help="compare the routers across two replicas of each "
                                                                   "deployment (conversations, skewed load)")
     ap.add_argument("--conversations", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3, help="--multi-turn: runs of each router, alternating")
+    ap.add_argument("--skewed-requests", type=int, default=512)
     ap.add_argument("--out", help="JSON path (default bench/results/serve-<device>.json)")
     a = ap.parse_args()
 
@@ -454,7 +510,8 @@ def main() -> None:
     model_dir = app_args.get("model_dir") or str(default_model_dir("awq"))
     overrides = {"model_dir": app_args.get("model_dir") or model_dir}
     if a.multi_turn:
-        multi_turn(a.config, model_dir, a.conversations, Path(a.out) if a.out else None)
+        multi_turn(a.config, model_dir, a.conversations, a.rounds, a.skewed_requests,
+                   Path(a.out) if a.out else None)
         return
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu-{os.cpu_count()}cores"
     levels = sorted(set(a.concurrency))

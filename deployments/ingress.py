@@ -38,7 +38,7 @@ from vlm_core.inputs.placeholders import MultimodalPrompt
 
 from .frontdoor import FrontDoor
 from .media import new_http_client, read_image_url
-from .metrics import routing_decisions
+from .metrics import routing_decisions, routing_probes
 from .protocol import (APIError, AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
                        Choice, ChoiceLogprobs, ChunkChoice, Completion, CompletionChoice, CompletionLogprobs,
                        CompletionRequest, Delta, DetokenizeRequest, DetokenizeResponse, ErrorResponse, FunctionCall,
@@ -438,9 +438,10 @@ class Ingress:
         return dict(sorted(merged.items()))
 
     def stats(self) -> dict:
-        """This replica's figures: its process id and the routing decisions its handles made
-        (`deployments/routing.py`), per deployment."""
-        return {"pid": os.getpid(), "routing": routing_decisions()}
+        """This replica's figures: its process id, the routing decisions its handles made
+        (`deployments/routing.py`) and how many of them asked the replicas their queues, per
+        deployment."""
+        return {"pid": os.getpid(), "routing": routing_decisions(), "routing_probes": routing_probes()}
 
     async def chat(self, body: ChatCompletionRequest) -> ChatCompletion:
         """One chat completion (n choices). From another Ray job:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 
 _ROUTING: Counter = Counter()     # (deployment routed to, decision) -> requests, in this process
+_PROBES: Counter = Counter()      # deployment routed to -> decisions that asked its replicas their queues
 
 
 class _Inert:
@@ -49,6 +50,15 @@ def record_routing_decision(target: str, decision: str) -> None:
     """Count a routing decision in this process (`deployments/routing.py`). The count lives here,
     not in the router's module: Serve ships a router class by value, with its own module globals."""
     _ROUTING[(target, decision)] += 1
+
+
+def record_routing_probe(target: str) -> None:
+    _PROBES[target] += 1
+
+
+def routing_probes() -> dict[str, int]:
+    """Routing decisions made in this process that asked the replicas for their queues."""
+    return dict(_PROBES)
 
 
 def routing_decisions() -> dict[str, dict[str, int]]:

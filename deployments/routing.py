@@ -18,15 +18,21 @@ Policy, per request:
   2. else rendezvous hashing of the first key over the live replicas: every router (every Ingress
      replica) picks the same replica for a conversation without sharing state, and when a
      replica joins or leaves only the keys it wins or held move;
-  3. the load bound: when the preferred replica's queue (its ongoing requests; asked of the
-     replicas whenever this router's own figures put it past half the bound) exceeds the least
-     loaded one's by more than `imbalance`, the least loaded replica takes the request.
+  3. the load bound: when sending the request to the preferred replica would put its queue (its
+     ongoing requests) more than `imbalance` above the least loaded replica's, the least loaded
+     replica takes it. A request that found no cached prefix (step 2) has nothing cached to gain
+     where it goes but its conversation's next turns, so it yields at half the bound: under a
+     hot prefix, cold requests fill the other replicas before the hot one's queue reaches the
+     bound. Queues are this router's own figures (Serve's queue-length cache, kept by its sends
+     and their completions) while these put the preferred replica within half its bound, and
+     asked of the replicas otherwise (they also count what other Ingress replicas sent).
 Keys whose replica is gone are passed over, so a replica's death moves its conversations to
 the others (their next turn is prefilled again there). A request without keys (a prompt shorter
 than a block, no pictures) is routed by power of two choices, as by Serve's default router.
 
 Decisions are counted per deployment in `vlm_routing_decisions` (cached | hashed | load |
-unkeyed) and in `metrics.routing_decisions()` (the Ingress's `stats()`).
+unkeyed) and in `metrics.routing_decisions()` (the Ingress's `stats()`); `metrics.routing_probes()`
+counts those that asked the replicas for their queues.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from ray.serve.request_router import LocalityMixin, MultiplexMixin, PendingReque
 from vlm_core.engine.kv_cache import prompt_block_keys
 from vlm_core.engine.request import EngineRequest
 
-from .metrics import metric, record_routing_decision
+from .metrics import metric, record_routing_decision, record_routing_probe
 
 ROUTER_PATH = "deployments.routing.CacheAffinityRouter"
 
@@ -80,16 +86,16 @@ class CacheAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
 
     # ---- choice ---------------------------------------------------------------------------
 
-    async def _loads(self, replicas: list[RunningReplica], preferred: ReplicaID) -> dict[ReplicaID, int]:
-        """Each replica's ongoing requests: this router's figures (Serve's queue-length cache, kept
-        by its own sends and their completions) while they put the preferred replica well within
-        the bound; else, or where they are missing, asked of the replicas, which also see what
-        other Ingress replicas sent. A replica that does not answer in time keeps its cached figure."""
+    async def _loads(self, replicas: list[RunningReplica], preferred: ReplicaID, bound: int) -> dict[ReplicaID, int]:
+        """Each replica's ongoing requests: this router's own figures while they put the preferred
+        replica within half its bound of the least loaded; else, or where they are missing, asked
+        of the replicas. A replica that does not answer in time keeps its cached figure."""
         cache = self._replica_queue_len_cache
         loads = {r.replica_id: cache.get(r.replica_id) for r in replicas}
         known = [q for q in loads.values() if q is not None]
-        if len(known) == len(replicas) and loads[preferred] - min(known) <= self._imbalance // 2:
+        if len(known) == len(replicas) and loads[preferred] - min(known) <= bound // 2:
             return loads
+        record_routing_probe(self._deployment_id.name)
         for r, q in await self._probe_queue_lens(replicas, 0):
             if q is not None:
                 loads[r.replica_id] = q
@@ -110,11 +116,13 @@ class CacheAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]   # the lower queue wins
         live = {r.replica_id: r for r in candidate_replicas}
         rid, decision = self.preferred(keys, live)
-        loads = await self._loads(candidate_replicas, rid) if len(candidate_replicas) > 1 else {}
+        bound = self._imbalance if decision == "cached" else self._imbalance // 2
+        loads = await self._loads(candidate_replicas, rid, bound) if len(candidate_replicas) > 1 else {}
         known = [r for r in candidate_replicas if r.replica_id in loads]
         ranked = sorted(known, key=lambda r: loads[r.replica_id]) + [r for r in candidate_replicas
                                                                       if r.replica_id not in loads]
-        if rid in loads and known and loads[rid] - loads[ranked[0].replica_id] > self._imbalance:
+        others = [loads[r.replica_id] for r in ranked if r.replica_id in loads and r.replica_id != rid]
+        if rid in loads and others and loads[rid] + 1 - others[0] > bound and others[0] < loads[rid]:
             rid, decision = ranked[0].replica_id, "load"
         self._decided(pending_request, keys, rid, decision)
         return [[live[rid]], [r for r in ranked if r.replica_id != rid]]

@@ -46,8 +46,9 @@ class RoutingSettings(_Section):
     policy: Literal["cache_affinity", "power_of_two"] = Field(
         "cache_affinity", description="cache_affinity: to the replica that holds the request's cached prefix or "
                                       "pictures (deployments/routing.py); power_of_two: Serve's default router")
-    imbalance: int = Field(8, ge=0, description="ongoing requests by which the preferred replica may exceed the "
-                                                "least loaded one before the least loaded takes the request")
+    imbalance: int = Field(8, ge=0, description="ongoing requests by which a request may put its preferred replica "
+                                                "above the least loaded one before the least loaded takes it (half "
+                                                "that for a request with no cached prefix)")
     index_size: int = Field(100_000, ge=1, description="keys each router remembers (least recently used evicted)")
 
     def serve_options(self, keys: str, block_size: int = 16) -> dict[str, Any]:

@@ -59,7 +59,7 @@ def conversation(turn_tokens: int, image="pic"):
 
 
 def choose(router, reps, req, loads, rid="r1"):
-    async def loads_of(_replicas, _preferred=None):
+    async def loads_of(_replicas, _preferred=None, _bound=None):
         return {r.replica_id: loads[r.replica_id.unique_id] for r in _replicas}
 
     router._loads = loads_of
@@ -89,8 +89,9 @@ def test_a_next_turn_follows_its_cached_prefix_and_the_load_bound_overrides_it()
     home = choose(router, reps, turn1, {"a": 0, "b": 0})
     other = "b" if home == "a" else "a"
     assert choose(router, reps, turn2, {"a": 0, "b": 0}, "r2") == home
-    assert choose(router, reps, conversation(120), {home: 2, other: 0}, "r3") == home    # within the bound
-    assert choose(router, reps, conversation(150), {home: 3, other: 0}, "r4") == other   # past it
+    # sent home, its queue would be 2 above the other's: within the bound; 3 would be past it
+    assert choose(router, reps, conversation(120), {home: 1, other: 0}, "r3") == home
+    assert choose(router, reps, conversation(150), {home: 2, other: 0}, "r4") == other
     from deployments.metrics import routing_decisions
 
     assert routing_decisions()["LLMServer"]["load"] >= 1 and routing_decisions()["LLMServer"]["cached"] >= 2
@@ -99,6 +100,44 @@ def test_a_next_turn_follows_its_cached_prefix_and_the_load_bound_overrides_it()
     # a replica that is gone is passed over: its conversations go to the one left
     assert choose(router, [r for r in reps if r.replica_id.unique_id == home], conversation(190),
                   {home: 0}, "r6") == home
+
+
+def test_a_request_with_nothing_cached_yields_at_half_the_bound():
+    reps = replicas("a", "b")
+    live = {r.replica_id: r for r in reps}
+    router = make_router(imbalance=4)
+    cold = conversation(40, "cold-pic")
+    home = router.preferred(prompt_block_keys(cold.prompt, ("cold-pic",), 16), live)[0].unique_id
+    other = "b" if home == "a" else "a"
+    assert choose(make_router(imbalance=4), reps, cold, {home: 1, other: 0}) == home     # 2 above: within 4 // 2
+    assert choose(make_router(imbalance=4), reps, cold, {home: 2, other: 0}) == other    # 3 above: past it
+    assert choose(make_router(imbalance=4), reps, cold, {home: 3, other: 3}) == home     # never for equal queues
+    assert choose(make_router(imbalance=0), reps, cold, {home: 3, other: 3}) == home
+    # once its first turn is indexed, its next turn has a cached prefix and the whole bound
+    assert choose(router, reps, cold, {home: 0, other: 0}) == home
+    assert choose(router, reps, conversation(80, "cold-pic"), {home: 3, other: 0}, "r2") == home
+
+
+def test_the_router_asks_the_replicas_only_when_its_own_figures_near_the_bound():
+    from deployments.metrics import routing_probes
+
+    reps = replicas("a", "b")
+    a, b = (r.replica_id for r in reps)
+    router = make_router(imbalance=8)
+    asked = []
+
+    async def probe(replicas_, backoff):
+        asked.append(len(replicas_))
+        return [(r, {"a": 9, "b": 1}[r.replica_id.unique_id]) for r in replicas_]   # what the others sent too
+
+    router._probe_queue_lens = probe
+    router._replica_queue_len_cache = {a: 6, b: 2}                    # this router's own sends
+    before = routing_probes().get("LLMServer", 0)
+    assert asyncio.run(router._loads(reps, a, 8)) == {a: 6, b: 2} and not asked        # 4 above: within 8 // 2
+    assert asyncio.run(router._loads(reps, a, 4)) == {a: 9, b: 1} and asked == [2]     # past 4 // 2: asked
+    router._replica_queue_len_cache = {a: 1}                          # a figure missing: asked
+    assert asyncio.run(router._loads(reps, a, 8)) == {a: 9, b: 1} and asked == [2, 2]
+    assert routing_probes()["LLMServer"] == before + 2
 
 
 def test_requests_without_keys_get_two_choices():
