@@ -30,8 +30,12 @@ router (power of two choices) and with the cache-aware one (`llm.routing`, `visi
   turns of one hot conversation (one picture, one first exchange, different follow-up
   questions), half single questions about distinct pictures: requests/s, output tokens/s, TTFT,
   the difference between the two LLM replicas' queues (Serve's count of ongoing requests, what
-  the load bound uses), read from both together every 20 ms, and the Ingresses' routing
-  decisions and queue probes.
+  the load bound uses), read from both together every 20 ms (and the largest gap held for 100
+  ms: a replica that ends several requests in one step drops its queue for a moment whatever
+  routed them), and the Ingresses' routing decisions and queue probes;
+- held-open skew: 32 requests of 150 tokens, three in four extending the hot conversation,
+  sent 40 ms apart; once all have their first token (all routed, none ended) the two LLM
+  replicas' queues, whose gap the load bound keeps within `imbalance`.
 Throughput is compared per round (the two routers' runs back to back) and over the rounds.
 """
 
@@ -154,8 +158,8 @@ def start_serve(config: str, overrides: dict, num_cpus: int | None = None) -> st
 
     from deployments.app import app_from_config
 
-    port = free_port()
     ray.init(num_cpus=num_cpus, include_dashboard=False, address="local", log_to_driver=False)
+    port = free_port()      # after Ray's own processes have bound theirs
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     name, prefix, app = app_from_config(config, overrides)
     serve.run(app, name=name, route_prefix=prefix, blocking=False)
@@ -356,12 +360,9 @@ def routing_counts() -> dict:
     return {"decisions": decisions, "probes": probes}
 
 
-async def skewed(base: str, imbalance: int, requests: int, clients: int = 16, max_tokens: int = 16) -> dict:
-    """Half the requests extend one hot conversation, half ask about distinct pictures; every
-    request makes `max_tokens` tokens. Both LLM replicas' queues (Serve's count of their ongoing
-    requests, which the router's load bound uses) are read together every 20 ms."""
-    import httpx
-
+def skewed_messages(requests: int, hot_every: int = 2) -> list[list[dict]]:
+    """Every `hot_every`-th request a next turn of one hot conversation (one picture, one first
+    exchange, different follow-up questions), the others single questions about distinct pictures."""
     from vlm_core.default_model.data import make_scene, questions, split_ids
 
     def png_of(scene):
@@ -372,13 +373,74 @@ async def skewed(base: str, imbalance: int, requests: int, clients: int = 16, ma
     hot = make_scene(next(iter(split_ids("heldout", 1, offset=52000))))
     hot_png, hot_qs = png_of(hot), [q for q, _ in questions(hot)]
     cold = [make_scene(i) for i in split_ids("heldout", requests, offset=53000)]
-    items = []
+    items, turns = [], 0
     for k in range(requests):
-        if k % 2 == 0:
-            items.append(conversation_messages(hot_png, [(hot_qs[0], "yes"), (hot_qs[k // 2 % len(hot_qs)], None)]))
+        if k % hot_every != hot_every - 1:
+            items.append(conversation_messages(hot_png, [(hot_qs[0], "yes"), (hot_qs[turns % len(hot_qs)], None)]))
+            turns += 1
         else:
             items.append(conversation_messages(png_of(cold[k]), [(questions(cold[k])[0][0], None)]))
-    ttfts, tokens, gaps = [], 0, []
+    return items
+
+
+async def replica_queues(actors) -> list[int]:
+    """Serve's count of each replica's ongoing requests (what the load bound uses), read together."""
+    return list(await asyncio.gather(*(a.get_num_ongoing_requests.remote() for a in actors)))
+
+
+async def held_skew(base: str, imbalance: int, requests: int = 32, max_tokens: int = 150) -> dict:
+    """Requests that stay in flight: three in four extend the hot conversation, sent 40 ms apart,
+    each making `max_tokens` tokens. Once every one has its first token (all routed, none ended),
+    the two LLM replicas' queues show where the router put them: without the load bound the hot
+    ones would all be on one replica."""
+    import httpx
+
+    items = skewed_messages(requests, hot_every=4)
+    actors = await asyncio.to_thread(replica_actors, "LLMServer")
+    before = await asyncio.to_thread(routing_counts)
+    started, failed = 0, []
+    all_started = asyncio.Event()
+
+    async def one(http, messages, delay):
+        nonlocal started
+        await asyncio.sleep(delay)
+        body = {"model": "vlm-serve-default", "temperature": 0, "max_tokens": max_tokens, "stream": True,
+                "ignore_eos": True, "messages": messages}
+        first = False
+        try:
+            async for chunk in sse_chunks(http, base + "/v1/chat/completions", body):
+                if not first and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    first = True
+                    started += 1
+                    if started == requests:
+                        all_started.set()
+        except Exception as e:
+            failed.append(e)
+            all_started.set()
+
+    async with httpx.AsyncClient(timeout=300) as http:
+        tasks = [asyncio.create_task(one(http, m, 0.04 * i)) for i, m in enumerate(items)]
+        await asyncio.wait_for(all_started.wait(), 120)
+        queues = sorted(await replica_queues(actors))
+        await asyncio.gather(*tasks)
+    if failed:
+        raise failed[0]
+    after = await asyncio.to_thread(routing_counts)
+    decisions = {k: n - before["decisions"].get(k, 0) for k, n in after["decisions"].items()}
+    return {"requests": requests, "hot": sum(1 for k in range(requests) if k % 4 != 3), "queues": queues,
+            "gap": queues[1] - queues[0], "within_imbalance": queues[1] - queues[0] <= imbalance,
+            "routing_decisions": {k: n for k, n in decisions.items() if n},
+            "queue_probes": after["probes"] - before["probes"]}
+
+
+async def skewed(base: str, imbalance: int, requests: int, clients: int = 16, max_tokens: int = 16) -> dict:
+    """Half the requests extend one hot conversation, half ask about distinct pictures; every
+    request makes `max_tokens` tokens. Both LLM replicas' queues (Serve's count of their ongoing
+    requests, which the router's load bound uses) are read together every 20 ms."""
+    import httpx
+
+    items = skewed_messages(requests)
+    ttfts, tokens, samples = [], 0, []
     done = asyncio.Event()
     actors = await asyncio.to_thread(replica_actors, "LLMServer")
     assert len(actors) == 2, f"expected two LLMServer replicas, found {len(actors)}"
@@ -386,8 +448,7 @@ async def skewed(base: str, imbalance: int, requests: int, clients: int = 16, ma
 
     async def sample():
         while not done.is_set():
-            queues = await asyncio.gather(*(a.get_num_ongoing_requests.remote() for a in actors))
-            gaps.append(max(queues) - min(queues))
+            samples.append(sorted(await replica_queues(actors)))
             await asyncio.sleep(0.02)
 
     async with httpx.AsyncClient(timeout=300) as http:
@@ -408,11 +469,17 @@ async def skewed(base: str, imbalance: int, requests: int, clients: int = 16, ma
         done.set()
         await sampler
     after = await asyncio.to_thread(routing_counts)
+    gaps = [hi - lo for lo, hi in samples]
+    held = [min(gaps[i:i + 5]) for i in range(max(0, len(gaps) - 4))]      # a gap held for 100 ms
     decisions = {k: n - before["decisions"].get(k, 0) for k, n in after["decisions"].items()}
     return {"requests": requests, "clients": clients, "wall_s": wall, "requests_per_s": requests / wall,
             "output_tokens_per_s": tokens / wall, "ttft_p50_ms": 1e3 * percentile(ttfts, 0.5),
-            "ttft_p90_ms": 1e3 * percentile(ttfts, 0.9), "queue_gap_samples": len(gaps),
-            "max_queue_gap": max(gaps, default=0), "queue_gap_p99": percentile(gaps, 0.99),
+            "ttft_p90_ms": 1e3 * percentile(ttfts, 0.9), "queue_samples": len(samples),
+            "mean_queue_busier": statistics.mean(hi for _, hi in samples),
+            "mean_queue_other": statistics.mean(lo for lo, _ in samples),
+            "queue_gap_p50": percentile(gaps, 0.5), "queue_gap_p90": percentile(gaps, 0.9),
+            "queue_gap_p99": percentile(gaps, 0.99), "max_queue_gap": max(gaps, default=0),
+            "max_queue_gap_held_100ms": max(held, default=0),
             "share_of_samples_over_imbalance": sum(g > imbalance for g in gaps) / max(1, len(gaps)),
             "routing_decisions": {k: n for k, n in decisions.items() if n},
             "queue_probes": after["probes"] - before["probes"]}
@@ -439,9 +506,11 @@ def multi_turn(config: str, model_dir: str, n: int, rounds: int, skewed_requests
             try:
                 conv = asyncio.run(conversations(base, n))
                 skew = asyncio.run(skewed(base, imbalance, skewed_requests))
-                runs[policy].append({"round": r + 1, "conversations": conv, "skewed": skew})
+                held = asyncio.run(held_skew(base, imbalance))
+                runs[policy].append({"round": r + 1, "conversations": conv, "skewed": skew, "held": held})
                 print(f"  cached {conv['cached_share']:.0%}, encoder hits {conv['encoder_hits_turns_2_3']}, "
-                      f"skewed {skew['requests_per_s']:.2f} req/s, max queue gap {skew['max_queue_gap']}", flush=True)
+                      f"skewed {skew['requests_per_s']:.2f} req/s, max queue gap {skew['max_queue_gap']}, "
+                      f"held-open queues {held['queues']}", flush=True)
             finally:
                 serve.shutdown()
                 ray.shutdown()
@@ -455,25 +524,38 @@ def multi_turn(config: str, model_dir: str, n: int, rounds: int, skewed_requests
             "encoder_lookups": rs[0]["conversations"]["encoder_lookups_turns_2_3"],
             "skewed_requests_per_s": rps, "skewed_requests_per_s_median": statistics.median(rps),
             "ttft_p50_ms_median": statistics.median(x["skewed"]["ttft_p50_ms"] for x in rs),
-            "max_queue_gap": max(x["skewed"]["max_queue_gap"] for x in rs),
+            "mean_queue_busier": statistics.mean(x["skewed"]["mean_queue_busier"] for x in rs),
+            "mean_queue_other": statistics.mean(x["skewed"]["mean_queue_other"] for x in rs),
+            "queue_gap_p90_max": max(x["skewed"]["queue_gap_p90"] for x in rs),
             "queue_gap_p99_max": max(x["skewed"]["queue_gap_p99"] for x in rs),
+            "max_queue_gap": max(x["skewed"]["max_queue_gap"] for x in rs),
+            "max_queue_gap_held_100ms": max(x["skewed"]["max_queue_gap_held_100ms"] for x in rs),
             "share_of_samples_over_imbalance": statistics.mean(x["skewed"]["share_of_samples_over_imbalance"]
-                                                               for x in rs)}
+                                                               for x in rs),
+            "held_open_queues": [x["held"]["queues"] for x in rs],
+            "held_open_gap_max": max(x["held"]["gap"] for x in rs)}
     paired = [a["skewed"]["requests_per_s"] / b["skewed"]["requests_per_s"]
               for a, b in zip(runs["cache_affinity"], runs["power_of_two"])]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu-{os.cpu_count()}cores"
-    print(f"\n{'router':<16} {'turns 2-3 cached':>17} {'encoder hits':>13} {'skew req/s (median; runs)':>32} "
-          f"{'TTFT p50':>9} {'max gap':>8} {'p99 gap':>8}")
+    print(f"\n{'router':<16} {'turns 2-3 cached':>17} {'encoder hits':>14} {'skewed req/s: median (runs)':>30} "
+          f"{'TTFT p50':>9} {'queues':>11} {'gap p90/p99/max':>16} {'held':>5} {'>imb':>6}")
     for policy, m in summary.items():
         runs_s = " ".join(f"{x:.1f}" for x in m["skewed_requests_per_s"])
         hits = "/".join(str(h) for h in m["encoder_hits"])
-        print(f"{policy:<16} {m['cached_share_min']:>16.0%} {hits:>7}/{m['encoder_lookups']:<5} "
-              f"{m['skewed_requests_per_s_median']:>7.2f} ({runs_s}){'':>4} {m['ttft_p50_ms_median']:>7.0f}ms "
-              f"{m['max_queue_gap']:>8} {m['queue_gap_p99_max']:>8.1f}")
+        gap = f"{m['queue_gap_p90_max']:.0f}/{m['queue_gap_p99_max']:.0f}/{m['max_queue_gap']}"
+        print(f"{policy:<16} {m['cached_share_min']:>16.0%} {hits + ' of ' + str(m['encoder_lookups']):>14} "
+              f"{m['skewed_requests_per_s_median']:>8.2f} ({runs_s}) {m['ttft_p50_ms_median']:>7.0f}ms "
+              f"{m['mean_queue_busier']:>5.1f}/{m['mean_queue_other']:<5.1f} {gap:>16} "
+              f"{m['max_queue_gap_held_100ms']:>5} {m['share_of_samples_over_imbalance']:>6.1%}")
+    for policy, m in summary.items():
+        print(f"{policy}: held-open skew ({runs[policy][0]['held']['hot']} hot + "
+              f"{runs[policy][0]['held']['requests'] - runs[policy][0]['held']['hot']} cold requests in flight), "
+              f"the replicas' queues per round {m['held_open_queues']}, largest gap {m['held_open_gap_max']}")
     print(f"cache_affinity / default skewed throughput, paired by round: {' '.join(f'{x:.3f}' for x in paired)} "
           f"(median {statistics.median(paired):.3f})")
-    print(f"(turns 2-3 cached: the lowest of the rounds; gap: the difference between the two LLM replicas' "
-          f"queues, read together every 20 ms; configured imbalance {imbalance})")
+    print(f"(turns 2-3 cached: the lowest of the rounds. queues: mean of the busier / the other LLM replica's "
+          f"queue; gap: their difference, both read every 20 ms, p90/p99 the highest of the rounds; held: the "
+          f"largest gap held for 100 ms; >imb: share of readings over the configured imbalance, {imbalance})")
     out = out or ROOT / "bench" / "results" / f"routing-{device.replace(' ', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": device, "platform": platform.platform(), "model_dir": model_dir,

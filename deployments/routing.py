@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 from ray.serve.request_router import LocalityMixin, MultiplexMixin, PendingRequest, ReplicaID, RequestRouter, \
     RunningReplica
@@ -67,6 +67,7 @@ class CacheAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self._index_size = index_size
         self._index: OrderedDict[bytes, ReplicaID] = OrderedDict()
         self._routing: OrderedDict[str, tuple] = OrderedDict()   # request -> (its keys, the replica chosen)
+        self._chosen: Counter[ReplicaID] = Counter()                # replica -> requests this router chose for it
         self._metric = metric("Counter", "vlm_routing_decisions", "requests routed, by decision: cached (the "
                               "replica holding the longest cached prefix), hashed (rendezvous), load (load "
                               "bound), unkeyed (power of two choices)", tag_keys=("target", "decision"))
@@ -89,16 +90,19 @@ class CacheAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
     async def _loads(self, replicas: list[RunningReplica], preferred: ReplicaID, bound: int) -> dict[ReplicaID, int]:
         """Each replica's ongoing requests: this router's own figures while they put the preferred
         replica within half its bound of the least loaded; else, or where they are missing, asked
-        of the replicas. A replica that does not answer in time keeps its cached figure."""
+        of the replicas, plus what this router chose for each while it waited for the answers (a
+        burst of requests, all waiting on their probes, would otherwise all see the same queues
+        and pile onto one replica). A replica that does not answer in time keeps its cached figure."""
         cache = self._replica_queue_len_cache
         loads = {r.replica_id: cache.get(r.replica_id) for r in replicas}
         known = [q for q in loads.values() if q is not None]
         if len(known) == len(replicas) and loads[preferred] - min(known) <= bound // 2:
             return loads
         record_routing_probe(self._deployment_id.name)
+        chosen = {r.replica_id: self._chosen[r.replica_id] for r in replicas}
         for r, q in await self._probe_queue_lens(replicas, 0):
             if q is not None:
-                loads[r.replica_id] = q
+                loads[r.replica_id] = q + self._chosen[r.replica_id] - chosen[r.replica_id]
         return {rid: q for rid, q in loads.items() if q is not None}
 
     def preferred(self, keys: list[bytes], live: dict[ReplicaID, RunningReplica]) -> tuple[ReplicaID, str]:
@@ -138,6 +142,8 @@ class CacheAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             while len(self._routing) > 10_000:
                 self._routing.popitem(last=False)
         self._index_keys(keys, rid)
+        if rid is not None:
+            self._chosen[rid] += 1
         name = self._deployment_id.name
         record_routing_decision(name, decision)
         self._metric.inc(tags={"target": name, "decision": decision})

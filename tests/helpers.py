@@ -64,12 +64,12 @@ def local_serve(overrides: dict):
 
     from deployments.app import app_from_config
 
-    port = free_port()
     # logical CPUs: room for replicas that mostly wait on each other (and a second app beside);
     # replicas run the product's CPU path (torch), not the Triton interpreter the kernel tests use
     ray.init(num_cpus=8, include_dashboard=False, address="local", log_to_driver=False,
              runtime_env={"env_vars": {"TRITON_INTERPRET": "0"}})
     try:
+        port = free_port()      # after Ray's own processes have bound theirs
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         name, prefix, app = app_from_config(SERVE_CONFIG, overrides)
         assert (name, prefix) == ("vlm", "/")

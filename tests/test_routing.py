@@ -140,6 +140,31 @@ def test_the_router_asks_the_replicas_only_when_its_own_figures_near_the_bound()
     assert routing_probes()["LLMServer"] == before + 2
 
 
+def test_a_burst_waiting_on_its_probes_counts_what_the_router_chose_meanwhile():
+    """Twelve cached-prefix requests arrive together and all wait on their probes, which answer
+    with the same queues: each still sees the ones chosen before it, so the load bound holds."""
+    reps = replicas("a", "b")
+    router = make_router(imbalance=4)
+    turn1 = conversation(40)
+    home = choose(router, reps, turn1, {"a": 0, "b": 0})
+    del router._loads                                       # the router's own, from here on
+
+    async def probe(replicas_, backoff):
+        await asyncio.sleep(0.01)
+        return [(r, 0) for r in replicas_]                  # nothing reached the replicas yet
+
+    router._probe_queue_lens = probe
+    router._replica_queue_len_cache = {}
+
+    async def burst():
+        return await asyncio.gather(*(router.choose_replicas(reps, pending(conversation(60 + i), f"b{i}"))
+                                      for i in range(12)))
+
+    chosen = [ranks[0][0].replica_id.unique_id for ranks in asyncio.run(burst())]
+    assert abs(chosen.count("a") - chosen.count("b")) <= 4 + 1
+    assert chosen[0] == home and chosen.count(home) >= 6       # affinity kept as far as the bound allows
+
+
 def test_requests_without_keys_get_two_choices():
     reps = replicas("a", "b", "c")
     router = make_router()
@@ -305,6 +330,66 @@ def test_turns_of_image_conversations_find_their_prefix_and_pictures_cached(two_
     decided = sum(n for r in routing for n in r.get("LLMServer", {}).values())
     assert decided == 48 and not any(r.get("LLMServer", {}).get("load") for r in routing)
     assert sum(n for r in routing for n in r.get("VisionEncoder", {}).values()) == 48
+
+
+def test_a_hot_conversation_fills_one_replica_only_up_to_the_imbalance(two_of_each):
+    """24 next turns of one hot conversation and 8 cold questions, sent 40 ms apart through two
+    Ingress replicas, all kept in flight (150 tokens each). Once every one has its first token,
+    the two LLMServer replicas' queues (what the load bound reads) differ by at most the
+    configured imbalance, and the hot conversation still holds the busier one: by affinity alone
+    all 24 would be there, by power of two choices the queues would be level."""
+    import json
+
+    import httpx
+    import ray
+    from ray.util import list_named_actors
+
+    from deployments.settings import RoutingSettings
+    from vlm_core.default_model.data import questions
+
+    imbalance = RoutingSettings().imbalance
+    hot, *cold = [s for s, _, _ in heldout_set(9, seed=47)]
+    hot_qs = [q for q, _ in questions(hot)]
+    items = []
+    for k in range(32):
+        if k % 4 == 3:
+            items.append(turn_messages(cold[k // 4], [[questions(cold[k // 4])[0][0], None]]))
+        else:
+            items.append(turn_messages(hot, [[hot_qs[0], "yes"], [hot_qs[k % len(hot_qs)], None]]))
+    actors = [ray.get_actor(e["name"], namespace=e["namespace"]) for e in list_named_actors(all_namespaces=True)
+              if "#LLMServer#" in e["name"]]
+    assert len(actors) == 2
+    loads_before = sum(st["routing"].get("LLMServer", {}).get("load", 0) for st in replica_stats("Ingress").values())
+    started = []
+    all_started = asyncio.Event()
+
+    async def one(http, messages, delay):
+        await asyncio.sleep(delay)
+        body = {"messages": messages, "stream": True, "max_tokens": 150, "ignore_eos": True, "temperature": 0}
+        first = True
+        async with http.stream("POST", two_of_each + "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if first and line.startswith("data: {") and json.loads(line[6:])["choices"]:
+                    first = False
+                    started.append(1)
+                    if len(started) == len(items):
+                        all_started.set()
+
+    async def main():
+        async with httpx.AsyncClient(timeout=120) as http:
+            tasks = [asyncio.create_task(one(http, m, 0.04 * i)) for i, m in enumerate(items)]
+            await asyncio.wait_for(all_started.wait(), 90)
+            queues = sorted(await asyncio.gather(*(a.get_num_ongoing_requests.remote() for a in actors)))
+            await asyncio.gather(*tasks)
+            return queues
+
+    low, high = asyncio.run(main())
+    print(f"queues with 24 hot + 8 cold requests in flight: {low} and {high} (imbalance {imbalance})")
+    assert low + high == 32 and high - low <= imbalance
+    assert high - low >= imbalance // 2                 # the hot conversation kept its replica where it could
+    loads_after = sum(st["routing"].get("LLMServer", {}).get("load", 0) for st in replica_stats("Ingress").values())
+    assert loads_after > loads_before                   # the bound moved some of its turns
 
 
 def test_killing_an_llm_replica_mid_load_moves_its_conversations(two_of_each):
