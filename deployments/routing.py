@@ -13,8 +13,9 @@ replica) and routes each call on keys taken from the call's arguments:
       cache is keyed by.
 
 Policy, per request:
-  1. the replica this router last sent the request's deepest key to (a bounded index, least
-     recently used keys evicted first) -- the longest cached prefix;
+  1. the replicas this router sent the request's deepest indexed key to (a bounded index of key
+     -> the replicas holding it, least recently used keys evicted first) -- those holding the
+     longest cached prefix; the least loaded of them;
   2. else rendezvous hashing of the first key over the live replicas: every router (every Ingress
      replica) picks the same replica for a conversation without sharing state, and when a
      replica joins or leaves only the keys it wins or held move;
@@ -23,23 +24,33 @@ Policy, per request:
      replica takes it. A request that found no cached prefix (step 2) has nothing cached to gain
      where it goes but its conversation's next turns, so it yields at half the bound: under a
      hot prefix, cold requests fill the other replicas before the hot one's queue reaches the
-     bound. Queues are this router's own figures (Serve's queue-length cache, kept by its sends
-     and their completions) while these put the preferred replica within half its bound, and
-     asked of the replicas otherwise (they also count what other Ingress replicas sent).
+     bound.
+Every key of a request gains its replica as a holder. So a conversation the bound moved has its
+next turn follow it there, and a hot prefix, once the bound has sent it to a second replica, is
+held by both and goes to whichever is less loaded: it costs no imbalance from then on.
+Queues are this router's own figures, decided on without waiting: Serve's queue-length cache
+(the replicas' last answers, plus this router's sends since, minus their completions) and the
+requests chosen but not yet sent (a burst decided in one go would otherwise all see the same
+queues). The replicas are asked again in the background -- off the request's path -- when the
+figures put the preferred replica past half its bound, and at least every `refresh_s`; their
+answers count what other Ingress replicas sent. Only a request that finds a replica without a
+figure waits for the answers.
 Keys whose replica is gone are passed over, so a replica's death moves its conversations to
 the others (their next turn is prefilled again there). A request without keys (a prompt shorter
 than a block, no pictures) is routed by power of two choices, as by Serve's default router.
 
 Decisions are counted per deployment in `vlm_routing_decisions` (cached | hashed | load |
 unkeyed) and in `metrics.routing_decisions()` (the Ingress's `stats()`); `metrics.routing_probes()`
-counts those that asked the replicas for their queues.
+counts the times this router asked the replicas for their queues.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
-from collections import Counter, OrderedDict
+import time
+from collections import OrderedDict, deque
 
 from ray.serve.request_router import LocalityMixin, MultiplexMixin, PendingRequest, ReplicaID, RequestRouter, \
     RunningReplica
@@ -58,16 +69,19 @@ def rendezvous_score(key: bytes, replica: ReplicaID) -> int:
 
 class CacheAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
     def initialize_state(self, keys: str = "prompt_blocks", block_size: int = 16, imbalance: int = 8,
-                         index_size: int = 100_000):
+                         index_size: int = 100_000, refresh_s: float = 1.0):
         if keys not in ("prompt_blocks", "media"):
             raise ValueError(f"keys must be 'prompt_blocks' or 'media', got {keys!r}")
         self._keys_of = keys
         self._block_size = block_size
         self._imbalance = imbalance
         self._index_size = index_size
-        self._index: OrderedDict[bytes, ReplicaID] = OrderedDict()
+        self._index: OrderedDict[bytes, list[ReplicaID]] = OrderedDict()   # key -> holders, latest first
+        self._refresh_s = refresh_s
         self._routing: OrderedDict[str, tuple] = OrderedDict()   # request -> (its keys, the replica chosen)
-        self._chosen: Counter[ReplicaID] = Counter()                # replica -> requests this router chose for it
+        self._unsent: dict[ReplicaID, deque] = {}                # replica -> when each unsent choice was made
+        self._refreshing: asyncio.Task | None = None
+        self._asked_at = 0.0
         self._metric = metric("Counter", "vlm_routing_decisions", "requests routed, by decision: cached (the "
                               "replica holding the longest cached prefix), hashed (rendezvous), load (load "
                               "bound), unkeyed (power of two choices)", tag_keys=("target", "decision"))
@@ -87,30 +101,57 @@ class CacheAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
 
     # ---- choice ---------------------------------------------------------------------------
 
-    async def _loads(self, replicas: list[RunningReplica], preferred: ReplicaID, bound: int) -> dict[ReplicaID, int]:
-        """Each replica's ongoing requests: this router's own figures while they put the preferred
-        replica within half its bound of the least loaded; else, or where they are missing, asked
-        of the replicas, plus what this router chose for each while it waited for the answers (a
-        burst of requests, all waiting on their probes, would otherwise all see the same queues
-        and pile onto one replica). A replica that does not answer in time keeps its cached figure."""
+    async def _loads(self, replicas: list[RunningReplica], preferred: list[ReplicaID],
+                     bound: int) -> dict[ReplicaID, int]:
+        """Each replica's ongoing requests as this router knows them (see the module's docstring):
+        a replica without a figure is asked and waited for; figures that near the bound, or that
+        were last asked for `refresh_s` ago, are asked again in the background. A replica that
+        does not answer in time is left out."""
         cache = self._replica_queue_len_cache
         loads = {r.replica_id: cache.get(r.replica_id) for r in replicas}
-        known = [q for q in loads.values() if q is not None]
-        if len(known) == len(replicas) and loads[preferred] - min(known) <= bound // 2:
-            return loads
-        record_routing_probe(self._deployment_id.name)
-        chosen = {r.replica_id: self._chosen[r.replica_id] for r in replicas}
-        for r, q in await self._probe_queue_lens(replicas, 0):
-            if q is not None:
-                loads[r.replica_id] = q + self._chosen[r.replica_id] - chosen[r.replica_id]
-        return {rid: q for rid, q in loads.items() if q is not None}
+        missing = [r for r in replicas if loads[r.replica_id] is None]
+        if missing:
+            record_routing_probe(self._deployment_id.name)
+            self._asked_at = time.monotonic()
+            for r, q in await self._probe_queue_lens(missing, 0):
+                loads[r.replica_id] = q
+        loads = {rid: q + self._unsent_to(rid) for rid, q in loads.items() if q is not None}
+        if not missing and (min(loads[rid] for rid in preferred) - min(loads.values()) > bound // 2
+                            or time.monotonic() - self._asked_at > self._refresh_s):
+            self._ask_in_background(replicas)
+        return loads
 
-    def preferred(self, keys: list[bytes], live: dict[ReplicaID, RunningReplica]) -> tuple[ReplicaID, str]:
+    def _ask_in_background(self, replicas: list[RunningReplica]) -> None:
+        if self._refreshing is not None and not self._refreshing.done():
+            return
+        record_routing_probe(self._deployment_id.name)
+        self._asked_at = time.monotonic()
+        self._refreshing = asyncio.get_running_loop().create_task(self._probe_queue_lens(replicas, 0))
+
+    def _unsent_to(self, rid: ReplicaID) -> int:
+        """Requests chosen for `rid` and not sent yet (a choice Serve sent elsewhere, because the
+        replica was full or gone, is forgotten after a second)."""
+        times = self._unsent.get(rid)
+        if not times:
+            return 0
+        while times and times[0] < time.monotonic() - 1.0:
+            times.popleft()
+        return len(times)
+
+    def on_send_request(self, replica_id: ReplicaID) -> None:
+        super().on_send_request(replica_id)                   # Serve's queue-length cache counts it now
+        times = self._unsent.get(replica_id)
+        if times:
+            times.popleft()
+
+    def preferred(self, keys: list[bytes], live: dict[ReplicaID, RunningReplica]) -> tuple[list[ReplicaID], str]:
+        """The live replicas holding the deepest indexed key (latest first), else the one
+        rendezvous hashing picks."""
         for key in reversed(keys):
-            rid = self._index.get(key)
-            if rid in live:
-                return rid, "cached"
-        return max(live, key=lambda rid: rendezvous_score(keys[0], rid)), "hashed"
+            holders = [rid for rid in self._index.get(key, ()) if rid in live]
+            if holders:
+                return holders, "cached"
+        return [max(live, key=lambda rid: rendezvous_score(keys[0], rid))], "hashed"
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -119,9 +160,10 @@ class CacheAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             self._decided(pending_request, (), None, "unkeyed")
             return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]   # the lower queue wins
         live = {r.replica_id: r for r in candidate_replicas}
-        rid, decision = self.preferred(keys, live)
+        holders, decision = self.preferred(keys, live)
         bound = self._imbalance if decision == "cached" else self._imbalance // 2
-        loads = await self._loads(candidate_replicas, rid, bound) if len(candidate_replicas) > 1 else {}
+        loads = await self._loads(candidate_replicas, holders, bound) if len(candidate_replicas) > 1 else {}
+        rid = min(holders, key=lambda h: loads.get(h, float("inf")))       # ties: the latest holder
         known = [r for r in candidate_replicas if r.replica_id in loads]
         ranked = sorted(known, key=lambda r: loads[r.replica_id]) + [r for r in candidate_replicas
                                                                       if r.replica_id not in loads]
@@ -143,21 +185,30 @@ class CacheAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
                 self._routing.popitem(last=False)
         self._index_keys(keys, rid)
         if rid is not None:
-            self._chosen[rid] += 1
+            self._unsent.setdefault(rid, deque()).append(time.monotonic())
         name = self._deployment_id.name
         record_routing_decision(name, decision)
         self._metric.inc(tags={"target": name, "decision": decision})
 
     def _index_keys(self, keys, rid: ReplicaID | None) -> None:
+        """`rid` becomes the latest holder of each of `keys`."""
+        if rid is None:
+            return
         for key in keys:
-            self._index[key] = rid
-            self._index.move_to_end(key)
+            holders = self._index.get(key)
+            if holders is None:
+                self._index[key] = [rid]
+            else:
+                if rid in holders:
+                    holders.remove(rid)
+                holders.insert(0, rid)
+                self._index.move_to_end(key)
         while len(self._index) > self._index_size:
             self._index.popitem(last=False)
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         """(Serve calls this where replicas may refuse requests.) A request the preferred replica
-        refused went elsewhere: its keys now point there."""
+        refused went elsewhere: its keys are held there too."""
         keys, rid = self._routing.get(pending_request.metadata.internal_request_id, ((), None))
         if keys and replica_id != rid:
             self._index_keys(keys, replica_id)
