@@ -481,6 +481,7 @@ async def skewed(base: str, imbalance: int, requests: int, clients: int = 16, ma
             "queue_gap_p99": percentile(gaps, 0.99), "max_queue_gap": max(gaps, default=0),
             "max_queue_gap_held_100ms": max(held, default=0),
             "share_of_samples_over_imbalance": sum(g > imbalance for g in gaps) / max(1, len(gaps)),
+            "share_of_samples_with_an_idle_replica": sum(lo == 0 for lo, _ in samples) / max(1, len(samples)),
             "routing_decisions": {k: n for k, n in decisions.items() if n},
             "queue_probes": after["probes"] - before["probes"]}
 

@@ -61,6 +61,7 @@ from vlm_core.engine.request import EngineRequest
 from .metrics import metric, record_routing_decision, record_routing_probe
 
 ROUTER_PATH = "deployments.routing.CacheAffinityRouter"
+MAX_HOLDERS = 8         # replicas remembered per key, latest first (those gone drop out as others come)
 
 
 def rendezvous_score(key: bytes, replica: ReplicaID) -> int:
@@ -202,6 +203,7 @@ class CacheAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
                 if rid in holders:
                     holders.remove(rid)
                 holders.insert(0, rid)
+                del holders[MAX_HOLDERS:]
                 self._index.move_to_end(key)
         while len(self._index) > self._index_size:
             self._index.popitem(last=False)

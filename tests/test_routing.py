@@ -101,6 +101,13 @@ def test_a_next_turn_follows_its_cached_prefix_and_the_load_bound_overrides_it()
     # only those goes to the less loaded one (a hot prefix, once moved, costs no imbalance)
     assert choose(router, reps, conversation(125), {home: 3, other: 5}, "r5b") == home
     assert choose(router, reps, conversation(126), {home: 5, other: 3}, "r5c") == other
+    # a key remembers its latest holders, a bounded number of them
+    from deployments.routing import MAX_HOLDERS
+
+    many = [r.replica_id for r in replicas(*(f"h{i}" for i in range(MAX_HOLDERS + 3)))]
+    for rid in many:
+        router._index_keys([b"hot"], rid)
+    assert router._index[b"hot"] == many[::-1][:MAX_HOLDERS]
     # a replica that is gone is passed over: its conversations go to the one left
     assert choose(router, [r for r in reps if r.replica_id.unique_id == home], conversation(190),
                   {home: 0}, "r6") == home
