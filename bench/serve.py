@@ -32,7 +32,8 @@ router (power of two choices) and with the cache-aware one (`llm.routing`, `visi
   the difference between the two LLM replicas' queues (Serve's count of ongoing requests, what
   the load bound uses), read from both together every 20 ms (and the largest gap held for 100
   ms: a replica that ends several requests in one step drops its queue for a moment whatever
-  routed them), and the Ingresses' routing decisions and queue probes;
+  routed them), how often one replica had nothing in flight, and the Ingresses' routing
+  decisions and queue probes;
 - held-open skew: 32 requests of 150 tokens, three in four extending the hot conversation,
   sent 40 ms apart; once all have their first token (all routed, none ended) the two LLM
   replicas' queues, whose gap the load bound keeps within `imbalance`.
