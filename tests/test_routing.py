@@ -277,6 +277,22 @@ async def _collect(stream):
 
 # ---- the application, two replicas of each deployment ----------------------------------------
 
+async def stream_chunks(http, base: str, messages, max_tokens: int):
+    """The parsed chunks of a streamed chat completion (greedy, `max_tokens` tokens, usage last);
+    the stream must open with 200 and carry no error."""
+    import json
+
+    body = {"messages": messages, "stream": True, "max_tokens": max_tokens, "ignore_eos": True,
+            "temperature": 0, "stream_options": {"include_usage": True}}
+    async with http.stream("POST", base + "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                yield chunk
+
+
 @pytest.fixture(scope="module")
 def two_of_each():
     from deployments.app import DEPLOYMENTS
@@ -373,8 +389,6 @@ def test_a_hot_conversation_fills_one_replica_only_up_to_the_imbalance(two_of_ea
     on both hold the hot prefix. Once every request has its first token, the two LLMServer
     replicas' queues (what the load bound reads) differ by at most the imbalance, and the hot
     turns found their shared prefix cached wherever they went."""
-    import json
-
     import httpx
     import ray
     from ray.util import list_named_actors
@@ -401,22 +415,15 @@ def test_a_hot_conversation_fills_one_replica_only_up_to_the_imbalance(two_of_ea
 
     async def one(http, k, messages, delay):
         await asyncio.sleep(delay)
-        body = {"messages": messages, "stream": True, "max_tokens": 150, "ignore_eos": True, "temperature": 0,
-                "stream_options": {"include_usage": True}}
         first = True
-        async with http.stream("POST", two_of_each + "/v1/chat/completions", json=body) as r:
-            assert r.status_code == 200
-            async for line in r.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                chunk = json.loads(line[6:])
-                if first and chunk["choices"]:
-                    first = False
-                    started.append(1)
-                    if len(started) == len(items):
-                        all_started.set()
-                if chunk.get("usage"):
-                    usage[k] = chunk["usage"]
+        async for chunk in stream_chunks(http, two_of_each, messages, 150):
+            if first and chunk["choices"]:
+                first = False
+                started.append(1)
+                if len(started) == len(items):
+                    all_started.set()
+            if chunk.get("usage"):
+                usage[k] = chunk["usage"]
 
     async def main():
         async with httpx.AsyncClient(timeout=120) as http:
@@ -443,8 +450,6 @@ def test_killing_an_llm_replica_mid_load_moves_its_conversations(two_of_each):
     """Eight streams in flight on two LLMServer replicas; the busier replica is killed once every
     stream has tokens. Its streams go on from their tokens on the other replica and every one ends
     with all its tokens; each conversation's next turn completes too."""
-    import json
-
     import httpx
     import ray
     from ray.util import list_named_actors
@@ -457,23 +462,15 @@ def test_killing_an_llm_replica_mid_load_moves_its_conversations(two_of_each):
     max_tokens = 150
 
     async def stream(http, messages, i=None, tokens=max_tokens):
-        body = {"messages": messages, "stream": True, "max_tokens": tokens, "ignore_eos": True,
-                "temperature": 0, "stream_options": {"include_usage": True}}
         text, usage, finish = "", None, None
-        async with http.stream("POST", two_of_each + "/v1/chat/completions", json=body) as r:
-            assert r.status_code == 200
-            async for line in r.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                chunk = json.loads(line[6:])
-                assert "error" not in chunk, chunk
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-                elif chunk["choices"]:
-                    text += chunk["choices"][0]["delta"].get("content") or ""
-                    finish = chunk["choices"][0].get("finish_reason") or finish
-                    if i is not None and text:
-                        started.add(i)
+        async for chunk in stream_chunks(http, two_of_each, messages, tokens):
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            elif chunk["choices"]:
+                text += chunk["choices"][0]["delta"].get("content") or ""
+                finish = chunk["choices"][0].get("finish_reason") or finish
+                if i is not None and text:
+                    started.add(i)
         return text, usage, finish
 
     def kill_busiest():
