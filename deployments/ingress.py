@@ -439,7 +439,7 @@ class Ingress:
 
     def stats(self) -> dict:
         """This replica's figures: its process id, the routing decisions its handles made
-        (`deployments/routing.py`) and how many of them asked the replicas their queues, per
+        (`deployments/routing.py`) and how many times they asked the replicas their queues, per
         deployment."""
         return {"pid": os.getpid(), "routing": routing_decisions(), "routing_probes": routing_probes()}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 
 _ROUTING: Counter = Counter()     # (deployment routed to, decision) -> requests, in this process
-_PROBES: Counter = Counter()      # deployment routed to -> decisions that asked its replicas their queues
+_PROBES: Counter = Counter()      # deployment routed to -> times its replicas were asked their queues
 
 
 class _Inert:
@@ -57,7 +57,7 @@ def record_routing_probe(target: str) -> None:
 
 
 def routing_probes() -> dict[str, int]:
-    """Routing decisions made in this process that asked the replicas for their queues."""
+    """Times the routers in this process asked the replicas for their queues, per deployment."""
     return dict(_PROBES)
 
 
