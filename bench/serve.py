@@ -3,7 +3,7 @@ routing across replicas.
 
     python bench/serve.py [--model DIR] [--concurrency 1 8 32] [--requests 48] [--max-tokens 32]
                           [--out bench/results/serve-<device>.json]
-    python bench/serve.py --multi-turn [--conversations 16] [--rounds 3] [--skewed-requests 512]
+    python bench/serve.py --multi-turn [--conversations 16] [--blocks 16] [--block-requests 256] [--rounds 3]
                           [--out bench/results/routing-<device>.json]
 
 Both sides run the same requests (one distinct held-out picture + question each, greedy,
@@ -19,25 +19,31 @@ one finishes) it reports requests/s, end-to-end latency, time to first token (TT
 per output token after the first (TPOT) at p50/p90, and Serve's p50 latency overhead. Writes
 the table, a JSON file and a PNG (with matplotlib, `pip install -e '.[bench]'`) beside it.
 
---multi-turn runs the application with two replicas of each deployment, with Serve's default
-router (power of two choices) and with the cache-aware one (`llm.routing`, `vision.routing`),
-`--rounds` times each, alternating which goes first, and measures in each run:
+--multi-turn runs the application twice side by side on one Ray instance, with two replicas of
+each deployment: once with Serve's default router (power of two choices, at /power_of_two) and
+once with the cache-aware one (`llm.routing`, `vision.routing`, at /cache_affinity). It measures:
 - conversations: `--conversations` three-turn image conversations, turns interleaved across
   conversations (four clients): the share of the previous turn's prompt, in whole blocks, that
   turns 2-3 find in the prefix cache (`usage.prompt_tokens_details.cached_tokens`), and the
   encoder-cache hits of their pictures;
-- skewed load: `--skewed-requests` requests of 16 tokens each from 16 clients, half of them next
-  turns of one hot conversation (one picture, one first exchange, different follow-up
-  questions), half single questions about distinct pictures: requests/s, output tokens/s, TTFT,
-  the difference between the two LLM replicas' queues (Serve's count of ongoing requests, what
-  the load bound uses), read from both together every 20 ms (and the largest gap held for 100
-  ms: a replica that ends several requests in one step drops its queue for a moment whatever
-  routed them), how often one replica had nothing in flight, and the Ingresses' routing
-  decisions and queue probes;
-- held-open skew: 32 requests of 150 tokens, three in four extending the hot conversation,
-  sent 40 ms apart; once all have their first token (all routed, none ended) the two LLM
-  replicas' queues, whose gap the load bound keeps within `imbalance`.
-Throughput is compared per round (the two routers' runs back to back) and over the rounds.
+- skewed load, `--blocks` blocks of `--block-requests` requests of 16 tokens each, half of them
+  next turns of one hot conversation (one picture, one first exchange, different follow-up
+  questions), half single questions about distinct pictures, each block with its own hot
+  conversation and pictures. Both applications serve a block at the same time, each from its
+  own 16 clients, so a change of the machine's speed (on a small shared box it varies by more
+  than the routers differ, from one minute or one Ray start to the next) hits both alike, and
+  an application whose routing costs more work or leaves a replica idle loses its share of the
+  machine to the other. Counted until the first one has sent its last request: requests/s,
+  TTFT, the difference between its two LLM replicas' queues (Serve's count of ongoing
+  requests, what the load bound uses), read from both together every 20 ms (and the largest gap
+  held for 100 ms: a replica that ends several requests in one step drops its queue for a
+  moment whatever routed them), how often one replica had nothing in flight, and the Ingresses'
+  routing decisions and queue probes. The throughput ratio of the two routers is the geometric
+  mean of the blocks' ratios, with a 95% bootstrap interval;
+- held-open skew, `--rounds` times on each, one at a time: 32 requests of 150 tokens, three in
+  four extending a hot conversation new to the replicas, sent 40 ms apart; once all have their
+  first token (all routed, none ended) the two LLM replicas' queues, whose gap the load bound
+  keeps within `imbalance`.
 """
 
 from __future__ import annotations
@@ -92,9 +98,7 @@ def workload(n: int, offset: int):
     for i in split_ids("heldout", n, offset=offset):
         scene = make_scene(i)
         q, _ = sample_qa(scene, rng)
-        buf = io.BytesIO()
-        scene.image().save(buf, "PNG")
-        out.append((buf.getvalue(), q))
+        out.append((png_bytes(scene), q))
     return out
 
 
@@ -151,7 +155,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_serve(config: str, overrides: dict, num_cpus: int | None = None) -> str:
+def start_apps(config: str, apps: dict[str | None, dict], num_cpus: int | None = None) -> dict[str | None, str]:
+    """A local Ray instance with Serve on loopback, running the config's application once per
+    entry of `apps` (name -> overrides of its args; None: under the config's own name and route
+    prefix, a name: under that name at /<name>). Returns each one's base URL."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
@@ -162,9 +169,18 @@ def start_serve(config: str, overrides: dict, num_cpus: int | None = None) -> st
     ray.init(num_cpus=num_cpus, include_dashboard=False, address="local", log_to_driver=False)
     port = free_port()      # after Ray's own processes have bound theirs
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    name, prefix, app = app_from_config(config, overrides)
-    serve.run(app, name=name, route_prefix=prefix, blocking=False)
-    return f"http://127.0.0.1:{port}" + prefix.rstrip("/")
+    bases = {}
+    for name, overrides in apps.items():
+        app_name, prefix, app = app_from_config(config, overrides)
+        if name is not None:
+            app_name, prefix = name, "/" + name
+        serve.run(app, name=app_name, route_prefix=prefix, blocking=False)
+        bases[name] = f"http://127.0.0.1:{port}" + prefix.rstrip("/")
+    return bases
+
+
+def start_serve(config: str, overrides: dict, num_cpus: int | None = None) -> str:
+    return start_apps(config, {None: overrides}, num_cpus)[None]
 
 
 async def sse_chunks(http, url: str, body: dict):
@@ -274,11 +290,14 @@ def conversation_messages(png: bytes, exchanges: list[tuple[str, str | None]]) -
     return msgs
 
 
-def replica_stats(deployment: str, count: int = 2) -> dict[int, dict]:
+POLICIES = ("power_of_two", "cache_affinity")     # Serve's default router, the cache-aware one
+
+
+def replica_stats(deployment: str, app: str, count: int = 2) -> dict[int, dict]:
     """stats() of each replica (keyless calls reach replicas at random: call until all answered)."""
     from ray import serve
 
-    handle = serve.get_deployment_handle(deployment, "vlm")
+    handle = serve.get_deployment_handle(deployment, app)
     seen: dict[int, dict] = {}
     for _ in range(200):
         st = handle.stats.remote().result(timeout_s=30)
@@ -304,20 +323,22 @@ async def chat(http, url: str, messages: list[dict], max_tokens: int,
     return {**usage, "answer": text}, (first or end) - start, end - start
 
 
-async def conversations(base: str, n: int) -> dict:
+def png_bytes(scene) -> bytes:
+    buf = io.BytesIO()
+    scene.image().save(buf, "PNG")
+    return buf.getvalue()
+
+
+async def conversations(base: str, app: str, n: int) -> dict:
     import httpx
 
     from vlm_core.default_model.data import make_scene, questions, split_ids
 
     scenes = [make_scene(i) for i in split_ids("heldout", n, offset=51000)]
-    pngs = []
-    for scene in scenes:
-        buf = io.BytesIO()
-        scene.image().save(buf, "PNG")
-        pngs.append(buf.getvalue())
+    pngs = [png_bytes(s) for s in scenes]
     asked = [[(questions(s)[0][0], None)] for s in scenes]
     prompts, cached = [[] for _ in scenes], [[] for _ in scenes]
-    before = await asyncio.to_thread(replica_stats, "VisionEncoder")
+    before = await asyncio.to_thread(replica_stats, "VisionEncoder", app)
     async with httpx.AsyncClient(timeout=300) as http:
         for turn in range(3):
             queue = list(range(n))
@@ -334,7 +355,7 @@ async def conversations(base: str, n: int) -> dict:
             for i, s in enumerate(scenes):
                 qs = questions(s)
                 asked[i].append((qs[(turn + 1) % len(qs)][0], None))
-    after = await asyncio.to_thread(replica_stats, "VisionEncoder")
+    after = await asyncio.to_thread(replica_stats, "VisionEncoder", app)
     whole = sum(p // 16 * 16 for ps in prompts for p in ps[:2])
     found = sum(c for cs in cached for c in cs[1:])
     hits = sum(after[p]["hits"] - before.get(p, {"hits": 0})["hits"] for p in after)
@@ -342,45 +363,55 @@ async def conversations(base: str, n: int) -> dict:
             "cached_share": found / whole, "encoder_hits_turns_2_3": hits, "encoder_lookups_turns_2_3": 2 * n}
 
 
-def replica_actors(deployment: str) -> list:
+def replica_actors(deployment: str, app: str) -> list:
     import ray
     from ray.util import list_named_actors
 
     return [ray.get_actor(e["name"], namespace=e["namespace"]) for e in list_named_actors(all_namespaces=True)
-            if f"#{deployment}#" in e["name"]]
+            if e["name"].split("::")[-1].startswith(f"{app}#{deployment}#")]
 
 
-def routing_counts() -> dict:
+def replica_pids(app: str) -> dict[str, list[int]]:
+    return {d: sorted(replica_stats(d, app)) for d in ("Ingress", "VisionEncoder", "LLMServer")}
+
+
+def cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
+    """CPU time (user + system) each deployment's replica processes have used, by deployment."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for deployment, ps in pids.items():
+        fields = [Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split() for pid in ps]
+        out[deployment] = sum(int(f[11]) + int(f[12]) for f in fields) / tick
+    return out
+
+
+def routing_counts(app: str) -> dict:
     """Routing decisions and queue probes for LLMServer, summed over the Ingress replicas."""
     decisions: dict[str, int] = {}
     probes = 0
-    for st in replica_stats("Ingress").values():
+    for st in replica_stats("Ingress", app).values():
         for decision, n in st["routing"].get("LLMServer", {}).items():
             decisions[decision] = decisions.get(decision, 0) + n
         probes += st["routing_probes"].get("LLMServer", 0)
     return {"decisions": decisions, "probes": probes}
 
 
-def skewed_messages(requests: int, hot_every: int = 2) -> list[list[dict]]:
+def skewed_messages(requests: int, hot_every: int = 2, block: int = 0) -> list[list[dict]]:
     """Every `hot_every`-th request a next turn of one hot conversation (one picture, one first
-    exchange, different follow-up questions), the others single questions about distinct pictures."""
+    exchange, different follow-up questions), the others single questions about distinct pictures.
+    Each `block` has its own hot conversation and pictures."""
     from vlm_core.default_model.data import make_scene, questions, split_ids
 
-    def png_of(scene):
-        buf = io.BytesIO()
-        scene.image().save(buf, "PNG")
-        return buf.getvalue()
-
-    hot = make_scene(next(iter(split_ids("heldout", 1, offset=52000))))
-    hot_png, hot_qs = png_of(hot), [q for q, _ in questions(hot)]
-    cold = [make_scene(i) for i in split_ids("heldout", requests, offset=53000)]
+    hot = make_scene(next(iter(split_ids("heldout", 1, offset=52000 + block))))
+    hot_png, hot_qs = png_bytes(hot), [q for q, _ in questions(hot)]
+    cold = [make_scene(i) for i in split_ids("heldout", requests, offset=60000 + block * requests)]
     items, turns = [], 0
     for k in range(requests):
         if k % hot_every != hot_every - 1:
             items.append(conversation_messages(hot_png, [(hot_qs[0], "yes"), (hot_qs[turns % len(hot_qs)], None)]))
             turns += 1
         else:
-            items.append(conversation_messages(png_of(cold[k]), [(questions(cold[k])[0][0], None)]))
+            items.append(conversation_messages(png_bytes(cold[k]), [(questions(cold[k])[0][0], None)]))
     return items
 
 
@@ -389,16 +420,17 @@ async def replica_queues(actors) -> list[int]:
     return list(await asyncio.gather(*(a.get_num_ongoing_requests.remote() for a in actors)))
 
 
-async def held_skew(base: str, imbalance: int, requests: int = 32, max_tokens: int = 150) -> dict:
-    """Requests that stay in flight: three in four extend the hot conversation, sent 40 ms apart,
-    each making `max_tokens` tokens. Once every one has its first token (all routed, none ended),
-    the two LLM replicas' queues show where the router put them: without the load bound the hot
-    ones would all be on one replica."""
+async def held_skew(base: str, app: str, imbalance: int, block: int, requests: int = 32,
+                    max_tokens: int = 150) -> dict:
+    """Requests that stay in flight: three in four extend a hot conversation new to the replicas,
+    sent 40 ms apart, each making `max_tokens` tokens. Once every one has its first token (all
+    routed, none ended), the two LLM replicas' queues show where the router put them: without the
+    load bound the hot ones would all be on one replica."""
     import httpx
 
-    items = skewed_messages(requests, hot_every=4)
-    actors = await asyncio.to_thread(replica_actors, "LLMServer")
-    before = await asyncio.to_thread(routing_counts)
+    items = skewed_messages(requests, hot_every=4, block=block)
+    actors = await asyncio.to_thread(replica_actors, "LLMServer", app)
+    before = await asyncio.to_thread(routing_counts, app)
     started, failed = 0, []
     all_started = asyncio.Event()
 
@@ -426,7 +458,7 @@ async def held_skew(base: str, imbalance: int, requests: int = 32, max_tokens: i
         await asyncio.gather(*tasks)
     if failed:
         raise failed[0]
-    after = await asyncio.to_thread(routing_counts)
+    after = await asyncio.to_thread(routing_counts, app)
     decisions = {k: n - before["decisions"].get(k, 0) for k, n in after["decisions"].items()}
     return {"requests": requests, "hot": sum(1 for k in range(requests) if k % 4 != 3), "queues": queues,
             "gap": queues[1] - queues[0], "within_imbalance": queues[1] - queues[0] <= imbalance,
@@ -434,60 +466,91 @@ async def held_skew(base: str, imbalance: int, requests: int = 32, max_tokens: i
             "queue_probes": after["probes"] - before["probes"]}
 
 
-async def skewed(base: str, imbalance: int, requests: int, clients: int = 16, max_tokens: int = 16) -> dict:
-    """Half the requests extend one hot conversation, half ask about distinct pictures; every
-    request makes `max_tokens` tokens. Both LLM replicas' queues (Serve's count of their ongoing
-    requests, which the router's load bound uses) are read together every 20 ms."""
+async def skewed(bases: dict[str, str], imbalance: int, items: list, clients: int = 16,
+                 max_tokens: int = 16) -> dict[str, dict]:
+    """The applications in `bases` (name -> URL) serve `items` (a block of `skewed_messages`) at the
+    same time, each from its own `clients` clients that send their next request when the last
+    ends; every request makes `max_tokens` tokens. A change of the machine's speed hits all alike,
+    and an application whose routing costs more work or leaves a replica idle loses its share of
+    the machine to the others. Counted until the first application has sent its last request (all
+    fully loaded until then): each one's requests completed by then, their TTFT, the CPU time its
+    replicas used per completed request (by deployment; Ray runs on this machine), and its two LLM
+    replicas' queues (Serve's count of their ongoing requests, which the router's load bound uses),
+    read together every 20 ms."""
     import httpx
 
-    items = skewed_messages(requests)
-    ttfts, tokens, samples = [], 0, []
-    done = asyncio.Event()
-    actors = await asyncio.to_thread(replica_actors, "LLMServer")
-    assert len(actors) == 2, f"expected two LLMServer replicas, found {len(actors)}"
-    before = await asyncio.to_thread(routing_counts)
+    apps = list(bases)
+    actors = {p: await asyncio.to_thread(replica_actors, "LLMServer", p) for p in apps}
+    for p, a in actors.items():
+        assert len(a) == 2, f"expected two LLMServer replicas in {p}, found {len(a)}"
+    before = {p: await asyncio.to_thread(routing_counts, p) for p in apps}
+    pids = {p: await asyncio.to_thread(replica_pids, p) for p in apps}
+    ttfts: dict[str, list] = {p: [] for p in apps}
+    samples: dict[str, list] = {p: [] for p in apps}
+    queues = {p: list(items) for p in apps}
+    window_end = asyncio.Event()      # the first application has sent its last request
 
-    async def sample():
-        while not done.is_set():
-            samples.append(sorted(await replica_queues(actors)))
+    async def sample(p):
+        while not window_end.is_set():
+            samples[p].append(sorted(await replica_queues(actors[p])))
             await asyncio.sleep(0.02)
 
-    async with httpx.AsyncClient(timeout=300) as http:
-        queue = list(items)
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=4 * clients)) as http:
+        async def client(p):
+            while queues[p]:
+                messages = queues[p].pop(0)
+                if not queues[p]:
+                    window_end.set()
+                _, ttft, _ = await chat(http, bases[p] + "/v1/chat/completions", messages, max_tokens,
+                                        ignore_eos=True)
+                if not window_end.is_set():
+                    ttfts[p].append(ttft)
 
-        async def client():
-            nonlocal tokens
-            while queue:
-                usage, ttft, _ = await chat(http, base + "/v1/chat/completions", queue.pop(0), max_tokens,
-                                            ignore_eos=True)
-                ttfts.append(ttft)
-                tokens += usage["completion_tokens"]
-
-        sampler = asyncio.create_task(sample())
+        samplers = [asyncio.create_task(sample(p)) for p in apps]
+        cpu_start = {p: cpu_seconds(pids[p]) for p in apps}
         start = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(clients)))
-        wall = time.perf_counter() - start
-        done.set()
-        await sampler
-    after = await asyncio.to_thread(routing_counts)
-    gaps = [hi - lo for lo, hi in samples]
-    held = [min(gaps[i:i + 5]) for i in range(max(0, len(gaps) - 4))]      # a gap held for 100 ms
-    decisions = {k: n - before["decisions"].get(k, 0) for k, n in after["decisions"].items()}
-    return {"requests": requests, "clients": clients, "wall_s": wall, "requests_per_s": requests / wall,
-            "output_tokens_per_s": tokens / wall, "ttft_p50_ms": 1e3 * percentile(ttfts, 0.5),
-            "ttft_p90_ms": 1e3 * percentile(ttfts, 0.9), "queue_samples": len(samples),
-            "mean_queue_busier": statistics.mean(hi for _, hi in samples),
-            "mean_queue_other": statistics.mean(lo for lo, _ in samples),
-            "queue_gap_p50": percentile(gaps, 0.5), "queue_gap_p90": percentile(gaps, 0.9),
-            "queue_gap_p99": percentile(gaps, 0.99), "max_queue_gap": max(gaps, default=0),
-            "max_queue_gap_held_100ms": max(held, default=0),
-            "share_of_samples_over_imbalance": sum(g > imbalance for g in gaps) / max(1, len(gaps)),
-            "share_of_samples_with_an_idle_replica": sum(lo == 0 for lo, _ in samples) / max(1, len(samples)),
-            "routing_decisions": {k: n for k, n in decisions.items() if n},
-            "queue_probes": after["probes"] - before["probes"]}
+        tasks = [asyncio.create_task(client(p)) for _ in range(clients) for p in apps]
+        await window_end.wait()
+        window = time.perf_counter() - start
+        cpu = {p: {d: t - cpu_start[p][d] for d, t in cpu_seconds(pids[p]).items()} for p in apps}
+        await asyncio.gather(*tasks, *samplers)
+    out = {}
+    for p in apps:
+        after = await asyncio.to_thread(routing_counts, p)
+        gaps = [hi - lo for lo, hi in samples[p]]
+        held = [min(gaps[i:i + 5]) for i in range(max(0, len(gaps) - 4))]      # a gap held for 100 ms
+        decisions = {k: n - before[p]["decisions"].get(k, 0) for k, n in after["decisions"].items()}
+        out[p] = {"requests": len(items), "clients": clients, "window_s": window, "completed": len(ttfts[p]),
+                  "requests_per_s": len(ttfts[p]) / window,
+                  "cpu_ms_per_request": {d: 1e3 * t / max(1, len(ttfts[p])) for d, t in cpu[p].items()},
+                  "ttft_p50_ms": 1e3 * percentile(ttfts[p], 0.5),
+                  "ttft_p90_ms": 1e3 * percentile(ttfts[p], 0.9), "queue_samples": len(samples[p]),
+                  "mean_queue_busier": statistics.mean(hi for _, hi in samples[p]),
+                  "mean_queue_other": statistics.mean(lo for lo, _ in samples[p]),
+                  "queue_gap_p50": percentile(gaps, 0.5), "queue_gap_p90": percentile(gaps, 0.9),
+                  "queue_gap_p99": percentile(gaps, 0.99), "max_queue_gap": max(gaps, default=0),
+                  "max_queue_gap_held_100ms": max(held, default=0),
+                  "share_of_samples_over_imbalance": sum(g > imbalance for g in gaps) / max(1, len(gaps)),
+                  "share_of_samples_with_an_idle_replica": sum(lo == 0 for lo, _ in samples[p]) / max(1, len(gaps)),
+                  "routing_decisions": {k: n for k, n in decisions.items() if n},
+                  "queue_probes": after["probes"] - before[p]["probes"]}
+    return out
 
 
-def multi_turn(config: str, model_dir: str, n: int, rounds: int, skewed_requests: int, out: Path | None) -> None:
+def ratio_interval(ratios: list[float], resamples: int = 10_000) -> tuple[float, float, float]:
+    """Geometric mean of paired ratios and its 95% bootstrap interval (resampling the pairs)."""
+    import math
+    import random
+
+    logs = [math.log(r) for r in ratios]
+    rng = random.Random(0)
+    means = sorted(statistics.mean(rng.choices(logs, k=len(logs))) for _ in range(resamples))
+    return (math.exp(statistics.mean(logs)), math.exp(means[int(0.025 * resamples)]),
+            math.exp(means[int(0.975 * resamples) - 1]))
+
+
+def multi_turn(config: str, model_dir: str, n: int, n_blocks: int, block_requests: int, rounds: int,
+               out: Path | None) -> None:
     import ray
     from ray import serve
 
@@ -496,74 +559,89 @@ def multi_turn(config: str, model_dir: str, n: int, rounds: int, skewed_requests
 
     two = {"autoscaling_config": {"min_replicas": 2, "max_replicas": 2}}
     imbalance = RoutingSettings().imbalance
-    policies = ("power_of_two", "cache_affinity")
-    runs: dict[str, list] = {p: [] for p in policies}
-    for r in range(rounds):
-        for policy in (policies if r % 2 == 0 else policies[::-1]):     # alternate which goes first
-            print(f"round {r + 1}/{rounds}, {policy}: starting two replicas of each deployment ...", flush=True)
-            base = start_serve(config, {"model_dir": model_dir, "deployments": {d: two for d in DEPLOYMENTS},
-                                        "llm": {"routing": {"policy": policy}},
-                                        "vision": {"routing": {"policy": policy}}},
-                               num_cpus=8)     # logical CPUs: six replicas that mostly wait on each other
-            try:
-                conv = asyncio.run(conversations(base, n))
-                skew = asyncio.run(skewed(base, imbalance, skewed_requests))
-                held = asyncio.run(held_skew(base, imbalance))
-                runs[policy].append({"round": r + 1, "conversations": conv, "skewed": skew, "held": held})
-                print(f"  cached {conv['cached_share']:.0%}, encoder hits {conv['encoder_hits_turns_2_3']}, "
-                      f"skewed {skew['requests_per_s']:.2f} req/s, max queue gap {skew['max_queue_gap']}, "
-                      f"held-open queues {held['queues']}", flush=True)
-            finally:
-                serve.shutdown()
-                ray.shutdown()
+    print("starting both applications, two replicas of each deployment ...", flush=True)
+    bases = start_apps(config, {p: {"model_dir": model_dir, "deployments": {d: two for d in DEPLOYMENTS},
+                                    "llm": {"routing": {"policy": p}}, "vision": {"routing": {"policy": p}}}
+                                for p in POLICIES},
+                       num_cpus=16)     # logical CPUs: twelve replicas
+    try:
+        conv = {p: asyncio.run(conversations(bases[p], p, n)) for p in POLICIES}
+        for p in POLICIES:
+            print(f"{p}: turns 2-3 cached {conv[p]['cached_share']:.0%}, encoder hits "
+                  f"{conv[p]['encoder_hits_turns_2_3']} of {conv[p]['encoder_lookups_turns_2_3']}", flush=True)
+        asyncio.run(skewed(bases, imbalance, skewed_messages(block_requests, block=n_blocks)))    # warm-up
+        blocks: dict[str, list] = {p: [] for p in POLICIES}
+        for k in range(n_blocks):
+            both = asyncio.run(skewed(bases, imbalance, skewed_messages(block_requests, block=k)))
+            for p in POLICIES:
+                blocks[p].append(both[p])
+            a, d = (both[p]["requests_per_s"] for p in ("cache_affinity", "power_of_two"))
+            print(f"skewed block {k + 1}/{n_blocks}: default {d:.2f} req/s, cache_affinity {a:.2f} ({a / d:.3f})",
+                  flush=True)
+        held: dict[str, list] = {p: [] for p in POLICIES}
+        for r in range(rounds):
+            for p in (POLICIES if r % 2 == 0 else POLICIES[::-1]):
+                held[p].append(asyncio.run(held_skew(bases[p], p, imbalance, block=n_blocks + 1 + r)))
+            print(f"held-open round {r + 1}/{rounds}: queues " +
+                  ", ".join(f"{p} {held[p][-1]['queues']}" for p in POLICIES), flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
     summary = {}
-    for policy, rs in runs.items():
-        rps = [x["skewed"]["requests_per_s"] for x in rs]
-        summary[policy] = {
-            "cached_share_min": min(x["conversations"]["cached_share"] for x in rs),
-            "cached_share_mean": statistics.mean(x["conversations"]["cached_share"] for x in rs),
-            "encoder_hits": [x["conversations"]["encoder_hits_turns_2_3"] for x in rs],
-            "encoder_lookups": rs[0]["conversations"]["encoder_lookups_turns_2_3"],
-            "skewed_requests_per_s": rps, "skewed_requests_per_s_median": statistics.median(rps),
-            "ttft_p50_ms_median": statistics.median(x["skewed"]["ttft_p50_ms"] for x in rs),
-            "mean_queue_busier": statistics.mean(x["skewed"]["mean_queue_busier"] for x in rs),
-            "mean_queue_other": statistics.mean(x["skewed"]["mean_queue_other"] for x in rs),
-            "queue_gap_p90_max": max(x["skewed"]["queue_gap_p90"] for x in rs),
-            "queue_gap_p99_max": max(x["skewed"]["queue_gap_p99"] for x in rs),
-            "max_queue_gap": max(x["skewed"]["max_queue_gap"] for x in rs),
-            "max_queue_gap_held_100ms": max(x["skewed"]["max_queue_gap_held_100ms"] for x in rs),
-            "share_of_samples_over_imbalance": statistics.mean(x["skewed"]["share_of_samples_over_imbalance"]
-                                                               for x in rs),
-            "held_open_queues": [x["held"]["queues"] for x in rs],
-            "held_open_gap_max": max(x["held"]["gap"] for x in rs)}
-    paired = [a["skewed"]["requests_per_s"] / b["skewed"]["requests_per_s"]
-              for a, b in zip(runs["cache_affinity"], runs["power_of_two"])]
+    for p in POLICIES:
+        bs = blocks[p]
+        rps = [x["requests_per_s"] for x in bs]
+        summary[p] = {
+            "cached_share": conv[p]["cached_share"], "encoder_hits": conv[p]["encoder_hits_turns_2_3"],
+            "encoder_lookups": conv[p]["encoder_lookups_turns_2_3"],
+            "skewed_requests_per_s_median": statistics.median(rps),
+            "skewed_requests_per_s_range": [min(rps), max(rps)],
+            "ttft_p50_ms_median": statistics.median(x["ttft_p50_ms"] for x in bs),
+            "mean_queue_busier": statistics.mean(x["mean_queue_busier"] for x in bs),
+            "mean_queue_other": statistics.mean(x["mean_queue_other"] for x in bs),
+            "queue_gap_p90_max": max(x["queue_gap_p90"] for x in bs),
+            "queue_gap_p99_max": max(x["queue_gap_p99"] for x in bs),
+            "max_queue_gap": max(x["max_queue_gap"] for x in bs),
+            "max_queue_gap_held_100ms": max(x["max_queue_gap_held_100ms"] for x in bs),
+            "share_of_samples_over_imbalance": statistics.mean(x["share_of_samples_over_imbalance"] for x in bs),
+            "share_of_samples_with_an_idle_replica": statistics.mean(x["share_of_samples_with_an_idle_replica"]
+                                                                     for x in bs),
+            "cpu_ms_per_request": {d: statistics.mean(x["cpu_ms_per_request"][d] for x in bs)
+                                   for d in bs[0]["cpu_ms_per_request"]},
+            "held_open_queues": [x["queues"] for x in held[p]],
+            "held_open_gap_max": max(x["gap"] for x in held[p])}
+    paired = [a["requests_per_s"] / b["requests_per_s"] for a, b in zip(blocks["cache_affinity"], blocks["power_of_two"])]
+    geo, lo, hi = ratio_interval(paired)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu-{os.cpu_count()}cores"
-    print(f"\n{'router':<16} {'turns 2-3 cached':>17} {'encoder hits':>14} {'skewed req/s: median (runs)':>30} "
+    print(f"\n{'router':<16} {'turns 2-3 cached':>17} {'encoder hits':>14} {'skewed req/s: median (range)':>29} "
           f"{'TTFT p50':>9} {'queues':>11} {'gap p90/p99/max':>16} {'held':>5} {'>imb':>6}")
-    for policy, m in summary.items():
-        runs_s = " ".join(f"{x:.1f}" for x in m["skewed_requests_per_s"])
-        hits = "/".join(str(h) for h in m["encoder_hits"])
+    for p, m in summary.items():
         gap = f"{m['queue_gap_p90_max']:.0f}/{m['queue_gap_p99_max']:.0f}/{m['max_queue_gap']}"
-        print(f"{policy:<16} {m['cached_share_min']:>16.0%} {hits + ' of ' + str(m['encoder_lookups']):>14} "
-              f"{m['skewed_requests_per_s_median']:>8.2f} ({runs_s}) {m['ttft_p50_ms_median']:>7.0f}ms "
+        spread = "{:.1f}-{:.1f}".format(*m["skewed_requests_per_s_range"])
+        print(f"{p:<16} {m['cached_share']:>16.0%} {str(m['encoder_hits']) + ' of ' + str(m['encoder_lookups']):>14} "
+              f"{m['skewed_requests_per_s_median']:>15.2f} ({spread}) {m['ttft_p50_ms_median']:>7.0f}ms "
               f"{m['mean_queue_busier']:>5.1f}/{m['mean_queue_other']:<5.1f} {gap:>16} "
               f"{m['max_queue_gap_held_100ms']:>5} {m['share_of_samples_over_imbalance']:>6.1%}")
-    for policy, m in summary.items():
-        print(f"{policy}: held-open skew ({runs[policy][0]['held']['hot']} hot + "
-              f"{runs[policy][0]['held']['requests'] - runs[policy][0]['held']['hot']} cold requests in flight), "
-              f"the replicas' queues per round {m['held_open_queues']}, largest gap {m['held_open_gap_max']}")
-    print(f"cache_affinity / default skewed throughput, paired by round: {' '.join(f'{x:.3f}' for x in paired)} "
-          f"(median {statistics.median(paired):.3f})")
-    print(f"(turns 2-3 cached: the lowest of the rounds. queues: mean of the busier / the other LLM replica's "
-          f"queue; gap: their difference, both read every 20 ms, p90/p99 the highest of the rounds; held: the "
-          f"largest gap held for 100 ms; >imb: share of readings over the configured imbalance, {imbalance})")
+    for p, m in summary.items():
+        print(f"{p}: held-open skew ({held[p][0]['hot']} hot + {held[p][0]['requests'] - held[p][0]['hot']} cold "
+              f"requests in flight), the replicas' queues per round {m['held_open_queues']}, largest gap "
+              f"{m['held_open_gap_max']}")
+    for p, m in summary.items():
+        print(f"{p}: CPU time per skewed request, by deployment: " +
+              ", ".join(f"{d} {t:.1f} ms" for d, t in m["cpu_ms_per_request"].items()))
+    print(f"cache_affinity / default skewed throughput over {n_blocks} blocks: geometric mean {geo:.3f}, 95% "
+          f"interval {lo:.3f}-{hi:.3f} (blocks: {' '.join(f'{x:.2f}' for x in paired)})")
+    print(f"(queues: mean of the busier / the other LLM replica's queue; gap: their difference, both read every "
+          f"20 ms, p90/p99 the highest of the blocks; held: the largest gap held for 100 ms; >imb: share of "
+          f"readings over the configured imbalance, {imbalance})")
     out = out or ROOT / "bench" / "results" / f"routing-{device.replace(' ', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": device, "platform": platform.platform(), "model_dir": model_dir,
-                               "imbalance": imbalance, "summary": summary, "runs": runs,
-                               "skewed_throughput_cache_affinity_over_default_paired": paired,
-                               "skewed_throughput_cache_affinity_over_default_median": statistics.median(paired),
+                               "imbalance": imbalance, "block_requests": block_requests, "summary": summary,
+                               "conversations": conv, "skewed_blocks": blocks, "held_open": held,
+                               "skewed_throughput_cache_affinity_over_default_by_block": paired,
+                               "skewed_throughput_cache_affinity_over_default_geomean": geo,
+                               "skewed_throughput_cache_affinity_over_default_95pct_interval": [lo, hi],
                                "command": "python bench/serve.py " + " ".join(sys.argv[1:])}, indent=2) + "\n")
     print(f"wrote {out}")
 
@@ -580,8 +658,9 @@ def main() -> None:
     ap.add_argument("--multi-turn", action="store_true", help="compare the routers across two replicas of each "
                                                                   "deployment (conversations, skewed load)")
     ap.add_argument("--conversations", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=3, help="--multi-turn: runs of each router, alternating")
-    ap.add_argument("--skewed-requests", type=int, default=512)
+    ap.add_argument("--blocks", type=int, default=16, help="--multi-turn: skewed-load blocks, both routers at once")
+    ap.add_argument("--block-requests", type=int, default=256, help="--multi-turn: requests per skewed-load block")
+    ap.add_argument("--rounds", type=int, default=3, help="--multi-turn: held-open skew runs on each router")
     ap.add_argument("--out", help="JSON path (default bench/results/serve-<device>.json)")
     a = ap.parse_args()
 
@@ -594,7 +673,7 @@ def main() -> None:
     model_dir = app_args.get("model_dir") or str(default_model_dir("awq"))
     overrides = {"model_dir": app_args.get("model_dir") or model_dir}
     if a.multi_turn:
-        multi_turn(a.config, model_dir, a.conversations, a.rounds, a.skewed_requests,
+        multi_turn(a.config, model_dir, a.conversations, a.blocks, a.block_requests, a.rounds,
                    Path(a.out) if a.out else None)
         return
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu-{os.cpu_count()}cores"
