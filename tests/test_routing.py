@@ -384,11 +384,13 @@ def test_turns_of_image_conversations_find_their_prefix_and_pictures_cached(two_
 
 def test_a_hot_conversation_fills_one_replica_only_up_to_the_imbalance(two_of_each):
     """24 next turns of one hot conversation and 8 cold questions, sent 40 ms apart through two
-    Ingress replicas, all kept in flight (150 tokens each). By affinity alone all 24 would go to
+    Ingress replicas, kept in flight (150 tokens each). By affinity alone all 24 would go to
     one replica; the load bound moves one once that replica is `imbalance` ahead, and from then
     on both hold the hot prefix. Once every request has its first token, the two LLMServer
     replicas' queues (what the load bound reads) differ by at most the imbalance, and the hot
-    turns found their shared prefix cached wherever they went."""
+    turns found their shared prefix cached wherever they went. On a slow box the first streams
+    may end before the last has its first token; with at least 28 still in flight, affinity
+    alone would leave a gap of at least 20 - 8 = 12, so the reading still tells the bound apart."""
     import httpx
     import ray
     from ray.util import list_named_actors
@@ -435,7 +437,7 @@ def test_a_hot_conversation_fills_one_replica_only_up_to_the_imbalance(two_of_ea
 
     low, high = asyncio.run(main())
     print(f"queues with 24 hot + 8 cold requests in flight: {low} and {high} (imbalance {imbalance})")
-    assert low + high == 32 and high - low <= imbalance
+    assert low + high >= 28 and high - low <= imbalance
     loads_after = sum(st["routing"].get("LLMServer", {}).get("load", 0) for st in replica_stats("Ingress").values())
     assert loads_after > loads_before                   # the bound moved some of its turns
     hot_usage = [usage[k] for k in range(32) if k % 4 != 3]
