@@ -293,6 +293,17 @@ async def stream_chunks(http, base: str, messages, max_tokens: int):
                 yield chunk
 
 
+async def until(done, tasks, timeout_s: float = 90):
+    """Waits until `done()` holds; a task that fails first raises its error at once."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        for t in tasks:
+            if t.done() and t.exception() is not None:
+                raise t.exception()
+        assert time.monotonic() < deadline, f"not done within {timeout_s} s"
+        await asyncio.sleep(0.005)
+
+
 @pytest.fixture(scope="module")
 def two_of_each():
     from deployments.app import DEPLOYMENTS
@@ -411,26 +422,21 @@ def test_a_hot_conversation_fills_one_replica_only_up_to_the_imbalance(two_of_ea
               if "#LLMServer#" in e["name"]]
     assert len(actors) == 2
     loads_before = sum(st["routing"].get("LLMServer", {}).get("load", 0) for st in replica_stats("Ingress").values())
-    started = []
-    all_started = asyncio.Event()
+    started = set()
     usage = {}
 
     async def one(http, k, messages, delay):
         await asyncio.sleep(delay)
-        first = True
         async for chunk in stream_chunks(http, two_of_each, messages, 150):
-            if first and chunk["choices"]:
-                first = False
-                started.append(1)
-                if len(started) == len(items):
-                    all_started.set()
+            if chunk["choices"]:
+                started.add(k)
             if chunk.get("usage"):
                 usage[k] = chunk["usage"]
 
     async def main():
         async with httpx.AsyncClient(timeout=120) as http:
             tasks = [asyncio.create_task(one(http, i, m, 0.04 * i)) for i, m in enumerate(items)]
-            await asyncio.wait_for(all_started.wait(), 90)
+            await until(lambda: len(started) == len(items), tasks)
             queues = sorted(await asyncio.gather(*(a.get_num_ongoing_requests.remote() for a in actors)))
             await asyncio.gather(*tasks)
             return queues
@@ -490,8 +496,7 @@ def test_killing_an_llm_replica_mid_load_moves_its_conversations(two_of_each):
         async with httpx.AsyncClient(timeout=120) as http:
             tasks = [asyncio.create_task(stream(http, turn_messages(s, [(q, None)]), i))
                      for i, (s, q) in enumerate(zip(scenes, first_q))]
-            while len(started) < len(tasks):
-                await asyncio.sleep(0.005)
+            await until(lambda: len(started) == len(tasks), tasks)
             cut, survivors = await asyncio.to_thread(kill_busiest)
             first = await asyncio.gather(*tasks)
             second = await asyncio.gather(*(
