@@ -135,7 +135,8 @@ class CacheAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         times = self._unsent.get(rid)
         if not times:
             return 0
-        while times and times[0] < time.monotonic() - 1.0:
+        forgotten = time.monotonic() - 1.0
+        while times and times[0] < forgotten:
             times.popleft()
         return len(times)
 
