@@ -108,6 +108,21 @@ def test_second_turn_reuses_the_first_turns_blocks(vlm, images):
     assert [t for o in fresh.run_to_completion()["t2"] for t in o.token_ids] == [t for o in out for t in o.token_ids]
 
 
+def test_turns_about_one_picture_arriving_together_compute_the_picture_once(vlm, images):
+    """Four questions about one picture added in one step: the first computes the blocks they share,
+    the others take them from the prefix cache a step later, and every answer is the one it gets alone."""
+    bs = 4
+    reqs = [vlm.request(q, {"image": images[:1]}, GREEDY) for q in QUESTIONS[:4]]
+    shared = min(_common_prefix(list(reqs[0].prompt.token_ids), list(r.prompt.token_ids)) for r in reqs[1:]) // bs
+    assert shared * bs >= reqs[0].prompt.spans[0].end
+    engine = vlm.engine(EngineConfig(num_blocks=256, block_size=bs))
+    got, outputs = run_engine(engine, reqs)
+    assert got == [vlm.generate([r])[0].token_ids for r in reqs]
+    cached = [outputs[f"r{i}"][-1].cached_tokens for i in range(4)]
+    assert cached[0] == 0 and all(c >= shared * bs for c in cached[1:])
+    assert engine.blocks.num_free_blocks == 256
+
+
 def test_different_images_with_identical_text_share_no_image_blocks(vlm, images):
     bs = 4
     sp = SamplingParams(max_new_tokens=2, ignore_eos=True)

@@ -13,9 +13,12 @@ _arrival = iter(range(10 ** 6))
 
 
 def seq(rid, n_prompt, max_new=4, tokens=None, spans=(), hashes=()):
-    ids = tuple(tokens) if tokens is not None else tuple(range(100, 100 + n_prompt))
+    """A sequence of `n_prompt` tokens no other sequence shares, unless `tokens` are given."""
+    arrival = next(_arrival)
+    first = 10 ** 7 * (arrival + 1)
+    ids = tuple(tokens) if tokens is not None else tuple(range(first, first + n_prompt))
     return Sequence(rid, MultimodalPrompt(ids, tuple(spans)), [None] * len(spans), tuple(hashes),
-                    SamplingParams(max_new_tokens=max_new, ignore_eos=True), next(_arrival))
+                    SamplingParams(max_new_tokens=max_new, ignore_eos=True), arrival)
 
 
 def make(num_blocks=64, block_size=4, budget=16, max_seqs=8, caching=True):
@@ -120,6 +123,57 @@ def test_prefix_blocks_are_shared_and_images_are_part_of_the_key():
     sched.add(same)
     out = run_step(sched)
     assert out.chunks[0].start == 12 and same.num_cached_tokens == 12
+
+
+def test_a_burst_sharing_a_prefix_computes_it_once():
+    """Three prompts sharing 3 blocks (one picture), arriving together, and one sharing nothing:
+    the first computes the shared blocks while the other two wait a step and take them cached."""
+    toks = list(range(1, 14))            # 12 shared tokens, image placeholder run at 4..11
+    spans, hashes = [ImageSpan(4, 8)], ["img-A"]
+
+    def burst(caching):
+        sched, bm = make(num_blocks=64, block_size=4, budget=64, caching=caching)
+        same = [seq(r, 0, max_new=1, tokens=toks + [50 + i], spans=spans, hashes=hashes) for i, r in enumerate("abc")]
+        for s in [*same, seq("x", 9)]:
+            sched.add(s)
+        steps = [chunk_sizes(run_step(sched)) for _ in range(2)]
+        return steps, same, bm
+
+    steps, (a, b, c), bm = burst(True)
+    assert steps == [[("a", 14), ("x", 9)], [("x", 1), ("b", 2), ("c", 2)]]
+    assert (a.num_cached_tokens, b.num_cached_tokens, c.num_cached_tokens) == (0, 12, 12)
+    assert bm.stats.prefix_hits == 6
+    steps, same, _ = burst(False)        # without the prefix cache all go at once, as nothing is shared
+    assert steps[0] == [("a", 14), ("b", 14), ("c", 14), ("x", 9)]
+
+
+def test_a_prompt_waits_for_shared_blocks_only_while_their_prefill_runs():
+    # chunked: b waits while a computes the 8 blocks they share, then computes only its own 2
+    sched, _ = make(num_blocks=64, block_size=4, budget=16)
+    shared = list(range(1, 33))
+    a, b = seq("a", 0, tokens=shared + list(range(40, 48))), seq("b", 0, tokens=shared + list(range(60, 68)))
+    sched.add(a)
+    sched.add(b)
+    assert chunk_sizes(run_step(sched)) == [("a", 16)]
+    assert chunk_sizes(run_step(sched)) == [("a", 16)]
+    out = run_step(sched)
+    assert chunk_sizes(out) == [("a", 8), ("b", 8)] and out.chunks[1].start == 32 and b.num_cached_tokens == 32
+    # the prefill it waits for is aborted before its blocks are registered: it computes them itself
+    sched, _ = make(num_blocks=64, block_size=4, budget=64)
+    a, b = seq("a", 0, tokens=shared + [40]), seq("b", 0, tokens=shared + [60])
+    sched.add(a)
+    sched.add(b)
+    assert chunk_sizes(sched.schedule()) == [("a", 33)]
+    sched.finish(a, "abort")
+    out = run_step(sched)
+    assert chunk_sizes(out) == [("b", 33)] and b.num_cached_tokens == 0
+    # a prompt that owes prompt log-probabilities computes every position anyway: it does not wait
+    sched, _ = make(num_blocks=64, block_size=4, budget=128)
+    a, b = seq("a", 0, tokens=shared + [40]), seq("b", 0, tokens=shared + [60])
+    b.prompt_logprobs = []
+    sched.add(a)
+    sched.add(b)
+    assert chunk_sizes(run_step(sched)) == [("a", 33), ("b", 33)]
 
 
 def test_block_manager_counts():

@@ -97,7 +97,6 @@ class LLMEngine:
                                   scratch_block=num_blocks, capture=True)
         self.runner = ModelRunner(model, self.cache, use_triton, graphs, self.eos)
         self._seqs: dict[str, list[Sequence]] = {}      # a request's choices not yet finished
-        self._parked: dict[str, list[Sequence]] = {}    # choices 1..n-1 waiting for choice 0's prompt
         self.outputs = OutputProcessor(tokenizer, self.eos, self.max_model_len)
         self._pending: list[tuple] = []
         self._lock = threading.Lock()
@@ -167,7 +166,7 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         with self._lock:
-            return bool(self._pending) or self.scheduler.has_unfinished or bool(self._parked)
+            return bool(self._pending) or self.scheduler.has_unfinished
 
     def _drain(self) -> list[RequestOutput]:
         with self._lock:
@@ -175,30 +174,17 @@ class LLMEngine:
         outputs = []
         for kind, item in pending:
             if kind == "add":
-                first, *rest = item
-                self._seqs[first.request_id] = list(item)
-                for seq in item:
-                    self.outputs.add(seq)
-                self.scheduler.add(first)
-                if rest:   # admitted once the first choice's prompt is in the KV cache: they share it
-                    self._parked[first.request_id] = rest
+                self._seqs[item[0].request_id] = list(item)
+                for seq in item:           # choices 1..n-1 wait while choice 0 computes the prompt
+                    self.outputs.add(seq)  # blocks they share, then take them from the prefix cache
+                    self.scheduler.add(seq)
             else:
-                self._parked.pop(item, None)
                 for seq in list(self._seqs.get(item, ())):
                     if not seq.finished:
                         self.scheduler.finish(seq, "abort")
                         outputs.append(self._output(seq, "", []))
                         self._forget(seq)
         return outputs
-
-    def _release_choices(self) -> None:
-        """Choices 1..n-1 join the queue once choice 0's prompt is computed (its full blocks are then
-        in the prefix cache, so they compute only the prompt's last partial block) or has ended."""
-        for rid in list(self._parked):
-            first = self._seqs[rid][0]
-            if first.finished or first.num_computed_tokens >= first.num_prompt_tokens:
-                for seq in self._parked.pop(rid):
-                    self.scheduler.add(seq)
 
     # ---- the step --------------------------------------------------------------------------
 
@@ -240,8 +226,6 @@ class LLMEngine:
             outputs.append(out)
             if seq.finished:
                 self._forget(seq)
-        if self._parked:
-            self._release_choices()
         return outputs
 
     def _execute(self, sched: SchedulerOutput) -> tuple[dict[int, int | BaseException], dict, dict, list[RequestOutput]]:

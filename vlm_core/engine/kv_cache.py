@@ -97,6 +97,12 @@ class BlockManager:
             hits.append(block)
         return hits
 
+    @staticmethod
+    def computing(seqs) -> set[bytes]:
+        """Keys of the full blocks `seqs` were admitted to compute and have not yet registered: a
+        request that shares them finds them cached once they are, instead of computing them too."""
+        return {k for s in seqs for k in s.block_hashes[s.num_registered_blocks:]}
+
     def blocks_needed(self, seq: Sequence, num_tokens: int, prefix: list[int] | None = None) -> int:
         """Fresh blocks needed for `seq` to hold `num_tokens` (after taking `prefix` blocks)."""
         have = len(prefix) if prefix else len(seq.block_table)

@@ -23,6 +23,10 @@ Policy, per step:
      without all of them holding KV blocks and stretching each other's time to first token. Budget
      still left at the end of the step (those prefills are finishing) goes to the prompts passed
      over, so the bound never leaves a step short of work.
+  5. a waiting sequence whose first block the prefix cache lacks is one a running prefill is
+     computing (turns about one picture arriving together, a shared system prompt, a request's n
+     choices) keeps its place until that block is computed, then takes it from the cache: a burst
+     computes what it shares once. The wait ends when that prefill computes the block or stops.
 A long prompt is thus split over steps (chunked prefill) without ever stalling running decodes.
 """
 
@@ -180,11 +184,16 @@ class Scheduler:
         with `partial_room` not None, at most that many may stay part-way through their prefill,
         the others keep their place while shorter ones behind them go. Returns the budget left."""
         i = 0
+        computing = self.blocks.computing(self.running) \
+            if self.waiting and self.blocks.enable_prefix_caching else set()
         while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs \
                 and not out.preempted:
             seq = self.waiting[i]
             prefix = self.blocks.match_prefix(seq)[:seq.max_prefix_hit // self.blocks.block_size] \
                 if seq.num_computed_tokens == 0 else []
+            if self._next_block_computing(seq, prefix, computing):
+                i += 1                # keeps its place, and finds those blocks cached a step later
+                continue
             start = len(prefix) * self.blocks.block_size
             n = min(seq.num_tokens - start, budget)
             cut = n > cap
@@ -200,6 +209,8 @@ class Scheduler:
                 partial_room -= 1
             if prefix:
                 self.blocks.take_prefix(seq, prefix)
+            if self.blocks.enable_prefix_caching:
+                computing.update(seq.block_hashes[seq.num_registered_blocks:])
             self.blocks.allocate(seq, start + n)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
@@ -208,6 +219,15 @@ class Scheduler:
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
             budget -= n
         return budget
+
+    def _next_block_computing(self, seq: Sequence, prefix: list[int], computing: set[bytes]) -> bool:
+        """The first block of `seq` the prefix cache lacks is one a running prefill is computing
+        (a burst of turns of one conversation, or of one system prompt): `seq` waits for it rather
+        than compute the shared blocks again. The wait is bounded, as that prefill advances every
+        step or, preempted, stops being waited for."""
+        n = len(prefix)
+        return bool(computing) and seq.num_computed_tokens == 0 and n < len(seq.block_hashes) \
+            and n < seq.max_prefix_hit // self.blocks.block_size and seq.block_hashes[n] in computing
 
     def update(self, out: SchedulerOutput, sampled: dict[int, int]) -> list[tuple[Sequence, int]]:
         """Advance sequences after the runner ran `out`: their computed tokens move on and their
