@@ -28,13 +28,15 @@ Policy, per request:
 Every key of a request gains its replica as a holder. So a conversation the bound moved has its
 next turn follow it there, and a hot prefix, once the bound has sent it to a second replica, is
 held by both and goes to whichever is less loaded: it costs no imbalance from then on.
-Queues are this router's own figures, decided on without waiting: Serve's queue-length cache
-(the replicas' last answers, plus this router's sends since, minus their completions) and the
-requests chosen but not yet sent (a burst decided in one go would otherwise all see the same
-queues). The replicas are asked again in the background -- off the request's path -- when the
-figures put the preferred replica past half its bound, and at least every `refresh_s`; their
-answers count what other Ingress replicas sent. Only a request that finds a replica without a
-figure waits for the answers.
+Queues are this router's own figures: Serve's queue-length cache (the replicas' last answers,
+plus this router's sends since, minus their completions) and the requests chosen but not yet
+sent (a burst decided in one go would otherwise all see the same queues). Only the replicas'
+answers count what other Ingress replicas sent, so a request whose preferred replica the figures
+put past half its bound -- one the bound may decide -- waits for fresh answers (one probe at a
+time, shared by the requests that wait; at most Serve's first queue-length deadline, then it goes
+on the figures). Otherwise the figures decide at once, and the replicas are asked again in the
+background at least every `refresh_s`. A request that finds a replica without a figure waits
+for the answers.
 Keys whose replica is gone are passed over, so a replica's death moves its conversations to
 the others (their next turn is prefilled again there). A request without keys (a prompt shorter
 than a block, no pictures) is routed by power of two choices, as by Serve's default router.
@@ -62,6 +64,10 @@ from .metrics import metric, record_routing_decision, record_routing_probe
 
 ROUTER_PATH = "deployments.routing.CacheAffinityRouter"
 MAX_HOLDERS = 8         # replicas remembered per key, latest first (those gone drop out as others come)
+# Background probes wait Serve's longest queue-length deadline (RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_
+# DEADLINE_S, 1 s): off the request path, a late answer still corrects the figures, where the first
+# deadline (0.1 s) would drop every answer from busy replicas on a loaded host and leave them stale.
+BACKGROUND_PROBE_BACKOFF = 10
 
 
 def rendezvous_score(key: bytes, replica: ReplicaID) -> int:
@@ -105,29 +111,44 @@ class CacheAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
     async def _loads(self, replicas: list[RunningReplica], preferred: list[ReplicaID],
                      bound: int) -> dict[ReplicaID, int]:
         """Each replica's ongoing requests as this router knows them (see the module's docstring):
-        a replica without a figure is asked and waited for; figures that near the bound, or that
-        were last asked for `refresh_s` ago, are asked again in the background. A replica that
-        does not answer in time is left out."""
-        cache = self._replica_queue_len_cache
-        loads = {r.replica_id: cache.get(r.replica_id) for r in replicas}
-        missing = [r for r in replicas if loads[r.replica_id] is None]
+        a replica without a figure is asked and waited for; when the figures put the preferred
+        replicas past half the bound, the replicas are asked and their answers waited for (at most
+        Serve's first queue-length deadline), as the bound may decide this request and the figures
+        lack what other routers sent; figures last asked for `refresh_s` ago are asked again in the
+        background. A replica that does not answer in time is left out."""
+        missing = [r for r in replicas if self._replica_queue_len_cache.get(r.replica_id) is None]
         if missing:
             record_routing_probe(self._deployment_id.name)
             self._asked_at = time.monotonic()
-            for r, q in await self._probe_queue_lens(missing, 0):
-                loads[r.replica_id] = q
-        loads = {rid: q + self._unsent_to(rid) for rid, q in loads.items() if q is not None}
-        if not missing and (min(loads[rid] for rid in preferred) - min(loads.values()) > bound // 2
-                            or time.monotonic() - self._asked_at > self._refresh_s):
+            answers = {r.replica_id: q for r, q in await self._probe_queue_lens(missing, 0)}
+            return self._figures(replicas, answers)
+        loads = self._figures(replicas)
+        if min(loads[rid] for rid in preferred) - min(loads.values()) > bound // 2:
+            self._ask_in_background(replicas)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._refreshing), self.queue_len_response_deadline_s)
+            except asyncio.TimeoutError:
+                return loads
+            return self._figures(replicas)
+        if time.monotonic() - self._asked_at > self._refresh_s:
             self._ask_in_background(replicas)
         return loads
+
+    def _figures(self, replicas: list[RunningReplica], answers: dict | None = None) -> dict[ReplicaID, int]:
+        """Serve's queue-length cache (or the replicas' `answers` just given) plus the requests
+        chosen and not yet sent, for the replicas that have a figure."""
+        cache, answers = self._replica_queue_len_cache, answers or {}
+        loads = {r.replica_id: answers[r.replica_id] if r.replica_id in answers else cache.get(r.replica_id)
+                 for r in replicas}
+        return {rid: q + self._unsent_to(rid) for rid, q in loads.items() if q is not None}
 
     def _ask_in_background(self, replicas: list[RunningReplica]) -> None:
         if self._refreshing is not None and not self._refreshing.done():
             return
         record_routing_probe(self._deployment_id.name)
         self._asked_at = time.monotonic()
-        self._refreshing = asyncio.get_running_loop().create_task(self._probe_queue_lens(replicas, 0))
+        self._refreshing = asyncio.get_running_loop().create_task(
+            self._probe_queue_lens(replicas, BACKGROUND_PROBE_BACKOFF))
 
     def _unsent_to(self, rid: ReplicaID) -> int:
         """Requests chosen for `rid` and not sent yet (a choice Serve sent elsewhere, because the
