@@ -164,7 +164,9 @@ class Scheduler:
         # prompts still part-way through their prefill after this step's chunks
         finishing = {id(c.seq) for c in out.chunks if c.samples}
         partial = sum(1 for s in self.running if s.num_remaining > 1 and id(s) not in finishing)
-        budget = self._admit(out, budget, cap, capped, self.config.max_partial_prefills - partial)
+        # blocks running prefills are computing (admissions below add theirs): rule 5
+        computing = self.blocks.computing(self.running) if self.waiting else set()
+        budget = self._admit(out, budget, cap, capped, self.config.max_partial_prefills - partial, computing)
         for i in capped:              # budget nobody else took goes back to the capped prefills
             if budget == 0:
                 break
@@ -176,16 +178,17 @@ class Scheduler:
                 budget -= more
         # budget still left (the prefills above are about to finish): prompts passed over for the
         # partial-prefill bound take it rather than leave it unused
-        self._admit(out, budget, budget, [], None)
+        self._admit(out, budget, budget, [], None, computing)
         return out
 
-    def _admit(self, out: SchedulerOutput, budget: int, cap: int, capped: list[int], partial_room: int | None) -> int:
+    def _admit(self, out: SchedulerOutput, budget: int, cap: int, capped: list[int], partial_room: int | None,
+               computing: set[bytes]) -> int:
         """Admit waiting sequences in order into `out` within `budget` (chunks of at most `cap`);
         with `partial_room` not None, at most that many may stay part-way through their prefill,
-        the others keep their place while shorter ones behind them go. Returns the budget left."""
+        the others keep their place while shorter ones behind them go; a sequence whose next block
+        is in `computing` waits (rule 5), and each one admitted adds the blocks it will compute.
+        Returns the budget left."""
         i = 0
-        computing = self.blocks.computing(self.running) \
-            if self.waiting and self.blocks.enable_prefix_caching else set()
         while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs \
                 and not out.preempted:
             seq = self.waiting[i]
@@ -209,8 +212,7 @@ class Scheduler:
                 partial_room -= 1
             if prefix:
                 self.blocks.take_prefix(seq, prefix)
-            if self.blocks.enable_prefix_caching:
-                computing.update(seq.block_hashes[seq.num_registered_blocks:])
+            computing.update(seq.block_hashes[seq.num_registered_blocks:])
             self.blocks.allocate(seq, start + n)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
