@@ -5,7 +5,8 @@
     scaled_zeros fp    [K/g, N]  = -zero * scale
     W[k, n] = q[k, n] * scales[k // g, n] + scaled_zeros[k // g, n]
 
-One Triton kernel, dequantizing in registers, with two launch configurations:
+`w4a16_dequantize` writes W itself (fp16/bf16/fp32) into a buffer, for the dequantize + cuBLAS path
+of long prefills. The matmul is one Triton kernel, dequantizing in registers, with two launch configurations:
   prefill (M > 16): BLOCK_M 32..128 tiles, one pass over K;
   decode (M <= 16): BLOCK_M 16 and split-K over SPLIT_K programs, partial sums [SPLIT_K, M, N]
   reduced in fp32 afterwards (deterministic, no atomics).
@@ -103,6 +104,49 @@ if triton is not None:
                 acc += tl.dot(a, w)
         out = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dequantize_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, K, N, group_size,
+                           stride_qk, stride_sg, stride_ok,
+                           BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (offs_k < K)[:, None] & (offs_n < N)[None, :]
+        r = offs_n % 8
+        shifts = ((r // 2) + (r % 2) * 4) * 4
+        words = tl.load(qw_ptr + offs_k[:, None] * stride_qk + (offs_n // 8)[None, :], mask=mask, other=0)
+        q = ((words >> shifts[None, :]) & 0xF).to(tl.float32)
+        g = offs_k // group_size
+        s = tl.load(s_ptr + g[:, None] * stride_sg + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g[:, None] * stride_sg + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs_k[:, None] * stride_ok + offs_n[None, :], (q * s + z).to(out_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+def w4a16_dequantize(qweight: torch.Tensor, scales: torch.Tensor, scaled_zeros: torch.Tensor, group_size: int,
+                     out: torch.Tensor, block_k: int = 32, block_n: int = 128) -> torch.Tensor:
+    """W [K, N] into `out` (its dtype: fp16, bf16 or fp32), as `dequantize_reference` computes it."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    k, n = qweight.shape[0], qweight.shape[1] * 8
+    if qweight.dtype != torch.int32 or qweight.stride(1) != 1:
+        raise ValueError(f"qweight must be int32 [K, N/8] contiguous along N/8, got {qweight.dtype} {tuple(qweight.stride())}")
+    if tuple(out.shape) != (k, n) or out.stride(1) != 1 or out.dtype not in _DTYPES:
+        raise ValueError(f"out must be [{k}, {n}] fp16/bf16/fp32 contiguous along N, got {out.dtype} {tuple(out.shape)}")
+    for name, t in (("scales", scales), ("scaled_zeros", scaled_zeros)):
+        if tuple(t.shape) != (k // group_size, n) or t.stride(1) != 1:
+            raise ValueError(f"{name} must be [{k // group_size}, {n}] contiguous along N, got {tuple(t.shape)}")
+    if scales.stride() != scaled_zeros.stride():
+        raise ValueError("scales and scaled_zeros must share strides")
+    if not triton_available(qweight.device):
+        raise RuntimeError("the Triton kernel needs a CUDA device or TRITON_INTERPRET=1; use dequantize_reference")
+    grid = (triton.cdiv(k, block_k), triton.cdiv(n, block_n))
+    _dequantize_kernel[grid](qweight, scales, scaled_zeros, out, k, n, group_size,
+                             qweight.stride(0), scales.stride(0), out.stride(0), BLOCK_K=block_k, BLOCK_N=block_n)
+    return out
 
 
 def default_config(m: int, k: int, n: int, group_size: int) -> dict:

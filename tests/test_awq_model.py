@@ -80,13 +80,20 @@ def test_quantized_model_matches_fake_quantized_fp32(awq_dir, images):
         assert (a - b).abs().max().item() <= 1e-4
 
 
-def test_cpu_reference_path_matches_kernel_path(awq_dir, images, monkeypatch):
+def test_cpu_int4_path_matches_triton_kernel_path(awq_dir, images):
+    """The CPU path (PyTorch's int4 layout, dequantize + GEMM in fp32) against the Triton kernel run on
+    the AutoAWQ tensors (interpreter on CPU), on the whole model."""
+    from vlm_core.quant.paths import PathTable, Rule
+
     q = VLM.from_pretrained(awq_dir)
     req = q.request("What colour is the circle?", {"image": images[:1]})
+    linears = [m for m in q.model.modules() if isinstance(m, AWQLinear)]
+    assert linears and all(m.path(1, torch.float32, torch.device("cpu")) == "cpu-dequant" for m in linears)
+    cpu = prompt_logits(q.model, [req])[0]
+    for m in linears:
+        m.table = PathTable((Rule("cpu", "triton"),))
     kernel = prompt_logits(q.model, [req])[0]
-    monkeypatch.setattr("vlm_core.quant.awq_linear.triton_available", lambda device: False)
-    ref = prompt_logits(q.model, [req])[0]
-    assert (kernel - ref).abs().max().item() <= 1e-4
+    assert (kernel - cpu).abs().max().item() <= 1e-4
 
 
 def test_autoawq_quant_config_json_is_read(awq_dir, tmp_path, images):

@@ -34,6 +34,7 @@ from .engine.request import EngineRequest, RequestOutput, merge_outputs
 from .engine.sampling import SamplingParams
 from .inputs.processor import BaseProcessor, Prompt
 from .models.composed import ComposedVLM
+from .quant.awq_linear import prepare_awq
 
 Media = dict[str, Sequence[Any]]
 
@@ -77,6 +78,7 @@ class VLM:
         vlm = cls(model, family.processor.from_pretrained(model_dir, model.config), engine_config, folder_configs)
         if fuse_projections and model.decoder is not None:
             model.decoder.fuse_projections()
+        prepare_awq(model)
         return vlm
 
     def save_pretrained(self, out_dir: str | Path) -> Path:

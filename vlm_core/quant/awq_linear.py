@@ -1,13 +1,18 @@
 """`AWQLinear`: a drop-in 4-bit linear (same `forward(x)` as nn.Linear).
 
-Buffers are the AutoAWQ gemm tensors, so checkpoints load by name:
+Its buffers are the AutoAWQ gemm tensors, so checkpoints load by name:
     qweight int32 [K, N/8], qzeros int32 [K/g, N/8], scales [K/g, N], bias [N] (optional)
-`post_load()` derives `scaled_zeros = -zero * scale` [K/g, N], the form the kernel uses
-(one FMA per weight). On CUDA (or under TRITON_INTERPRET=1) the Triton kernel runs; on CPU
-the dequantized weight is cached and multiplied with torch: in fp32 for fp32 activations, in
-bf16 for 16-bit ones (a 7B model's cache is then 13 GB instead of 27 GB, and a bf16 GEMV is
-faster than fp32 on CPUs with AVX-512 BF16; fp16 matmuls are slow on CPUs, so fp16
-activations are computed in bf16 too).
+`post_load()` derives `scaled_zeros = -zero * scale` [K/g, N]. The first forward (or `prepare()`, which
+`VLM.from_pretrained` calls once the model is loaded and fused) puts the weight in the layout of the paths
+`vlm_core.quant.paths` picks for its device, once:
+  CPU:  PyTorch's int4pack (`int4pack.cpu_pack`); the AutoAWQ qweight is dropped, so a 4-bit weight is held
+        once, in 4 bits. bf16 activations run `torch._weight_int4pack_mm_for_cpu` for small M; long prefills and
+        fp16/fp32 activations dequantize into one scratch buffer the model's linears share and run one GEMM
+        (fp16 and fp32 in fp32, so fp32 loads keep their precision). `qweight` stays readable (rebuilt from
+        the packed form on access) and in `state_dict()`.
+  CUDA: our Triton kernel on the AutoAWQ tensors, tinygemm on its own packing when the device's table
+        chooses it, or Triton dequantize + cuBLAS for long prefills.
+Moving or casting a prepared module (`.to()`, `.half()`) returns it to the AutoAWQ form first.
 """
 
 from __future__ import annotations
@@ -15,15 +20,50 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.w4a16 import dequantize_reference, triton_available, w4a16_matmul
+from kernels.w4a16 import w4a16_dequantize, w4a16_matmul
 
 from ..config import AWQConfig
 from ..models.layers import LinearFactory, dense_linear
-from .pack import unpack_awq
+from . import int4pack
+from .pack import pack_awq, unpack_awq
+from .paths import PathTable, table_for
+
+
+class _CPUWeight:
+    """The CPU form: int4pack bytes, and the per-group numbers in the compute dtype.
+
+    compute bf16: scales_and_zeros bf16 [K/g, N_pad, 2] for int4mm; dequantize reads s and zero - 8 s.
+    compute fp32: s and zero - 8 s in fp32 [K/g, N_pad] (dequantize only)."""
+
+    def __init__(self, lin: "AWQLinear"):
+        q, sz = int4pack.awq_to_int4(lin.qweight, lin.qzeros, lin.scales, lin.group_size, int4pack.CPU_N_MULTIPLE)
+        self.n_pad = q.shape[0]
+        self.packed = int4pack.cpu_pack(q)                                      # uint8 [N_pad, K/2]
+        del q
+        self.compute = torch.bfloat16 if lin.scales.dtype == torch.bfloat16 else torch.float32
+        self.scales_and_zeros = sz.to(torch.bfloat16) if self.compute == torch.bfloat16 else None
+        self.scales = sz[..., 0].to(self.compute).contiguous()
+        self.szeros = (sz[..., 1] - 8 * sz[..., 0]).to(self.compute).contiguous()
+
+    def qweight(self, k: int, n: int) -> torch.Tensor:
+        q = int4pack.cpu_unpack_into(self.packed, k, self.n_pad)[:, :n]
+        return pack_awq(q.to(torch.int32))
+
+    def nbytes(self) -> int:
+        ts = (self.packed, self.scales, self.szeros, self.scales_and_zeros)
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+class _TinygemmWeight:
+    def __init__(self, lin: "AWQLinear"):
+        q, sz = int4pack.awq_to_int4(lin.qweight, lin.qzeros, lin.scales, lin.group_size)
+        self.packed = int4pack.cuda_pack(q)
+        self.scales_and_zeros = sz.to(torch.bfloat16).contiguous()
 
 
 class AWQLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int):
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int,
+                 scratch: int4pack.DequantScratch | None = None, table: PathTable | None = None):
         super().__init__()
         if in_features % group_size or out_features % 8:
             raise ValueError(f"AWQ linear {in_features}->{out_features} needs in % {group_size} == 0 and out % 8 == 0")
@@ -34,13 +74,41 @@ class AWQLinear(nn.Module):
         self.register_buffer("scales", torch.zeros(groups, out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.register_buffer("scaled_zeros", None, persistent=False)
-        self._dense: torch.Tensor | None = None   # CPU path cache [K, N], fp32 or bf16
+        self.scratch = scratch or int4pack.DequantScratch()
+        self.table = table            # None: the device's table (`paths.table_for`)
+        self._cpu: _CPUWeight | None = None
+        self._tinygemm: _TinygemmWeight | None = None
+        self._tinygemm_refused: str | None = None
+
+    # ---- the AutoAWQ form ------------------------------------------------------------------
 
     def post_load(self) -> None:
         """Derive the kernel's scaled zeros from the loaded integer zeros."""
+        self._release()
         z = unpack_awq(self.qzeros).float()
         self.scaled_zeros = (-z * self.scales.float()).to(self.scales.dtype)
-        self._dense = None
+
+    def __getattr__(self, name: str):
+        if name == "qweight" and self.__dict__.get("_cpu") is not None:
+            return self._cpu.qweight(self.in_features, self.out_features)
+        return super().__getattr__(name)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._cpu is not None:
+            destination[prefix + "qweight"] = self.qweight
+
+    def _release(self) -> None:
+        """Back to the AutoAWQ form only (rebuilding qweight if the CPU form replaced it)."""
+        if self._cpu is not None:
+            qweight = self._cpu.qweight(self.in_features, self.out_features)
+            self._cpu = None
+            self.register_buffer("qweight", qweight)
+        self._tinygemm = None
+
+    def _apply(self, fn, recurse=True):
+        self._release()
+        return super()._apply(fn, recurse)
 
     @classmethod
     @torch.no_grad()
@@ -51,7 +119,8 @@ class AWQLinear(nn.Module):
         if any(p.in_features != first.in_features or p.group_size != first.group_size for p in parts):
             raise ValueError("AWQ linears fuse only with the same input size and group size")
         has_bias = first.bias is not None
-        fused = cls(first.in_features, sum(p.out_features for p in parts), has_bias, first.group_size)
+        fused = cls(first.in_features, sum(p.out_features for p in parts), has_bias, first.group_size,
+                    first.scratch, first.table)
         for name in ("qweight", "qzeros", "scales"):
             setattr(fused, name, torch.cat([getattr(p, name) for p in parts], dim=1))
         if has_bias:
@@ -59,42 +128,92 @@ class AWQLinear(nn.Module):
         fused.post_load()
         return fused
 
-    def _apply(self, fn, recurse=True):
-        self._dense = None
-        return super()._apply(fn, recurse)
+    # ---- the device's form -------------------------------------------------------------------
+
+    def _table(self, device: torch.device) -> PathTable:
+        return self.table if self.table is not None else table_for(device)
+
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """Put the weight in the form its device's paths read (once; later calls return at once)."""
+        if self.scaled_zeros is None:
+            raise RuntimeError("AWQLinear.post_load() was not called after loading weights")
+        device = self.qzeros.device
+        if device.type == "cpu":
+            if self._cpu is None:
+                self._cpu = _CPUWeight(self)
+                del self._buffers["qweight"]
+            return
+        if "tinygemm" in self._table(device).paths("cuda") and self._tinygemm is None and not self._tinygemm_refused:
+            try:
+                self._tinygemm = _TinygemmWeight(self)
+            except ValueError as e:            # a shape tinygemm cannot take: the other paths serve it
+                self._tinygemm_refused = str(e)
+
+    def path(self, m: int, dtype: torch.dtype, device: torch.device) -> str:
+        """The path a call with M rows computed in `dtype` takes (after `prepare`; on CPU the compute dtype
+        is bf16 for a bf16 load and fp32 otherwise, whatever the activations' dtype)."""
+        p = self._table(device).choose(device.type, dtype, m, self.in_features, self.out_features)
+        if p == "tinygemm" and self._tinygemm is None:
+            return "triton" if m < 256 else "cuda-dequant"
+        return p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scaled_zeros is None:
             raise RuntimeError("AWQLinear.post_load() was not called after loading weights")
+        self.prepare()
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if triton_available(x.device):
-            y = w4a16_matmul(x2.contiguous(), self.qweight, self.scales, self.scaled_zeros, self.group_size)
+        if x2.device != self.scales.device:
+            raise ValueError(f"input on {x2.device}, AWQ weights on {self.scales.device}")
+        m, n = x2.shape[0], self.out_features
+        path = self.path(m, self._cpu.compute if self._cpu is not None else x2.dtype, x2.device)
+        if path == "cpu-int4mm":
+            c = self._cpu
+            y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), c.packed, self.group_size,
+                                                  c.scales_and_zeros)[:, :n].to(x.dtype)
+        elif path == "cpu-dequant":
+            c = self._cpu
+            w = int4pack.cpu_dequantize(c.packed, c.scales, c.szeros, self.group_size, self.scratch)
+            y = (x2.to(c.compute) @ w[:, :n]).to(x.dtype)
+        elif path == "tinygemm":
+            t = self._tinygemm
+            y = torch._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), t.packed, self.group_size,
+                                          t.scales_and_zeros).to(x.dtype)
+        elif path == "cuda-dequant":
+            w = self.scratch.weight(self.in_features, n, x2.dtype, x2.device)
+            w4a16_dequantize(self.qweight, self.scales, self.scaled_zeros, self.group_size, out=w)
+            y = x2 @ w
         else:
-            compute = torch.float32 if x.dtype == torch.float32 else torch.bfloat16
-            if self._dense is None or self._dense.dtype != compute:
-                self._dense = dequantize_reference(self.qweight, self.scales, self.scaled_zeros,
-                                                   self.group_size).to(compute)
-            y = (x2.to(compute) @ self._dense).to(x.dtype)
+            y = w4a16_matmul(x2.contiguous(), self.qweight, self.scales, self.scaled_zeros, self.group_size)
         if self.bias is not None:
             y = y + self.bias
-        return y.view(*shape[:-1], self.out_features)
+        return y.view(*shape[:-1], n)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+def prepare_awq(model: nn.Module) -> None:
+    """`prepare()` every AWQ linear of a loaded (and fused) model."""
+    for m in model.modules():
+        if isinstance(m, AWQLinear):
+            m.prepare()
 
 
 _CHECKPOINT_PREFIXES = ("model.language_model.", "language_model.model.", "language_model.", "model.")
 
 
 def awq_linear_factory(cfg: AWQConfig) -> LinearFactory:
-    """AWQLinear for every decoder linear except those `modules_to_not_convert` names."""
+    """AWQLinear for every decoder linear except those `modules_to_not_convert` names; the linears of one
+    model share one dequantize scratch buffer."""
     skip = tuple(_strip_prefix(s) for s in cfg.modules_to_not_convert)
+    scratch = int4pack.DequantScratch()
 
     def make(in_features: int, out_features: int, bias: bool, name: str) -> nn.Module:
         if any(s and s in name for s in skip):
             return dense_linear(in_features, out_features, bias, name)
-        return AWQLinear(in_features, out_features, bias, cfg.group_size)
+        return AWQLinear(in_features, out_features, bias, cfg.group_size, scratch)
 
     return make
 
