@@ -1,4 +1,5 @@
-"""A LLaVA-1.5-7B-shaped AWQ checkpoint on this machine: load time, peak memory, one generation.
+"""A LLaVA-1.5-7B-shaped AWQ checkpoint on this machine: load time, peak memory, one generation, and the
+floor that reading the 4-bit weights once per token sets.
 
     python bench/real_shape.py [--dir /tmp/llava7b-awq] [--keep] [--dtype bfloat16]
                                [--out bench/results/real-shape-cpu.json]
@@ -8,9 +9,13 @@ LLaVA-1.5-7B shapes and random weights: CLIP ViT-L/14 at 336 px (fp16), an mlp2x
 projector, and a 32-layer LLaMA-7B decoder (4096 hidden, 11008 MLP, 32 heads, 32,064 vocab)
 whose linears are AutoAWQ gemm int4 with group size 128. Then it loads that folder with
 `VLM.from_pretrained` and generates 16 greedy tokens for a prompt with one picture (576 image
-tokens), reporting the load time, the process's peak RSS after loading and after generating,
-the prefill and per-token times. On CPU the AWQ linears keep their dequantized weights in the
-activation dtype (`--dtype bfloat16`: about 13 GB for this model, where fp32 would need 27 GB).
+tokens + the template's text), reporting the load time, the process's peak RSS after loading and after
+generating against the checkpoint's size, the time to the first token (prefill of the whole prompt, in
+chunks) and the time per decoded token. Beside the decode time it prints its floor: the bytes every
+decode step reads (the packed int4 weights with their scales, and the dense lm_head, norms) over the read
+bandwidth of this machine measured in the same run with the same threads. On CPU the AWQ linears hold
+PyTorch's int4 layout only: bf16 decode runs its int4 matmul, the prefill dequantizes into one scratch
+buffer per call and runs a bf16 GEMM.
 """
 
 from __future__ import annotations
@@ -36,6 +41,39 @@ GROUP = 128
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def read_bandwidth_gbs(gib: float = 1.0, reps: int = 5) -> float:
+    """GB/s of reading a buffer much larger than the caches (a sum over fp32, best of `reps`)."""
+    x = torch.ones(int(gib * 2 ** 30) // 4)
+    x.sum()
+    best = min(_timed(x.sum) for _ in range(reps))
+    return x.numel() * 4 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def decode_bytes(model) -> dict[str, int]:
+    """Bytes one decode step reads from the decoder's weights: the 4-bit linears' packed bytes and
+    per-group numbers, and every dense tensor of the decoder (lm_head, norms); the embedding reads one row."""
+    from vlm_core.quant.awq_linear import AWQLinear
+
+    int4 = dense = 0
+    for m in model.decoder.modules():
+        if isinstance(m, AWQLinear):
+            c = m._cpu
+            int4 += c.packed.numel() + sum(t.numel() * t.element_size() for t in
+                                           ((c.scales_and_zeros,) if c.scales_and_zeros is not None else (c.scales, c.szeros)))
+        else:
+            dense += sum(p.numel() * p.element_size() for name, p in m.named_parameters(recurse=False)
+                         if not name.startswith("embed"))
+    embed = model.decoder.embed_tokens.weight
+    dense -= embed.numel() * embed.element_size() if embed is not model.decoder.lm_head.weight else 0
+    return {"int4": int4, "dense": max(dense, 0)}
 
 
 def config(tokenizer):
@@ -138,18 +176,31 @@ def main() -> None:
         engine = vlm.engine()
         engine.add_request("r", req)
         t = time.perf_counter()
-        times = []
+        first = None
         while engine.has_unfinished():
-            engine.step()
-            times.append(time.perf_counter() - t)
+            outs = engine.step()
+            if first is None and any(o.token_ids for o in outs):
+                first = time.perf_counter() - t
         gen_s = time.perf_counter() - t
+        per_token = (gen_s - first) / max(1, a.tokens - 1)
+        bw = read_bandwidth_gbs()
+        weights = decode_bytes(vlm.model)
+        floor_int4 = weights["int4"] / (bw * 1e9)
+        floor_all = (weights["int4"] + weights["dense"]) / (bw * 1e9)
+        rss = peak_rss_gib()
         result = {"device": "cpu", "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
                   "dtype": a.dtype, "checkpoint_gib": round(size, 2), "write_s": round(write_s, 1),
                   "load_s": round(load_s, 1), "peak_rss_gib_before_load": round(rss_before, 2),
                   "peak_rss_gib_after_load": round(rss_loaded, 2), "prompt_tokens": len(req.prompt),
                   "image_tokens": sum(s.length for s in req.prompt.spans), "generated_tokens": a.tokens,
-                  "prefill_s": round(times[0], 2), "per_token_s": round((times[-1] - times[0]) / max(1, a.tokens - 1), 3),
-                  "generation_s": round(gen_s, 1), "peak_rss_gib_after_generation": round(peak_rss_gib(), 2)}
+                  "prefill_s": round(first, 2), "per_token_s": round(per_token, 3),
+                  "generation_s": round(gen_s, 1), "peak_rss_gib_after_generation": round(rss, 2),
+                  "peak_rss_over_files": round(rss / size, 2),
+                  "read_bandwidth_gb_s": round(bw, 1), "int4_bytes_per_token_gb": round(weights["int4"] / 1e9, 3),
+                  "dense_bytes_per_token_gb": round(weights["dense"] / 1e9, 3),
+                  "int4_floor_s": round(floor_int4, 3), "weights_floor_s": round(floor_all, 3),
+                  "decode_over_int4_floor": round(per_token / floor_int4, 2),
+                  "decode_over_weights_floor": round(per_token / floor_all, 2)}
     finally:
         if not a.keep:
             shutil.rmtree(folder, ignore_errors=True)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .utils import dot_in_fp32
+from .utils import check_attention_shapes, dot_in_fp32
 
 try:
     import triton
@@ -177,7 +177,9 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start, sc
     s = seq_lens.shape[0]
     if query_start.shape[0] != s + 1 or block_tables.shape[0] != s:
         raise ValueError("query_start must have S + 1 entries and block_tables S rows")
-    if max_query_len is None:
+    if q.device.type == "cuda":
+        check_attention_shapes(bs, d)
+    if max_query_len is None:       # a device read: callers that know it (the engine) pass it
         max_query_len = int((query_start[1:] - query_start[:-1]).max()) if s else 0
     out = torch.empty_like(q)
     if s == 0 or max_query_len == 0:

@@ -25,3 +25,15 @@ def dot_in_fp32(x: torch.Tensor) -> bool:
     returns garbage (triton 3.9). Operands keep their 16-bit rounding either way.
     """
     return x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and x.device.type != "cuda")
+
+
+TL_DOT_MIN_K = 16     # the smallest K of `tl.dot` on NVIDIA GPUs
+
+
+def check_attention_shapes(block_size: int, head_dim: int) -> None:
+    """The Triton paged attention multiplies q @ k^T over head_dim and p @ v over a KV block's tokens:
+    both are `tl.dot` K dimensions, which NVIDIA GPUs need to be at least 16."""
+    if block_size < TL_DOT_MIN_K or head_dim < TL_DOT_MIN_K:
+        raise ValueError(f"the Triton paged attention needs block_size >= {TL_DOT_MIN_K} and head_dim >= "
+                         f"{TL_DOT_MIN_K} (tl.dot's smallest K on NVIDIA GPUs), got block_size={block_size}, "
+                         f"head_dim={head_dim}; use attention='torch' or a larger block_size")

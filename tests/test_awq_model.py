@@ -80,6 +80,7 @@ def test_quantized_model_matches_fake_quantized_fp32(awq_dir, images):
         assert (a - b).abs().max().item() <= 1e-4
 
 
+@pytest.mark.interpreter
 def test_cpu_int4_path_matches_triton_kernel_path(awq_dir, images):
     """The CPU path (PyTorch's int4 layout, dequantize + GEMM in fp32) against the Triton kernel run on
     the AutoAWQ tensors (interpreter on CPU), on the whole model."""

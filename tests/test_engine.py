@@ -159,6 +159,7 @@ def test_abort_50_requests_mid_generation_returns_all_blocks(vlm, images):
     assert engine.blocks.num_free_blocks == initial
 
 
+@pytest.mark.interpreter
 def test_triton_paged_attention_in_the_engine(vlm, requests_12, alone):
     engine = vlm.engine(EngineConfig(num_blocks=64, max_num_batched_tokens=32, attention="triton"))
     got, _ = run_engine(engine, requests_12[:3])
@@ -336,3 +337,46 @@ def test_request_priority_orders_admission_in_the_engine(vlm):
     while engine.has_unfinished():
         finished += [o.request_id for o in engine.step() if o.finish_reason is not None]
     assert finished == ["urgent", "a", "b"]
+
+
+# ---- what a GPU would show, checked here -----------------------------------------------------------
+
+@pytest.mark.interpreter
+def test_runner_gives_attention_the_longest_query_from_the_host(vlm, requests_12, monkeypatch):
+    """The runner passes max_query_len (known on the host), so the Triton attention never reads it off
+    the device (a sync in every layer on a GPU)."""
+    import kernels.paged_attention as pa
+
+    seen = []
+    real = pa.paged_attention
+
+    def spy(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale, max_query_len=None, **kw):
+        seen.append((max_query_len, int((query_start[1:] - query_start[:-1]).max())))
+        return real(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale, max_query_len=max_query_len, **kw)
+
+    monkeypatch.setattr("vlm_core.engine.kv_cache.paged_attention", spy)
+    engine = vlm.engine(EngineConfig(num_blocks=64, max_num_batched_tokens=32, attention="triton"))
+    for i, r in enumerate(requests_12[:3]):
+        engine.add_request(str(i), r)
+    while engine.has_unfinished():
+        engine.step()
+    assert seen and all(given == actual for given, actual in seen)
+    assert {actual for _, actual in seen} > {1}          # prefill chunks and decode steps both seen
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(attention="triton", block_size=8), "block_size >= 16"),
+    (dict(attention="torch", cuda_graphs=True), "cuda_graphs needs attention 'triton' or 'auto'"),
+])
+def test_configs_a_gpu_cannot_run_are_refused(vlm, kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        vlm.engine(EngineConfig(num_blocks=64, **kw))
+
+
+def test_triton_attention_shape_limits():
+    from kernels.utils import check_attention_shapes
+
+    check_attention_shapes(16, 16)
+    for bs, d in ((8, 64), (16, 8)):
+        with pytest.raises(ValueError, match="tl.dot's smallest K"):
+            check_attention_shapes(bs, d)

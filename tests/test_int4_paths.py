@@ -194,6 +194,7 @@ def test_shape_rules_come_before_general_ones_and_default_fills_in():
 
 # ---- kernels: Triton dequantize (interpreter on CPU), tinygemm and cuBLAS on a GPU -----------------
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("g", [32, 128])
 def test_triton_dequantize_equals_reference(g):
     k, n = 256, 200

@@ -7,6 +7,7 @@ import torch
 from kernels.norm_rope import rms_norm, rms_norm_reference, rope, rope_reference
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("hidden", [64, 96, 200])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm_matches_reference(hidden, with_residual):
@@ -22,6 +23,7 @@ def test_rms_norm_matches_reference(hidden, with_residual):
         assert summed is x
 
 
+@pytest.mark.interpreter
 def test_rms_norm_rows_of_a_wider_tensor():
     """Rows with a stride larger than the hidden size (a slice of a bigger buffer)."""
     gen = torch.Generator().manual_seed(1)
@@ -30,6 +32,7 @@ def test_rms_norm_rows_of_a_wider_tensor():
     torch.testing.assert_close(rms_norm(x, w, 1e-5)[0], rms_norm_reference(x, w, 1e-5)[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("hq,hkv,d", [(4, 4, 16), (8, 2, 32), (12, 4, 64)])
 def test_rope_matches_reference(hq, hkv, d):
     gen = torch.Generator().manual_seed(hq * d)
@@ -51,6 +54,7 @@ def test_rope_refuses_odd_head_dims():
         rope(q, q, torch.zeros(2, 1, 24), torch.zeros(2, 1, 24))
 
 
+@pytest.mark.interpreter
 def test_decoder_kernels_equal_torch_path(vlm):
     """The whole decoder with Triton norms and rope gives the torch path's logits (fp32)."""
     from vlm_core.models.attention import UncachedKV

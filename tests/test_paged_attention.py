@@ -53,6 +53,7 @@ def test_batched_torch_path_with_many_decode_rows_of_mixed_lengths():
     ([5, 16, 33], [5, 30, 33]),          # prefill chunks over cached blocks, and a fresh prompt
     ([1, 7, 20, 1], [64, 7, 50, 16]),    # mixed decode + prefill
 ])
+@pytest.mark.interpreter
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (4, 1)])
 def test_triton_matches_reference(q_lens, ctx_lens, hq, hkv):
     args = make_case(q_lens, ctx_lens, hq, hkv)
@@ -61,6 +62,7 @@ def test_triton_matches_reference(q_lens, ctx_lens, hq, hkv):
     assert (out - ref).abs().max().item() <= 1e-5
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
 def test_triton_half_precision(dtype, tol):
     args = make_case([1, 9], [23, 40], dtype=dtype, seed=3)
@@ -69,6 +71,7 @@ def test_triton_half_precision(dtype, tol):
     assert (out - ref).abs().max().item() <= tol
 
 
+@pytest.mark.interpreter
 def test_head_dim_not_power_of_two():
     args = make_case([3, 1], [20, 33], d=24)
     assert (paged_attention(*args, scale=0.2) - paged_attention_reference(*args, scale=0.2)).abs().max() <= 1e-5
@@ -86,3 +89,18 @@ def test_rejects_bad_index_dtypes():
     q, kc, vc, bt, lens, qs = make_case([1], [5])
     with pytest.raises(ValueError, match="must be int32"):
         paged_attention(q, kc, vc, bt.long(), lens, qs, 0.25)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("hq,hkv", [(32, 32), (32, 8)])
+def test_triton_matches_reference_on_gpu(dtype, tol, hq, hkv):
+    """Real head sizes on the device: decode rows at VLM-request contexts, and prefill chunks over cached blocks."""
+    args = make_case([1, 1, 1, 64, 300], [700, 4096, 1, 700, 300], hq, hkv, d=128, bs=16,
+                     dtype=dtype, seed=7)
+    args = tuple(a.cuda() for a in args)
+    qs = args[-1].cpu()
+    out = paged_attention(*args, scale=128 ** -0.5, max_query_len=int((qs[1:] - qs[:-1]).max()))
+    ref = paged_attention_reference(*(a.float() if a.is_floating_point() else a for a in args), scale=128 ** -0.5)
+    assert (out.float() - ref).abs().max().item() <= tol

@@ -101,3 +101,30 @@ def test_each_row_gets_the_number_of_top_logprobs_it_asked_for():
         assert lp.token_id == tokens[row] == int(logits[row].argmax())
         assert [t for t, _ in lp.top] == ref[row].topk(k).indices.tolist()
         assert [v for _, v in lp.top] == pytest.approx(ref[row].topk(k).values.tolist(), abs=1e-6)
+
+
+def test_sampler_makes_no_blocking_copy_to_the_device(monkeypatch):
+    """Per-row numbers reach the device in one copy from a host array (pinned, non-blocking on CUDA):
+    no `torch.tensor(..., device=...)`, which blocks on a GPU before the sampler can launch."""
+    params = mixed_params() + [SamplingParams(temperature=0.9, logprobs=2)]
+    logits = torch.randn(len(params), V, generator=torch.Generator().manual_seed(1))
+    want = sample_async(logits, params, generators(params)).wait()
+    real = torch.tensor
+
+    def guarded(*a, device=None, **kw):
+        if device is not None:
+            raise AssertionError("torch.tensor(..., device=...) in the sampler")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(torch, "tensor", guarded)
+    got = sample_async(logits, params, generators(params)).wait()
+    monkeypatch.undo()
+    seeded = [i for i, p in enumerate(params) if p.greedy or p.seed is not None]
+    assert [got[i] for i in seeded] == [want[i] for i in seeded]
+
+
+def test_huge_top_k_means_the_whole_vocabulary():
+    logits = torch.randn(1, V, generator=torch.Generator().manual_seed(2)).expand(2, V)
+    params = [SamplingParams(temperature=1.0, top_k=2 ** 63 - 1, seed=9), SamplingParams(temperature=1.0, seed=9)]
+    a, b = sample_async(logits, params, generators(params)).wait()
+    assert a == b

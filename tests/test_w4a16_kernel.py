@@ -27,6 +27,7 @@ def poisoned_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", empty)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("m", [1, 3, 16, 33, 128])
 @pytest.mark.parametrize("g", [32, 64, 128])
 @pytest.mark.parametrize("k,n", [(384, 200), (256, 328), (640, 96)])
@@ -42,6 +43,7 @@ def test_kernel_matches_reference_fp32(poisoned_empty, m, g, k, n):
     assert ((y - ref).abs().max() / ref.abs().max()).item() <= 1e-3
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("split_k", [1, 2, 3])
 @pytest.mark.parametrize("block_k", [32, 64])
 def test_split_k_and_block_k_variants(poisoned_empty, split_k, block_k):
@@ -52,6 +54,7 @@ def test_split_k_and_block_k_variants(poisoned_empty, split_k, block_k):
     assert ((y - ref).norm() / ref.norm()).item() <= 1e-3
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 5e-3), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("m", [1, 33])
 def test_half_activations_fp32_accumulate(dtype, tol, m):
@@ -63,6 +66,7 @@ def test_half_activations_fp32_accumulate(dtype, tol, m):
     assert ((y.float() - ref).norm() / ref.norm()).item() <= tol
 
 
+@pytest.mark.interpreter
 def test_strided_activation_rows():
     base = torch.randn(7, 384)
     x = base[::2, :256]  # row stride 768, K contiguous

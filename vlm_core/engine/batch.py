@@ -1,5 +1,5 @@
 """Flat batch arrays shared by the eager step (`runner.py`) and the static decode path
-(`graphs.py`): block tables, slot mapping, and the one host-to-device copy per array."""
+(`graphs.py`): block tables and slot mapping; `transfer` makes the one host-to-device copy per array."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .scheduler import ScheduledChunk
+from .transfer import host_tensor, to_device  # noqa: F401  (the step's copies, for runner and graphs)
 
 
 def block_table_array(chunks: Seq[ScheduledChunk], rows: int, width: int, fill: int = 0) -> np.ndarray:
@@ -22,14 +23,3 @@ def block_table_array(chunks: Seq[ScheduledChunk], rows: int, width: int, fill: 
 def slot_mapping(tables: np.ndarray, rows: np.ndarray, positions: np.ndarray, block_size: int) -> np.ndarray:
     """Flat KV slot of each token: its row's block_table[pos // bs] * bs + pos % bs, int64."""
     return tables[rows, positions // block_size].astype(np.int64) * block_size + positions % block_size
-
-
-def host_tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    """`a` as a host tensor ready to copy to `device`: pinned when that is a CUDA device."""
-    t = torch.from_numpy(a)
-    return t.pin_memory() if device.type == "cuda" else t
-
-
-def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    """One copy to `device` (non-blocking from pinned memory on CUDA; none on CPU)."""
-    return host_tensor(a, device).to(device, non_blocking=True)

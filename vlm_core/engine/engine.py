@@ -27,7 +27,7 @@ from typing import AsyncIterator, Sequence as Seq
 
 import torch
 
-from kernels.utils import triton_available
+from kernels.utils import check_attention_shapes, triton_available
 
 from ..errors import ContextLengthError, InputError, PlaceholderMismatchError
 from ..inputs.media import content_hash
@@ -67,6 +67,9 @@ class EngineConfig:
             raise ValueError(f"attention must be auto, triton or torch, got {self.attention!r}")
         if self.block_size < 1:
             raise ValueError("block_size must be positive")
+        if self.cuda_graphs and self.attention == "torch":
+            raise ValueError("cuda_graphs needs attention 'triton' or 'auto': the torch attention reads the batch's "
+                             "lengths on the host (nonzero, tolist), which a CUDA graph cannot capture")
 
 
 class LLMEngine:
@@ -89,12 +92,15 @@ class LLMEngine:
         use_triton = config.attention == "triton" or (config.attention == "auto" and model.device.type == "cuda")
         if use_triton and not triton_available(model.device):
             raise ValueError("Triton attention needs a CUDA device or TRITON_INTERPRET=1")
+        if use_triton:
+            check_attention_shapes(config.block_size, t.head_dim)
         graphs = None
         if config.cuda_graphs:
             if model.device.type != "cuda":
                 raise ValueError("cuda_graphs needs a model on a CUDA device")
             graphs = DecodeGraphs(model, self.cache, use_triton, config.max_num_seqs, self.max_model_len,
                                   scratch_block=num_blocks, capture=True)
+            graphs.capture_all()      # now, before any request: never JIT or capture while serving
         self.runner = ModelRunner(model, self.cache, use_triton, graphs, self.eos)
         self._seqs: dict[str, list[Sequence]] = {}      # a request's choices not yet finished
         self.outputs = OutputProcessor(tokenizer, self.eos, self.max_model_len)

@@ -6,7 +6,9 @@ buffers padded to a bucket size (1, 2, 4, 8, then steps of 16 up to `max_num_seq
 with W = blocks of a full context. Rows past the batch are padding: they read and write one
 reserved scratch block, and their logits are dropped. On CUDA the forward of each bucket is
 captured once as a CUDA graph and replayed: one launch for the whole decoder instead of ~35
-per layer. With `capture=False` the same padded forward runs eagerly (how CPU tests check the
+per layer. Every bucket is captured when the engine starts (`capture_all`, largest first, all sharing one
+memory pool), so no Triton compile or capture ever runs while requests are served; captures use the
+thread-local capture mode. With `capture=False` the same padded forward runs eagerly (how CPU tests check the
 padding against the unpadded step). Sampling stays outside the graph.
 
 Graph-safety: nothing in the captured forward reads a device value on the host — attention
@@ -47,6 +49,7 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
+        self.memory_bytes = 0
 
     def fits(self, out: SchedulerOutput) -> bool:
         """Decode-only, at most the largest bucket, every block table within W."""
@@ -86,10 +89,21 @@ class DecodeGraphs:
         self._fill(out, b)
         if not self.capture:
             return self._forward(b)[:n]
-        if b not in self.graphs:
-            self._capture(b)
         self.graphs[b].replay()
         return self.logits[b][:n]
+
+    def capture_all(self) -> None:
+        """Capture every bucket, largest first (the smaller ones reuse its pool's memory). The memory the
+        graphs hold is `memory_bytes`; running out of device memory here names the bucket."""
+        before = torch.cuda.memory_reserved(self.model.device)
+        for b in reversed(self.buckets):
+            try:
+                self._capture(b)
+            except torch.cuda.OutOfMemoryError as e:
+                raise RuntimeError(f"capturing the decode graph of batch {b} ran out of device memory; give the "
+                                   f"KV cache less (kv_cache_bytes) or lower max_num_seqs") from e
+        torch.cuda.synchronize(self.model.device)
+        self.memory_bytes = torch.cuda.memory_reserved(self.model.device) - before
 
     def _capture(self, b: int) -> None:
         stream = torch.cuda.Stream()
@@ -99,7 +113,7 @@ class DecodeGraphs:
                 self._forward(b)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             self.logits[b] = self._forward(b)
         self.pool = graph.pool()
         self.graphs[b] = graph

@@ -69,7 +69,8 @@ class ModelRunner:
         embeds = self._embeddings(out, input_ids)
         view = PagedKVView(self.cache, to_device(slots, dev), to_device(tables, dev),
                            to_device((starts + counts).astype(np.int32), dev),
-                           to_device(query_start.astype(np.int32), dev), self.use_triton)
+                           to_device(query_start.astype(np.int32), dev), self.use_triton,
+                           max_query_len=int(counts.max()))
         hidden = self.model(to_device(ids, dev), to_device(positions, dev), view, embeds)
         prompt = self._score_prompts(chunks, query_start, hidden)
         sampling = [i for i, c in enumerate(chunks) if c.samples]

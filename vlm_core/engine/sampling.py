@@ -23,10 +23,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Collection, Sequence
 
+import numpy as np
 import torch
 
 from ..errors import SamplingParamsError
 from .structured import StructuredOutput
+from .transfer import to_device
 
 SAMPLING_EPS = 1e-5          # temperatures below this sample greedily
 SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)   # what torch.Generator.manual_seed accepts
@@ -277,18 +279,17 @@ def sample_async(logits: torch.Tensor, params: list[SamplingParams], generators:
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
         picked = [params[i] for i in rows]
-        idx = torch.tensor(rows, device=dev)
-        filtered = filter_logits_batch(
-            logits[idx], torch.tensor([p.temperature for p in picked], device=dev),
-            torch.tensor([p.top_k if p.top_k > 0 else vocab for p in picked], device=dev),
-            torch.tensor([p.top_p for p in picked], device=dev))
+        # every per-row number in one host array, copied without waiting for the device
+        host = np.array([rows, [p.temperature for p in picked], [p.top_k if 0 < p.top_k < vocab else vocab for p in picked],
+                         [p.top_p for p in picked]], dtype=np.float64)
+        dev_rows = to_device(host, dev)
+        idx = dev_rows[0].long()
+        filtered = filter_logits_batch(logits[idx], dev_rows[1].float(), dev_rows[2].long(), dev_rows[3].float())
         unseeded = [j for j, i in enumerate(rows) if generators[i] is None]
-        noise = torch.empty(len(rows), vocab, device=dev)
-        if unseeded:                          # one draw from the global generator for all of them
-            noise[unseeded] = exponential_noise((len(unseeded), vocab), dev, None)
-        for j, i in enumerate(rows):         # seeded rows: their own draw, whatever shares the batch
-            if generators[i] is not None:
-                noise[j] = exponential_noise((vocab,), dev, generators[i])
+        if len(unseeded) == len(rows):        # one draw from the global generator for all of them
+            noise = exponential_noise((len(rows), vocab), dev, None)
+        else:
+            noise = _row_noise(rows, len(unseeded), generators, vocab, dev)
         tokens[idx] = (filtered.softmax(-1) / noise).argmax(-1)
     finite = torch.isfinite(raw).all(-1)
     tokens = torch.where(finite, tokens, -1)     # -1 marks a row that cannot be sampled
@@ -296,12 +297,20 @@ def sample_async(logits: torch.Tensor, params: list[SamplingParams], generators:
     if not lp_rows:
         return SampledTokens(tokens)
     # log-probabilities of the raw model distribution (before penalties and temperature)
-    lp_idx = torch.tensor(lp_rows, device=dev)
+    lp_idx = to_device(np.array(lp_rows, dtype=np.int64), dev)
     lp = torch.log_softmax(raw[lp_idx], -1)
     chosen = lp.gather(1, tokens[lp_idx].clamp_min(0)[:, None])[:, 0]
     ks = [params[i].logprobs for i in lp_rows]
     top_lp, top_ids = _top(lp, max(ks))
     return SampledTokens(tokens, lp_rows, (chosen, top_ids, top_lp), ks)
+
+
+def _row_noise(rows, unseeded: int, generators, vocab: int, dev) -> torch.Tensor:
+    """Noise rows when seeded rows share a batch: one global draw for the unseeded ones (if any), then
+    each seeded row its own draw, whatever shares the batch."""
+    shared = iter(exponential_noise((unseeded, vocab), dev, None) if unseeded else ())
+    return torch.stack([exponential_noise((vocab,), dev, generators[i]) if generators[i] is not None else next(shared)
+                        for i in rows])
 
 
 def _top(lp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
