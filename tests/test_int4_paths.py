@@ -13,7 +13,7 @@ from vlm_core.quant.paths import DEFAULT, PathTable, Rule
 from vlm_core.config import AWQConfig
 
 CPU = torch.device("cpu")
-MS = (1, 2, 7, 16, 33, 47, 48, 49, 64, 129, 300)
+MS = (1, 2, 7, 16, 33, 64, 96, 97, 129, 300)
 
 
 def awq_tensors(k, n, g, seed, dtype=torch.float32):
@@ -55,11 +55,12 @@ def test_byte_wide_awq_unpack_equals_unpack_awq(k, n):
 
 @pytest.mark.parametrize("n", [64, 128, 320])
 @pytest.mark.parametrize("k", [32, 96, 256])
-def test_cpu_pack_reads_back_bit_exactly(k, n):
-    q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(n * k))
+def test_cpu_pack_is_pytorchs_packing_and_reads_back(k, n):
+    q = torch.randint(0, 16, (k, n), dtype=torch.uint8, generator=torch.Generator().manual_seed(n * k))
     packed = int4pack.cpu_pack(q)
     assert packed.dtype == torch.uint8 and tuple(packed.shape) == (n, k // 2)
-    assert torch.equal(int4pack.cpu_unpack_into(packed, k, n), q.t().to(torch.uint8))
+    assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.t().to(torch.int32).contiguous(), 2))
+    assert torch.equal(int4pack.cpu_unpack_into(packed, k, n), q)
 
 
 @pytest.mark.parametrize("g", [32, 64, 128])
@@ -70,8 +71,8 @@ def test_conversion_is_the_same_weight(g, n):
     k = 256
     qw, qz, s = awq_tensors(k, n, g, g + n)
     q, sz = int4pack.awq_to_int4(qw, qz, s, g, int4pack.CPU_N_MULTIPLE)
-    assert q.shape == (-(-n // 64) * 64, k) and sz.shape == (k // g, q.shape[0], 2)
-    assert torch.equal(q[:n].t(), unpack_awq(qw)) and (q[n:] == 0).all() and (sz[:, n:] == 0).all()
+    assert q.shape == (k, -(-n // 64) * 64) and sz.shape == (k // g, q.shape[1], 2)
+    assert torch.equal(q[:, :n].to(torch.int32), unpack_awq(qw)) and (q[:, n:] == 0).all() and (sz[:, n:] == 0).all()
     z = unpack_awq(qz).float()
     assert torch.equal(sz[:, :n, 0], s) and torch.equal(sz[:, :n, 1], (8 - z) * s)
     w = int4pack.int4_reference(q, sz, g)[:, :n]
@@ -124,7 +125,7 @@ def test_bf16_paths_on_every_m(path, g):
 def test_default_table_splits_bf16_at_the_measured_crossover():
     lin = make_linear(256, 64, 64, seed=3, dtype=torch.bfloat16)
     lin.prepare()
-    assert [lin.path(m, torch.bfloat16, CPU) for m in (1, 48, 49, 600)] == ["cpu-int4mm"] * 2 + ["cpu-dequant"] * 2
+    assert [lin.path(m, torch.bfloat16, CPU) for m in (1, 96, 97, 600)] == ["cpu-int4mm"] * 2 + ["cpu-dequant"] * 2
 
 
 @pytest.mark.parametrize("g", [64, 128])
@@ -143,14 +144,15 @@ def test_llm_awq_v2_tensors_take_the_same_paths(g):
 def test_no_dense_copy_and_qweight_stays_readable():
     k, n, g = 512, 256, 128
     lin = make_linear(k, n, g, seed=5)
-    qweight, qzeros = lin.qweight.clone(), lin.qzeros.clone()
+    qweight, qzeros, scales, scaled_zeros = (t.clone() for t in (lin.qweight, lin.qzeros, lin.scales, lin.scaled_zeros))
     lin(torch.randn(3, k))
     held = [t for t in list(lin._buffers.values()) + list(vars(lin._cpu).values()) if isinstance(t, torch.Tensor)]
-    assert "qweight" not in lin._buffers
+    assert not {"qweight", "scales", "scaled_zeros"} & set(lin._buffers)
     assert max(t.numel() for t in held) < k * n            # nothing of the weight's full size beside the 4-bit bytes
     assert lin._cpu.packed.numel() == k * n // 2
     assert torch.equal(lin.qweight, qweight) and torch.equal(lin.state_dict()["qweight"], qweight)
-    assert torch.equal(lin.state_dict()["qzeros"], qzeros)
+    assert torch.equal(lin.state_dict()["qzeros"], qzeros) and torch.equal(lin.state_dict()["scales"], scales)
+    assert torch.equal(lin.scaled_zeros, scaled_zeros)
     moved = lin.to(torch.float64)                          # casting returns to the AutoAWQ form first
     assert "qweight" in moved._buffers and torch.equal(moved.qweight, qweight)
 
@@ -168,6 +170,21 @@ def test_one_scratch_per_model_grown_to_its_largest_linear():
     assert a.scratch.nbytes() == 256 * 128 * (1 + 4)      # nibbles + one fp32 weight, of the largest linear
     fused = AWQLinear.concat([a, a])
     assert fused.scratch is a.scratch
+
+
+def test_long_linears_dequantize_in_chunks_of_whole_groups(monkeypatch):
+    """A weight larger than the chunk is dequantized a few groups of rows at a time (bounded scratch),
+    the partial products summed in fp32: the same result."""
+    import vlm_core.quant.awq_linear as al
+
+    k, n, g = 512, 128, 64
+    whole = make_linear(k, n, g, seed=21)
+    chunked = make_linear(k, n, g, seed=21)
+    monkeypatch.setattr(al, "DEQUANT_CHUNK", 3 * g * n)          # 3 groups of rows (not a divisor of 8)
+    x = torch.randn(20, k, generator=torch.Generator().manual_seed(4))
+    y = chunked(x)
+    assert chunked.scratch.nbytes() == 3 * g * n * (1 + 4)
+    assert rel(y, reference(whole, x)) <= 2e-6
 
 
 # ---- the path table -----------------------------------------------------------------------------
@@ -223,3 +240,19 @@ def test_cuda_paths_equal_reference(path, m, k, n, g):
     y = lin(x)
     ref = reference(lin, x)
     assert ((y.double() - ref).norm() / ref.norm()).item() <= 1e-2
+
+
+@pytest.mark.parametrize("ns", [(128, 64, 64), (64, 200)])
+def test_fusing_prepared_linears_equals_fusing_the_autoawq_tensors(ns):
+    """Column blocks of the CPU form concatenate (N % 64 == 0 each); other widths go back through the
+    AutoAWQ tensors. Either way the fused linear computes the parts side by side."""
+    k, g = 256, 64
+    parts = [make_linear(k, n, g, seed=30 + i) for i, n in enumerate(ns)]
+    twins = [make_linear(k, n, g, seed=30 + i) for i, n in enumerate(ns)]
+    for p in parts:
+        p.prepare()
+    fused, ref = AWQLinear.concat(parts), AWQLinear.concat(twins)
+    assert (fused._cpu is not None) == all(n % 64 == 0 for n in ns)
+    x = torch.randn(3, k)
+    assert torch.equal(fused(x), ref(x))
+    assert torch.equal(fused.qweight, ref.qweight) and torch.equal(fused.scales, ref.scales)

@@ -16,6 +16,8 @@ from torch import nn
 
 from .config import AWQConfig, read_json
 from .errors import CheckpointError
+from .memory import return_freed_memory
+from .memory import return_freed_memory
 from .quant.pack import v2_to_awq
 
 Rename = str | Callable[[re.Match], str]
@@ -101,17 +103,21 @@ def rename(key: str, mapping: tuple[tuple[str, Rename], ...]) -> str | None:
 
 def load_weights(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]],
                  mapping: tuple[tuple[str, Rename], ...], dtype: torch.dtype,
-                 skip: Callable[[str], bool] = lambda name: False) -> None:
+                 skip: Callable[[str], bool] = lambda name: False, prepare: bool = False) -> None:
     """Assign checkpoint tensors to `model` by the mapping table; strict about what is left over.
 
     Floating tensors are cast to `dtype`; integer tensors (packed quantized weights) are kept.
     `skip(name)` marks our-side names that are deliberately not built (e.g. vision layers
-    past the selected feature layer).
+    past the selected feature layer). A module with `post_load` (the AWQ linear) gets its tensors and
+    `post_load()` as soon as the last of them is read, and with `prepare=True` (a model that stays on
+    the CPU) also `prepare()`: its weight goes into the kernel's layout then, so a checkpoint's
+    quantized weights are never all held twice.
     """
     from tqdm import tqdm
 
     expected = model.state_dict(keep_vars=True)
     loaded: dict[str, torch.Tensor] = {}
+    early = _EarlyModules(model, expected, prepare)
     unexpected: list[str] = []
     # a progress bar for loads that take a while (hundreds of tensors), on a terminal only
     progress = tqdm(tensors, desc="loading weights", unit=" tensors", total=len(expected), leave=False,
@@ -130,9 +136,10 @@ def load_weights(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]],
         if tuple(target.shape) != tuple(tensor.shape):
             raise CheckpointError(f"weight {key!r} has shape {tuple(tensor.shape)}, the model expects "
                                   f"{tuple(target.shape)} for {name!r}")
-        if tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        loaded[name] = tensor
+        # a copy, never a view of the (memory-mapped) file: a file stays mapped, its pages counted in the
+        # process's memory, while any tensor of it lives, even after what was read from it was converted
+        loaded[name] = tensor.to(dtype, copy=True) if tensor.is_floating_point() else tensor.clone()
+        early.arrived(name, loaded)
     if unexpected:
         packed = [k for k in unexpected if k.endswith(_QUANTIZED_SUFFIXES)]
         if packed:
@@ -142,13 +149,51 @@ def load_weights(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]],
                                   f"{EXPORT_NAME_RULE}, which carries the bits and group size")
         raise CheckpointError(f"checkpoint has {len(unexpected)} weights this model does not use, e.g. "
                               f"{unexpected[:5]}")
-    missing = [n for n in expected if n not in loaded and not _is_tied(model, n)]
+    missing = [n for n in expected if n not in loaded and n not in early.done and not _is_tied(model, n)]
     if missing:
         raise CheckpointError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:5]}")
     model.load_state_dict(loaded, strict=False, assign=True)
     for module in model.modules():
-        if hasattr(module, "post_load"):
+        if hasattr(module, "post_load") and module not in early.modules:
             module.post_load()
+    return_freed_memory()
+
+
+class _EarlyModules:
+    """The modules with `post_load` whose state is all buffers: each takes its tensors the moment the
+    last one arrives (then `post_load()`, and `prepare()` if asked)."""
+
+    def __init__(self, model: nn.Module, expected: dict, prepare: bool):
+        self.prepare, self.done, self.modules = prepare, set(), set()
+        self.owner: dict[str, tuple[nn.Module, str]] = {}
+        self.waiting: dict[int, set[str]] = {}
+        for prefix, module in model.named_modules():
+            if not hasattr(module, "post_load") or list(module.parameters(recurse=False)):
+                continue
+            names = {f"{prefix}.{b}" for b, t in module._buffers.items()
+                     if t is not None and f"{prefix}.{b}" in expected}
+            for n in names:
+                self.owner[n] = (module, prefix)
+            self.waiting[id(module)] = names
+
+    def arrived(self, name: str, loaded: dict) -> None:
+        if name not in self.owner:
+            return
+        module, prefix = self.owner[name]
+        wait = self.waiting[id(module)]
+        wait.discard(name)
+        if wait:
+            return
+        for n in [n for n, (m, _) in self.owner.items() if m is module]:
+            module._buffers[n[len(prefix) + 1:]] = loaded.pop(n)
+            self.done.add(n)
+        module.post_load()
+        if self.prepare and hasattr(module, "prepare"):
+            module.prepare()
+            return_freed_memory()
+        self.modules.add(module)
+
+
 
 
 def _adapt_tower_prefix(name: str, expected: dict) -> str:

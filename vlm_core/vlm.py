@@ -28,6 +28,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .checkpoint import MODEL_PARTS
+from .memory import return_freed_memory
 from .families import VILA, family_of, vila
 from .engine.engine import EngineConfig, LLMEngine
 from .engine.request import EngineRequest, RequestOutput, merge_outputs
@@ -79,6 +80,7 @@ class VLM:
         if fuse_projections and model.decoder is not None:
             model.decoder.fuse_projections()
         prepare_awq(model)
+        return_freed_memory()
         return vlm
 
     def save_pretrained(self, out_dir: str | Path) -> Path:

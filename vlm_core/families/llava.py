@@ -171,7 +171,7 @@ def load(model_dir: str | Path, dtype: str | torch.dtype | None = None, device: 
     tensors = iter_weights(files, wanted)
     if quant is not None and quant.version == "v2":
         tensors = iter(convert_v2_state(dict(tensors), quant.group_size).items())
-    load_weights(model, tensors, LLAVA_HF_MAPPING, dtype, skip)
+    load_weights(model, tensors, LLAVA_HF_MAPPING, dtype, skip, prepare=torch.device(device).type == "cpu")
     model.tie_head()
     return model.to(device).eval()
 

@@ -269,7 +269,7 @@ def load_with_configs(model_dir: str | Path, dtype: str | torch.dtype | None = N
                 for key, t in it:
                     yield f"{sub}/{key}", t
 
-    load_weights(model, tensors(), VILA_MAPPING, dtype, skip)
+    load_weights(model, tensors(), VILA_MAPPING, dtype, skip, prepare=torch.device(device).type == "cpu")
     model.tie_head()
     return model.to(device).eval(), top, raw
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
+from ..memory import return_freed_memory
 from .attention import KVView
 from .layers import KERNEL_MODES, LinearFactory, RMSNorm, RotaryEmbedding, apply_rope, concat_linears, dense_linear
 
@@ -138,6 +139,7 @@ class LlamaDecoder(nn.Module):
         for layer in self.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
+            return_freed_memory()          # the parts just freed, before the next layer's copies
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVView,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:

@@ -30,28 +30,47 @@ from .paths import PathTable, table_for
 
 
 class _CPUWeight:
-    """The CPU form: int4pack bytes, and the per-group numbers in the compute dtype.
-
-    compute bf16: scales_and_zeros bf16 [K/g, N_pad, 2] for int4mm; dequantize reads s and zero - 8 s.
-    compute fp32: s and zero - 8 s in fp32 [K/g, N_pad] (dequantize only)."""
+    """The CPU form: int4pack bytes uint8 [N_pad, K/2] and scales_and_zeros [K/g, N_pad, 2] in the compute
+    dtype (bf16 for a bf16 load, for PyTorch's int4 matmul; fp32 otherwise)."""
 
     def __init__(self, lin: "AWQLinear"):
         q, sz = int4pack.awq_to_int4(lin.qweight, lin.qzeros, lin.scales, lin.group_size, int4pack.CPU_N_MULTIPLE)
-        self.n_pad = q.shape[0]
-        self.packed = int4pack.cpu_pack(q)                                      # uint8 [N_pad, K/2]
+        self.n_pad = q.shape[1]
+        self.packed = int4pack.cpu_pack(q)
         del q
+        self.load_dtype = lin.scales.dtype
         self.compute = torch.bfloat16 if lin.scales.dtype == torch.bfloat16 else torch.float32
-        self.scales_and_zeros = sz.to(torch.bfloat16) if self.compute == torch.bfloat16 else None
-        self.scales = sz[..., 0].to(self.compute).contiguous()
-        self.szeros = (sz[..., 1] - 8 * sz[..., 0]).to(self.compute).contiguous()
+        self.scales_and_zeros = sz.to(self.compute)
 
     def qweight(self, k: int, n: int) -> torch.Tensor:
         q = int4pack.cpu_unpack_into(self.packed, k, self.n_pad)[:, :n]
         return pack_awq(q.to(torch.int32))
 
+    def scales(self, n: int) -> torch.Tensor:
+        return self.scales_and_zeros[:, :n, 0].to(self.load_dtype).contiguous()
+
+    @classmethod
+    def cat(cls, parts: list["_CPUWeight"]) -> "_CPUWeight":
+        """The parts joined along N (each a whole number of column blocks, so the bytes concatenate)."""
+        out = cls.__new__(cls)
+        out.n_pad = sum(p.n_pad for p in parts)
+        out.packed = torch.cat([p.packed for p in parts])
+        out.load_dtype, out.compute = parts[0].load_dtype, parts[0].compute
+        out.scales_and_zeros = torch.cat([p.scales_and_zeros for p in parts], dim=1)
+        return out
+
     def nbytes(self) -> int:
-        ts = (self.packed, self.scales, self.szeros, self.scales_and_zeros)
-        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales_and_zeros))
+
+
+def _changes(fn, t: torch.Tensor) -> bool:
+    """Whether `Module._apply`'s fn would move or cast a tensor like t (tried on an empty one)."""
+    probe = torch.empty(0, dtype=t.dtype, device=t.device)
+    out = fn(probe)
+    return out.device != probe.device or out.dtype != probe.dtype
+
+
+DEQUANT_CHUNK = 32 * 2 ** 20      # weights dequantized at once on CPU: the scratch is 3 bytes each (u8 + bf16)
 
 
 class _TinygemmWeight:
@@ -76,6 +95,7 @@ class AWQLinear(nn.Module):
         self.register_buffer("scaled_zeros", None, persistent=False)
         self.scratch = scratch or int4pack.DequantScratch()
         self.table = table            # None: the device's table (`paths.table_for`)
+        self._loaded = False
         self._cpu: _CPUWeight | None = None
         self._tinygemm: _TinygemmWeight | None = None
         self._tinygemm_refused: str | None = None
@@ -87,26 +107,40 @@ class AWQLinear(nn.Module):
         self._release()
         z = unpack_awq(self.qzeros).float()
         self.scaled_zeros = (-z * self.scales.float()).to(self.scales.dtype)
+        self._loaded = True
+
+    _REBUILT = ("qweight", "scales", "scaled_zeros")     # what the CPU form replaces, rebuilt on access
 
     def __getattr__(self, name: str):
-        if name == "qweight" and self.__dict__.get("_cpu") is not None:
-            return self._cpu.qweight(self.in_features, self.out_features)
+        cpu = self.__dict__.get("_cpu")
+        if cpu is not None and name in self._REBUILT:
+            if name == "qweight":
+                return cpu.qweight(self.in_features, self.out_features)
+            scales = cpu.scales(self.out_features)
+            if name == "scales":
+                return scales
+            return (-unpack_awq(self.qzeros).float() * scales.float()).to(scales.dtype)
         return super().__getattr__(name)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self._cpu is not None:
             destination[prefix + "qweight"] = self.qweight
+            destination[prefix + "scales"] = self.scales
 
     def _release(self) -> None:
-        """Back to the AutoAWQ form only (rebuilding qweight if the CPU form replaced it)."""
+        """Back to the AutoAWQ form only (rebuilding what the CPU form replaced)."""
         if self._cpu is not None:
-            qweight = self._cpu.qweight(self.in_features, self.out_features)
+            rebuilt = {name: getattr(self, name) for name in self._REBUILT}
             self._cpu = None
-            self.register_buffer("qweight", qweight)
+            for name, t in rebuilt.items():
+                self.register_buffer(name, t, persistent=name != "scaled_zeros")
         self._tinygemm = None
 
     def _apply(self, fn, recurse=True):
+        c = self._cpu
+        if c is not None and not _changes(fn, c.packed) and not _changes(fn, c.scales_and_zeros):
+            return super()._apply(fn, recurse)            # e.g. `.to("cpu")` of a CPU model: the form stays
         self._release()
         return super()._apply(fn, recurse)
 
@@ -121,6 +155,14 @@ class AWQLinear(nn.Module):
         has_bias = first.bias is not None
         fused = cls(first.in_features, sum(p.out_features for p in parts), has_bias, first.group_size,
                     first.scratch, first.table)
+        if all(p._cpu is not None and p._cpu.n_pad == p.out_features for p in parts):   # already in the CPU form
+            fused.qzeros = torch.cat([p.qzeros for p in parts], dim=1)
+            if has_bias:
+                fused.bias = torch.cat([p.bias for p in parts])
+            for name in fused._REBUILT:
+                del fused._buffers[name]
+            fused._cpu, fused._loaded = _CPUWeight.cat([p._cpu for p in parts]), True
+            return fused
         for name in ("qweight", "qzeros", "scales"):
             setattr(fused, name, torch.cat([getattr(p, name) for p in parts], dim=1))
         if has_bias:
@@ -136,13 +178,18 @@ class AWQLinear(nn.Module):
     @torch.no_grad()
     def prepare(self) -> None:
         """Put the weight in the form its device's paths read (once; later calls return at once)."""
-        if self.scaled_zeros is None:
+        if not self._loaded:
             raise RuntimeError("AWQLinear.post_load() was not called after loading weights")
         device = self.qzeros.device
         if device.type == "cpu":
             if self._cpu is None:
-                self._cpu = _CPUWeight(self)
-                del self._buffers["qweight"]
+                cpu = _CPUWeight(self)
+                for name in self._REBUILT:
+                    del self._buffers[name]
+                self.qzeros = self.qzeros.clone()     # nothing of the checkpoint file stays mapped
+                if self.bias is not None:
+                    self.bias = self.bias.clone()
+                self._cpu = cpu
             return
         if "tinygemm" in self._table(device).paths("cuda") and self._tinygemm is None and not self._tinygemm_refused:
             try:
@@ -159,13 +206,11 @@ class AWQLinear(nn.Module):
         return p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scaled_zeros is None:
-            raise RuntimeError("AWQLinear.post_load() was not called after loading weights")
         self.prepare()
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if x2.device != self.scales.device:
-            raise ValueError(f"input on {x2.device}, AWQ weights on {self.scales.device}")
+        if x2.device != self.qzeros.device:
+            raise ValueError(f"input on {x2.device}, AWQ weights on {self.qzeros.device}")
         m, n = x2.shape[0], self.out_features
         path = self.path(m, self._cpu.compute if self._cpu is not None else x2.dtype, x2.device)
         if path == "cpu-int4mm":
@@ -173,9 +218,7 @@ class AWQLinear(nn.Module):
             y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), c.packed, self.group_size,
                                                   c.scales_and_zeros)[:, :n].to(x.dtype)
         elif path == "cpu-dequant":
-            c = self._cpu
-            w = int4pack.cpu_dequantize(c.packed, c.scales, c.szeros, self.group_size, self.scratch)
-            y = (x2.to(c.compute) @ w[:, :n]).to(x.dtype)
+            y = self._dequant_gemm(x2.to(self._cpu.compute))[:, :n].to(x.dtype)
         elif path == "tinygemm":
             t = self._tinygemm
             y = torch._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), t.packed, self.group_size,
@@ -189,6 +232,20 @@ class AWQLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], n)
+
+    def _dequant_gemm(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W on CPU, W dequantized into the shared scratch DEQUANT_CHUNK weights (whole groups of rows)
+        at a time; partial products summed in fp32."""
+        c, k, g = self._cpu, self.in_features, self.group_size
+        rows = max(g, DEQUANT_CHUNK // c.n_pad // g * g)
+        if rows >= k:
+            return x @ int4pack.cpu_dequantize(c.packed, c.scales_and_zeros, g, self.scratch)
+        acc = None
+        for k0 in range(0, k, rows):
+            k1 = min(k, k0 + rows)
+            part = x[:, k0:k1] @ int4pack.cpu_dequantize(c.packed, c.scales_and_zeros, g, self.scratch, k0, k1)
+            acc = part.float() if acc is None else acc.add_(part)
+        return acc.to(c.compute)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"

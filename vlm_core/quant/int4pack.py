@@ -31,24 +31,27 @@ CUDA_INNER_K_TILES = 8
 
 
 def unpack_awq_u8(packed: torch.Tensor) -> torch.Tensor:
-    """AutoAWQ int32 [R, C/8] -> uint8 values 0..15, [R, C] (`pack.unpack_awq` with byte-wide ops)."""
+    """AutoAWQ int32 [R, C/8] -> uint8 values 0..15, [R, C] (`pack.unpack_awq` with byte-wide ops).
+
+    Byte j of a word (little-endian) holds nibbles 2j (low) and 2j + 1 (high); nibble i = 4a + r holds
+    column AWQ_ORDER[i] = 2r + a, so the nibbles read as [a, r] give the columns read as [r, a]."""
     r, c8 = packed.shape
-    b = packed.contiguous().view(torch.uint8).view(r, c8, 4)          # little-endian: byte j holds nibbles 2j, 2j+1
-    nib = torch.stack([b & 0xF, b >> 4], dim=-1).view(r, c8, 8)        # [..., i] = nibble i
-    out = torch.empty_like(nib)
-    out[..., list(AWQ_ORDER)] = nib                                    # nibble i holds column AWQ_ORDER[i]
-    return out.view(r, c8 * 8)
+    b = packed.contiguous().view(torch.uint8).view(r, c8, 4)
+    nib = torch.stack([b & 0xF, b >> 4], dim=-1).view(r, c8, 2, 4)        # [.., a, r]: nibble 4a + r
+    assert AWQ_ORDER == (0, 2, 4, 6, 1, 3, 5, 7)
+    return nib.transpose(-1, -2).reshape(r, c8 * 8)
 
 
 def awq_to_int4(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
                 n_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """AutoAWQ tensors (qweight int32 [K, N/8], qzeros int32 [K/g, N/8], scales [K/g, N]) ->
-    (q int32 [N_pad, K], scales_and_zeros fp32 [K/g, N_pad, 2]) in tinygemm's convention.
+    (q uint8 [K, N_pad], values 0..15; scales_and_zeros fp32 [K/g, N_pad, 2]) in tinygemm's convention.
     N is padded to a multiple of `n_multiple` with zero columns (s = zero = 0)."""
     k, n = qweight.shape[0], qweight.shape[1] * 8
     n_pad = -(-n // n_multiple) * n_multiple
-    q = torch.zeros(n_pad, k, dtype=torch.int32, device=qweight.device)
-    q[:n] = unpack_awq_u8(qweight).t()
+    q = unpack_awq_u8(qweight)
+    if n_pad != n:
+        q = torch.cat([q, q.new_zeros(k, n_pad - n)], dim=1)
     s = scales.float()
     z = unpack_awq_u8(qzeros).float()
     sz = torch.zeros(k // group_size, n_pad, 2, dtype=torch.float32, device=qweight.device)
@@ -58,10 +61,10 @@ def awq_to_int4(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tenso
 
 
 def int4_reference(q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """fp32 W [K, N] of tinygemm-convention tensors (q [N, K] values 0..15)."""
-    n, k = q.shape
+    """fp32 W [K, N] of tinygemm-convention tensors (q [K, N] values 0..15)."""
+    k, n = q.shape
     s, zero = scales_and_zeros[..., 0].float(), scales_and_zeros[..., 1].float()          # [K/g, N]
-    w = (q.t().float().view(k // group_size, group_size, n) - 8) * s[:, None] + zero[:, None]
+    w = (q.float().view(k // group_size, group_size, n) - 8) * s[:, None] + zero[:, None]
     return w.reshape(k, n)
 
 
@@ -93,25 +96,33 @@ def cpu_layout() -> CPULayout:
     for layout in _layouts():
         if all(torch.equal(cpu_unpack_into(torch.ops.aten._convert_weight_to_int4pack_for_cpu(p, 2), k, n, layout),
                            p.t().to(torch.uint8)) for p in (cols, blocks)):
-            return layout
+            return layout                                      # (the unpack of each candidate is its own)
     raise RuntimeError(f"PyTorch {torch.__version__}'s CPU int4 packing ({torch.backends.cpu.get_cpu_capability()}) "
                        f"is in a byte order this version does not read")
 
 
 def cpu_pack(q: torch.Tensor) -> torch.Tensor:
-    """q int32 [N, K] (N % 64 == 0) -> uint8 [N, K/2] for `torch._weight_int4pack_mm_for_cpu`."""
-    if q.shape[0] % CPU_N_MULTIPLE:
-        raise ValueError(f"N={q.shape[0]} must be a multiple of {CPU_N_MULTIPLE} (pad it in awq_to_int4)")
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
+    """q uint8 [K, N] (values 0..15, N % 64 == 0) -> uint8 [N, K/2], the bytes
+    `torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.t().int(), 2)` writes, without its int32 [N, K]
+    input: block c of `cpu_layout().block` columns becomes [K, block / 2] bytes, low nibble column lo[d]."""
+    k, n = q.shape
+    if n % CPU_N_MULTIPLE:
+        raise ValueError(f"N={n} must be a multiple of {CPU_N_MULTIPLE} (pad it in awq_to_int4)")
+    layout = cpu_layout()
+    b = layout.block
+    blocks = q.view(k, n // b, b)
+    lo, hi = blocks[..., list(layout.lo)], blocks[..., list(layout.hi)]                 # [K, NB, B/2]
+    return (lo | (hi << 4)).permute(1, 0, 2).contiguous().view(n, k // 2)
 
 
 def cpu_unpack_into(packed: torch.Tensor, k: int, n: int, layout: CPULayout | None = None,
                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """CPU-packed uint8 [N, K/2] -> uint8 values 0..15 in [K, N] order (written into `out` if given)."""
+    """CPU-packed uint8 [N, K/2] (or a [N / block, K, block / 2] view of some of its K rows) -> uint8 values
+    0..15 in [K, N] order (written into `out` if given)."""
     layout = layout or cpu_layout()
     b = layout.block
     out = torch.empty(k, n, dtype=torch.uint8) if out is None else out
-    src = packed.view(n // b, k, b // 2)                                           # [NB, K, B/2]
+    src = packed if packed.dim() == 3 else packed.view(n // b, k, b // 2)           # [NB, K, B/2]
     dst = out.view(k, n // b, b).permute(1, 0, 2)                                  # [NB, K, B]
     if layout.lo == tuple(range(b // 2)) and layout.hi == tuple(range(b // 2, b)):
         torch.bitwise_and(src, 0xF, out=dst[..., : b // 2])
@@ -148,26 +159,34 @@ class DequantScratch:
         return self._u8.numel() + sum(b.numel() * b.element_size() for b in self._w.values())
 
 
-def cpu_dequantize(packed: torch.Tensor, scales: torch.Tensor, szeros: torch.Tensor, group_size: int,
-                   scratch: DequantScratch) -> torch.Tensor:
-    """W [K, N] in scales.dtype, written into the scratch: q * s + szeros per group, with
-    szeros = zero - 8 s (so the result is tinygemm's (q - 8) s + zero)."""
-    g_count, n = scales.shape
-    k = g_count * group_size
-    q = cpu_unpack_into(packed, k, n, out=scratch.nibbles(k, n))
-    w = scratch.weight(k, n, scales.dtype)
+def cpu_dequantize(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                   scratch: DequantScratch, k0: int = 0, k1: int | None = None) -> torch.Tensor:
+    """Rows k0:k1 (whole groups) of W [K, N] in scales_and_zeros' dtype, written into the scratch:
+    (q - 8) s + zero per group, computed as q s + (zero - 8 s)."""
+    g_all, n = scales_and_zeros.shape[:2]
+    k = g_all * group_size
+    k1 = k if k1 is None else k1
+    g0, g1 = k0 // group_size, k1 // group_size
+    layout = cpu_layout()
+    rows = k1 - k0
+    src = packed.view(n // layout.block, k, layout.block // 2)[:, k0:k1]
+    q = cpu_unpack_into(src, rows, n, layout, out=scratch.nibbles(rows, n))
+    w = scratch.weight(rows, n, scales_and_zeros.dtype)
     w.copy_(q)
-    wg = w.view(g_count, group_size, n)
-    torch.addcmul(szeros[:, None], wg, scales[:, None], out=wg)
+    s = scales_and_zeros[g0:g1, :, 0]
+    szeros = scales_and_zeros[g0:g1, :, 1] - 8 * s
+    wg = w.view(g1 - g0, group_size, n)
+    torch.addcmul(szeros[:, None], wg, s[:, None], out=wg)
     return w
 
 
 # ---- CUDA ------------------------------------------------------------------------------------
 
 def cuda_pack(q: torch.Tensor, inner_k_tiles: int = CUDA_INNER_K_TILES) -> torch.Tensor:
-    """q int32 [N, K] on a CUDA device -> tinygemm's int32 tiles for `torch._weight_int4pack_mm`."""
-    n, k = q.shape
+    """q uint8 [K, N] on a CUDA device -> tinygemm's int32 tiles for `torch._weight_int4pack_mm`."""
+    k, n = q.shape
     if n % 8 or k % (16 * inner_k_tiles):
         raise ValueError(f"tinygemm needs N % 8 == 0 and K % {16 * inner_k_tiles} == 0, got N={n} K={k}")
-    u8 = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
-    return torch.ops.aten._convert_weight_to_int4pack(u8.contiguous(), inner_k_tiles)
+    qt = q.t()
+    u8 = ((qt[:, ::2] << 4) | qt[:, 1::2]).contiguous()                           # [N, K/2], even k high
+    return torch.ops.aten._convert_weight_to_int4pack(u8, inner_k_tiles)

@@ -26,15 +26,17 @@ V2_KSTRIDE = 64
 
 
 def pack_awq(intweight: torch.Tensor) -> torch.Tensor:
-    """int values in [0, 15], [R, C] (C % 8 == 0) -> int32 [R, C/8] in AutoAWQ nibble order."""
+    """int values in [0, 15], [R, C] (C % 8 == 0) -> int32 [R, C/8] in AutoAWQ nibble order.
+
+    Byte-wide: nibble i = 4a + r of a word holds column AWQ_ORDER[i] = 2r + a, and byte j (little-endian)
+    holds nibbles 2j (low) and 2j + 1 (high)."""
     r, c = intweight.shape
     if c % 8:
         raise ValueError(f"packed dimension {c} is not a multiple of 8")
-    q = intweight.to(torch.int64).view(r, c // 8, 8)
-    packed = torch.zeros(r, c // 8, dtype=torch.int64, device=intweight.device)
-    for i, col in enumerate(AWQ_ORDER):
-        packed |= (q[:, :, col] & 0xF) << (4 * i)
-    return _to_int32(packed)
+    assert AWQ_ORDER == (0, 2, 4, 6, 1, 3, 5, 7)
+    q = (intweight & 0xF).to(torch.uint8).view(r, c // 8, 4, 2).transpose(-1, -2)   # [.., a, r] = column 2r + a
+    nib = q.reshape(r, c // 8, 4, 2)                                                 # nibble pairs (2j, 2j + 1)
+    return (nib[..., 0] | (nib[..., 1] << 4)).contiguous().view(torch.int32).view(r, c // 8)
 
 
 def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
