@@ -149,27 +149,190 @@ def w4a16_dequantize(qweight: torch.Tensor, scales: torch.Tensor, scaled_zeros: 
     return out
 
 
+if triton is not None:
+
+    @triton.jit
+    def _plane(words, I: tl.constexpr):
+        """1 + q_I / 16 as fp32: nibble I of each word moved under the exponent of 1.0 (bits 19..22)."""
+        if I * 4 <= 19:
+            moved = words << (19 - 4 * I)
+        else:
+            moved = words >> (4 * I - 19)
+        return ((moved & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+    @triton.jit
+    def _scaled(acc, c, xs, s_row, z_row, offs_w, mask_w, I: tl.constexpr):
+        """acc + s * sum x q + z * sum x for plane I, whose column is 8w + AWQ_ORDER[I]."""
+        col = offs_w * 8 + (I % 4) * 2 + I // 4
+        s = tl.load(s_row + col, mask=mask_w, other=0.0).to(tl.float32)
+        z = tl.load(z_row + col, mask=mask_w, other=0.0).to(tl.float32)
+        p = tl.sum(c, axis=0)
+        return acc + s * (16.0 * (p - xs)) + z * xs
+
+
+    @triton.jit
+    def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_ptr,
+                           N, K, groups_per_split, stride_qk, stride_sg,
+                           GROUP: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+        pid_w = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+        mask_w = offs_w < N // 8
+        offs_kb = tl.arange(0, BLOCK_K)
+        a0 = tl.zeros((BLOCK_W,), dtype=tl.float32)
+        a1 = tl.zeros((BLOCK_W,), dtype=tl.float32)
+        a2 = tl.zeros((BLOCK_W,), dtype=tl.float32)
+        a3 = tl.zeros((BLOCK_W,), dtype=tl.float32)
+        a4 = tl.zeros((BLOCK_W,), dtype=tl.float32)
+        a5 = tl.zeros((BLOCK_W,), dtype=tl.float32)
+        a6 = tl.zeros((BLOCK_W,), dtype=tl.float32)
+        a7 = tl.zeros((BLOCK_W,), dtype=tl.float32)
+        g_start = pid_k * groups_per_split
+        g_end = tl.minimum(g_start + groups_per_split, K // GROUP)
+        qw = qw_ptr + (g_start * GROUP + offs_kb)[:, None] * stride_qk + offs_w[None, :]
+        xp = x_ptr + g_start * GROUP + offs_kb
+        for g in range(g_start, g_end):
+            c0 = tl.zeros((BLOCK_K, BLOCK_W), dtype=tl.float32)
+            c1 = tl.zeros((BLOCK_K, BLOCK_W), dtype=tl.float32)
+            c2 = tl.zeros((BLOCK_K, BLOCK_W), dtype=tl.float32)
+            c3 = tl.zeros((BLOCK_K, BLOCK_W), dtype=tl.float32)
+            c4 = tl.zeros((BLOCK_K, BLOCK_W), dtype=tl.float32)
+            c5 = tl.zeros((BLOCK_K, BLOCK_W), dtype=tl.float32)
+            c6 = tl.zeros((BLOCK_K, BLOCK_W), dtype=tl.float32)
+            c7 = tl.zeros((BLOCK_K, BLOCK_W), dtype=tl.float32)
+            xacc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for _ in tl.static_range(GROUP // BLOCK_K):
+                x = tl.load(xp).to(tl.float32)
+                words = tl.load(qw, mask=mask_w[None, :], other=0)
+                xb = x[:, None]
+                c0 += xb * _plane(words, 0)
+                c1 += xb * _plane(words, 1)
+                c2 += xb * _plane(words, 2)
+                c3 += xb * _plane(words, 3)
+                c4 += xb * _plane(words, 4)
+                c5 += xb * _plane(words, 5)
+                c6 += xb * _plane(words, 6)
+                c7 += xb * _plane(words, 7)
+                xacc += x
+                qw += BLOCK_K * stride_qk
+                xp += BLOCK_K
+            xs = tl.sum(xacc, axis=0)
+            s_row = s_ptr + g * stride_sg
+            z_row = z_ptr + g * stride_sg
+            a0 = _scaled(a0, c0, xs, s_row, z_row, offs_w, mask_w, 0)
+            a1 = _scaled(a1, c1, xs, s_row, z_row, offs_w, mask_w, 1)
+            a2 = _scaled(a2, c2, xs, s_row, z_row, offs_w, mask_w, 2)
+            a3 = _scaled(a3, c3, xs, s_row, z_row, offs_w, mask_w, 3)
+            a4 = _scaled(a4, c4, xs, s_row, z_row, offs_w, mask_w, 4)
+            a5 = _scaled(a5, c5, xs, s_row, z_row, offs_w, mask_w, 5)
+            a6 = _scaled(a6, c6, xs, s_row, z_row, offs_w, mask_w, 6)
+            a7 = _scaled(a7, c7, xs, s_row, z_row, offs_w, mask_w, 7)
+        if SPLIT_K == 1:
+            _store8(out_ptr, offs_w, mask_w, a0, a1, a2, a3, a4, a5, a6, a7)
+        else:
+            _store8(part_ptr + pid_k * N, offs_w, mask_w, a0, a1, a2, a3, a4, a5, a6, a7)
+            tl.debug_barrier()
+            count = tl.atomic_add(lock_ptr + pid_w, 1, sem="acq_rel")
+            if count == SPLIT_K - 1:          # the last CTA of this column block sums the partials
+                cols = offs_w[:, None] * 8 + tl.arange(0, 8)[None, :]
+                m2 = mask_w[:, None] & (cols >= 0)
+                total = tl.zeros((BLOCK_W, 8), dtype=tl.float32)
+                for j in range(SPLIT_K):
+                    total += tl.load(part_ptr + j * N + cols, mask=m2, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + cols, total.to(out_ptr.dtype.element_ty), mask=m2)
+                tl.atomic_xchg(lock_ptr + pid_w, 0)
+
+
+    @triton.jit
+    def _store8(ptr, offs_w, mask_w, a0, a1, a2, a3, a4, a5, a6, a7):
+        base = ptr + offs_w * 8
+        ty = ptr.dtype.element_ty
+        tl.store(base + 0, a0.to(ty), mask=mask_w)
+        tl.store(base + 2, a1.to(ty), mask=mask_w)
+        tl.store(base + 4, a2.to(ty), mask=mask_w)
+        tl.store(base + 6, a3.to(ty), mask=mask_w)
+        tl.store(base + 1, a4.to(ty), mask=mask_w)
+        tl.store(base + 3, a5.to(ty), mask=mask_w)
+        tl.store(base + 5, a6.to(ty), mask=mask_w)
+        tl.store(base + 7, a7.to(ty), mask=mask_w)
+
+
+GEMV_BLOCK_W = 128         # word columns (8 outputs each) per CTA
+GEMV_BLOCK_K = 8           # rows of packed words per load (sm_90: 255 registers, no spill)
+_GEMV_WORKSPACE: dict = {}  # device -> (partials fp32, counters int32): grown, never shrunk; the counters
+                            # return to zero at the end of every launch (CUDA-graph safe once sized)
+
+
+def gemv_config(k: int, n: int, group_size: int, sms: int = 132) -> dict:
+    """Split K so that about 4 CTAs per SM stream the weight; each split is a whole number of groups."""
+    grid_w = -(-(n // 8) // GEMV_BLOCK_W)
+    groups = k // group_size
+    split = max(1, min(groups, -(-4 * sms // grid_w)))
+    per_split = -(-groups // split)
+    return dict(block_w=GEMV_BLOCK_W, block_k=min(GEMV_BLOCK_K, group_size), groups_per_split=per_split,
+                split_k=-(-groups // per_split))
+
+
+def _workspace(device: torch.device, n_partials: int, n_counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    part, lock = _GEMV_WORKSPACE.get(device, (None, None))
+    if part is None or part.numel() < n_partials or lock.numel() < n_counters:
+        part = torch.empty(max(n_partials, 0 if part is None else part.numel()), dtype=torch.float32, device=device)
+        lock = torch.zeros(max(n_counters, 0 if lock is None else lock.numel()), dtype=torch.int32, device=device)
+        _GEMV_WORKSPACE[device] = (part, lock)
+    return part, lock
+
+
+def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, scaled_zeros: torch.Tensor,
+               group_size: int, *, split_k: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y [1, N] = x [1, K] @ W: the M = 1 decode kernel. Each packed word is loaded once; nibble i is moved
+    under the exponent of an fp32 1.0 (one shift and one and-or: the float 1 + q / 16), multiplied into
+    per-row accumulators, and a group's sums are scaled once (s * sum x q + z * sum x). Split-K partials
+    are summed by the last CTA of each column block: one launch."""
+    _check(x, qweight, scales, scaled_zeros, group_size)
+    if x.shape[0] != 1:
+        raise ValueError(f"w4a16_gemv takes one row, got M={x.shape[0]}")
+    k, n = x.shape[1], qweight.shape[1] * 8
+    if out is not None and (tuple(out.shape) != (1, n) or out.dtype != x.dtype or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous [1, {n}] {x.dtype}")
+    if scales.stride(0) != scaled_zeros.stride(0) or qweight.stride(0) != n // 8:
+        raise ValueError("qweight must be contiguous, and scales / scaled_zeros share a row stride")
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == "cuda" else 132
+    cfg = gemv_config(k, n, group_size, sms)
+    groups = k // group_size
+    if split_k is not None:
+        per_split = -(-groups // split_k)
+        cfg.update(groups_per_split=per_split, split_k=-(-groups // per_split))
+    sk, bw = cfg["split_k"], cfg["block_w"]
+    grid_w = -(-(n // 8) // bw)
+    y = out if out is not None else torch.empty((1, n), dtype=x.dtype, device=x.device)
+    part, lock = _workspace(x.device, sk * n if sk > 1 else 1, grid_w)
+    _w4a16_gemv_kernel[(grid_w, sk)](
+        x, qweight, scales, scaled_zeros, y, part, lock, n, k, cfg["groups_per_split"],
+        qweight.stride(0), scales.stride(0),
+        GROUP=group_size, BLOCK_W=bw, BLOCK_K=cfg["block_k"], SPLIT_K=sk)
+    return y
+
+
 def default_config(m: int, k: int, n: int, group_size: int) -> dict:
     if m <= 16:
         # decode: few rows, spread K over programs so the weight stream fills the GPU
         split = max(1, min(8, k // (group_size * 4)))
         return dict(block_m=16, block_n=64, block_k=min(128, group_size), split_k=split)
-    block_m = 32 if m <= 32 else (64 if m <= 256 else 128)
+    # (BLOCK_M 128 spills on sm_90 with 4 warps: bench/kernels_sass.py)
+    block_m = 32 if m <= 32 else 64
     return dict(block_m=block_m, block_n=128, block_k=min(64, group_size), split_k=1)
 
 
-def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, scaled_zeros: torch.Tensor,
-                 group_size: int, *, block_m: int | None = None, block_n: int | None = None,
-                 block_k: int | None = None, split_k: int | None = None, out: torch.Tensor | None = None
-                 ) -> torch.Tensor:
-    """Triton W4A16 matmul; x [M, K] -> [M, N] in x.dtype. Checks shapes, dtypes and strides."""
+def _check(x, qweight, scales, scaled_zeros, group_size: int) -> None:
+    """Shapes, dtypes, strides and devices the W4A16 kernels take; raises ValueError naming the problem."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
     if x.dtype not in _DTYPES:
         raise ValueError(f"x dtype {x.dtype} is not one of fp16, bf16, fp32")
-    m, k = x.shape
+    k = x.shape[1]
     if qweight.dtype != torch.int32 or qweight.dim() != 2 or qweight.shape[0] != k:
         raise ValueError(f"qweight must be int32 [K={k}, N/8], got {qweight.dtype} {tuple(qweight.shape)}")
     n = qweight.shape[1] * 8
@@ -196,6 +359,15 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, s
     if not triton_available(x.device):
         raise RuntimeError("the Triton kernel needs a CUDA device or TRITON_INTERPRET=1; use w4a16_reference")
 
+
+def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, scaled_zeros: torch.Tensor,
+                 group_size: int, *, block_m: int | None = None, block_n: int | None = None,
+                 block_k: int | None = None, split_k: int | None = None, out: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """Triton W4A16 matmul; x [M, K] -> [M, N] in x.dtype. Checks shapes, dtypes and strides."""
+    _check(x, qweight, scales, scaled_zeros, group_size)
+    m, k = x.shape
+    n = qweight.shape[1] * 8
     cfg = default_config(m, k, n, group_size)
     bm, bn = block_m or cfg["block_m"], block_n or cfg["block_n"]
     bk, sk = block_k or cfg["block_k"], split_k or cfg["split_k"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.w4a16 import w4a16_dequantize, w4a16_matmul
+from kernels.w4a16 import w4a16_dequantize, w4a16_gemv, w4a16_matmul
 
 from ..config import AWQConfig
 from ..models.layers import LinearFactory, dense_linear
@@ -228,7 +228,8 @@ class AWQLinear(nn.Module):
             w4a16_dequantize(self.qweight, self.scales, self.scaled_zeros, self.group_size, out=w)
             y = x2 @ w
         else:
-            y = w4a16_matmul(x2.contiguous(), self.qweight, self.scales, self.scaled_zeros, self.group_size)
+            kernel = w4a16_gemv if m == 1 else w4a16_matmul
+            y = kernel(x2.contiguous(), self.qweight, self.scales, self.scaled_zeros, self.group_size)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], n)
