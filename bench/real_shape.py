@@ -43,12 +43,13 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
-def read_bandwidth_gbs(gib: float = 1.0, reps: int = 5) -> float:
-    """GB/s of reading a buffer much larger than the caches (a sum over fp32, best of `reps`)."""
+def read_bandwidth_gbs(gib: float = 1.0, reps: int = 9) -> float:
+    """GB/s of reading a buffer much larger than the caches (a sum over fp32, the median of `reps`: this
+    virtual machine's bandwidth moves from run to run)."""
     x = torch.ones(int(gib * 2 ** 30) // 4)
     x.sum()
-    best = min(_timed(x.sum) for _ in range(reps))
-    return x.numel() * 4 / best / 1e9
+    times = sorted(_timed(x.sum) for _ in range(reps))
+    return x.numel() * 4 / times[reps // 2] / 1e9
 
 
 def _timed(fn) -> float:
