@@ -16,8 +16,8 @@ from torch import nn
 
 from .config import AWQConfig, read_json
 from .errors import CheckpointError
-from .memory import return_freed_memory
-from .memory import return_freed_memory
+from .memory import drop_file_pages, return_freed_memory
+from .memory import drop_file_pages, return_freed_memory
 from .quant.pack import v2_to_awq
 
 Rename = str | Callable[[re.Match], str]
@@ -139,6 +139,8 @@ def load_weights(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]],
         # a copy, never a view of the (memory-mapped) file: a file stays mapped, its pages counted in the
         # process's memory, while any tensor of it lives, even after what was read from it was converted
         loaded[name] = tensor.to(dtype, copy=True) if tensor.is_floating_point() else tensor.clone()
+        if tensor.is_contiguous():
+            drop_file_pages(tensor)
         early.arrived(name, loaded)
     if unexpected:
         packed = [k for k in unexpected if k.endswith(_QUANTIZED_SUFFIXES)]

@@ -94,8 +94,9 @@ class AWQLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.register_buffer("scaled_zeros", None, persistent=False)
         self.scratch = scratch or int4pack.DequantScratch()
-        self.table = table            # None: the device's table (`paths.table_for`)
+        self._table_override = table  # None: the device's table (`paths.table_for`)
         self._loaded = False
+        self._prepared = False        # prepare() ran for the tensors' current device
         self._cpu: _CPUWeight | None = None
         self._tinygemm: _TinygemmWeight | None = None
         self._tinygemm_refused: str | None = None
@@ -105,6 +106,7 @@ class AWQLinear(nn.Module):
     def post_load(self) -> None:
         """Derive the kernel's scaled zeros from the loaded integer zeros."""
         self._release()
+        self._prepared = False
         z = unpack_awq(self.qzeros).float()
         self.scaled_zeros = (-z * self.scales.float()).to(self.scales.dtype)
         self._loaded = True
@@ -138,6 +140,7 @@ class AWQLinear(nn.Module):
         self._tinygemm = None
 
     def _apply(self, fn, recurse=True):
+        self._prepared = False
         c = self._cpu
         if c is not None and not _changes(fn, c.packed) and not _changes(fn, c.scales_and_zeros):
             return super()._apply(fn, recurse)            # e.g. `.to("cpu")` of a CPU model: the form stays
@@ -172,15 +175,28 @@ class AWQLinear(nn.Module):
 
     # ---- the device's form -------------------------------------------------------------------
 
+    @property
+    def table(self) -> PathTable | None:
+        """The path table this linear follows (None: its device's); setting it prepares again."""
+        return self._table_override
+
+    @table.setter
+    def table(self, table: PathTable | None) -> None:
+        self._table_override = table
+        self._prepared = False
+
     def _table(self, device: torch.device) -> PathTable:
-        return self.table if self.table is not None else table_for(device)
+        return self._table_override if self._table_override is not None else table_for(device)
 
     @torch.no_grad()
     def prepare(self) -> None:
         """Put the weight in the form its device's paths read (once; later calls return at once)."""
         if not self._loaded:
             raise RuntimeError("AWQLinear.post_load() was not called after loading weights")
+        if self._prepared:
+            return
         device = self.qzeros.device
+        self._prepared = True
         if device.type == "cpu":
             if self._cpu is None:
                 cpu = _CPUWeight(self)

@@ -68,6 +68,9 @@ class PathTable:
         return cls(tuple(Rule(**r) for r in rules))
 
     def choose(self, device: str, dtype: torch.dtype, m: int, k: int, n: int) -> str:
+        return _choose(self, device, dtype, m, k, n)
+
+    def _choose(self, device: str, dtype: torch.dtype, m: int, k: int, n: int) -> str:
         name = _DTYPE_NAMES[dtype]
         shaped = [r for r in self.rules if r.k is not None or r.n is not None]
         general = [r for r in self.rules if r.k is None and r.n is None]
@@ -78,6 +81,12 @@ class PathTable:
 
     def paths(self, device: str) -> set[str]:
         return {r.path for r in self.rules + DEFAULT.rules if r.device == device}
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _choose(table: PathTable, device: str, dtype: torch.dtype, m: int, k: int, n: int) -> str:
+    """`PathTable.choose`, remembered: it runs for every linear of every step."""
+    return table._choose(device, dtype, m, k, n)
 
 
 DEFAULT = PathTable((
