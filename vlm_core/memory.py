@@ -20,22 +20,6 @@ def _libc():
     return libc if hasattr(libc, "malloc_trim") else None
 
 
-M_MMAP_THRESHOLD = -3                  # glibc's mallopt parameter
-HEAP_MMAP_THRESHOLD = 4 * 2 ** 20
-
-
-def keep_large_buffers_off_the_heap() -> None:
-    """Allocate every buffer of 4 MiB or more in its own mapping, returned to the system when freed.
-
-    glibc raises its mmap threshold as large buffers are freed (up to 32 MiB), after which a CPU prefill's
-    activations of 4-32 MiB come from the heap and, freed in another order than taken, keep it grown: 2 GB
-    over one 7B-model prompt. A fixed threshold turns that off (at the cost of a page fault per 4 KiB of
-    each large buffer). It is process-wide; `VLM.from_pretrained` sets it for models on the CPU."""
-    libc = _libc()
-    if libc is not None:
-        libc.mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)
-
-
 def return_freed_memory() -> None:
     """Give the C heap's free pages back to the system (glibc's `malloc_trim`; nothing elsewhere). Loading,
     fusing and converting a checkpoint frees many buffers of a few to a few hundred MB, which glibc

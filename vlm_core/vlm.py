@@ -28,7 +28,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .checkpoint import MODEL_PARTS
-from .memory import keep_large_buffers_off_the_heap, return_freed_memory
+from .memory import return_freed_memory
 from .families import VILA, family_of, vila
 from .engine.engine import EngineConfig, LLMEngine
 from .engine.request import EngineRequest, RequestOutput, merge_outputs
@@ -71,8 +71,6 @@ class VLM:
         serving does); leave it off to inspect, edit, quantize or save the model's linears."""
         family = family_of(model_dir)
         folder_configs = None
-        if torch.device(device).type == "cpu":
-            keep_large_buffers_off_the_heap()
         if family is VILA:        # keep the folder's configs, which `save_pretrained` writes back
             model, top, raw = vila.load_with_configs(model_dir, dtype=dtype, device=device, parts=parts)
             folder_configs = (top, raw)
