@@ -13,7 +13,7 @@ from vlm_core.quant.paths import DEFAULT, PathTable, Rule
 from vlm_core.config import AWQConfig
 
 CPU = torch.device("cpu")
-MS = (1, 2, 7, 16, 33, 64, 96, 97, 129, 300)
+MS = (1, 2, 7, 16, 33, 64, 128, 129, 300)
 
 
 def awq_tensors(k, n, g, seed, dtype=torch.float32):
@@ -125,7 +125,7 @@ def test_bf16_paths_on_every_m(path, g):
 def test_default_table_splits_bf16_at_the_measured_crossover():
     lin = make_linear(256, 64, 64, seed=3, dtype=torch.bfloat16)
     lin.prepare()
-    assert [lin.path(m, torch.bfloat16, CPU) for m in (1, 96, 97, 600)] == ["cpu-int4mm"] * 2 + ["cpu-dequant"] * 2
+    assert [lin.path(m, torch.bfloat16, CPU) for m in (1, 128, 129, 600)] == ["cpu-int4mm"] * 2 + ["cpu-dequant"] * 2
 
 
 @pytest.mark.parametrize("g", [64, 128])

@@ -12,9 +12,9 @@ general ones. `bench/gpu_suite.py` writes a measured table for its GPU (`vlm_cor
 read when a model runs on a GPU of that name); `DEFAULT` holds when there is none.
 
 The CPU crossover between int4mm and dequantize + GEMM is measured by `bench/kernels.py --cpu-paths`
-(bench/results/w4a16-cpu-paths.json, 2-core AVX-512 box, LLaMA-7B shapes: int4mm is 3.7-6.5x faster than
-the dense bf16 matmul at M = 1 and wins up to M = 64-96; dequantize + GEMM wins from M = 96-128 on and is
-2.1x faster at M = 600). fp32 runs dequantize + GEMM at every M: PyTorch's fp32 int4 kernel is no faster.
+(bench/results/w4a16-cpu-paths.json, 2-core AVX-512 box, LLaMA-7B shapes: int4mm is 5-6x faster than the
+dense bf16 matmul at M = 1 and wins up to M = 128; dequantize + GEMM wins from M = 256 on and is 1.4-1.6x
+faster at M = 600). fp32 runs dequantize + GEMM at every M: PyTorch's fp32 int4 kernel is no faster.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 PATHS = ("cpu-int4mm", "cpu-dequant", "triton", "tinygemm", "cuda-dequant")
 CPU_PATHS = ("cpu-int4mm", "cpu-dequant")
 TABLES = Path(__file__).resolve().parent / "tables"
-CPU_INT4MM_MAX_M = 96
+CPU_INT4MM_MAX_M = 128
 CUDA_DEQUANT_MIN_M = 256
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
