@@ -11,8 +11,9 @@ then Triton's bundled `ptxas -arch=sm_90a -v` gives registers and spills and `nv
         (packed weights for W4A16 and dequantize, K and V for attention, the row for norm/rope),
     ceiling_tb_s: the issue-bound ceiling of that stream, 132 SMs x 4 warp-instructions per clock x 1.98 GHz
         over the instructions per byte (a kernel cannot read faster than it can issue its instructions).
-The goal for the M <= 16 W4A16 path (role `decode`) is a ceiling of at least 4 TB/s (H200's HBM is 4.8);
-`w4a16_gemv` serves M = 1, the split-K `w4a16_matmul` 2 <= M <= 16. A W4A16 loop's stream is its packed words.
+The goal for the M <= 16 W4A16 path (role `decode`: `w4a16_gemv` for M = 1, `w4a16_decode` for 2..16) is a
+ceiling of at least 4 TB/s (H200's HBM is 4.8); role `matmul` is `w4a16_matmul`'s split-K configuration for
+small M, which served decode before. A W4A16 loop's stream is its packed words.
 """
 
 from __future__ import annotations
@@ -67,9 +68,15 @@ def entries() -> list[Entry]:
                      dict(GROUP=g, BLOCK_W=gcfg["block_w"], BLOCK_K=gcfg["block_k"], SPLIT_K=gcfg["split_k"]),
                      g * gcfg["block_w"] * 4,
                      dict(N=n, K=k, groups_per_split=gcfg["groups_per_split"], stride_qk=n // 8, stride_sg=n)))
-    for m in (2, 16):
+    dcfg = w.decode_config(k, n, g)
+    out.append(Entry("w4a16_decode", "decode", {"M": 16, "K": k, "N": n, "group": g, **dcfg}, w._w4a16_decode_kernel,
+                     {**w4_types, "out_ptr": "*fp16", "part_ptr": "*fp32", "lock_ptr": "*i32"},
+                     dict(BLOCK_M=16, BLOCK_W=dcfg["block_w"], BLOCK_K=dcfg["block_k"], SPLIT_K=dcfg["split_k"],
+                          DOT_FP32=False), dcfg["block_k"] * dcfg["block_w"] * 4,
+                     dict(M=16, N=n, K=k, group_size=g, stride_xm=k, stride_qk=n // 8, stride_sg=n, stride_om=n)))
+    for m in (16,):
         cfg = w.default_config(m, k, n, g)
-        out.append(Entry("w4a16_matmul", "decode", {**cfg, "M": m, "K": k, "N": n, "group": g}, w._w4a16_kernel,
+        out.append(Entry("w4a16_matmul", "matmul", {**cfg, "M": m, "K": k, "N": n, "group": g}, w._w4a16_kernel,
                          w4_types, dict(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
                                         SPLIT_K=cfg["split_k"], DOT_FP32=False),
                          cfg["block_k"] * cfg["block_n"] // 2, w4_values(m, cfg["split_k"])))

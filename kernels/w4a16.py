@@ -260,8 +260,9 @@ if triton is not None:
 
 GEMV_BLOCK_W = 128         # word columns (8 outputs each) per CTA
 GEMV_BLOCK_K = 8           # rows of packed words per load (sm_90: 255 registers, no spill)
-_GEMV_WORKSPACE: dict = {}  # device -> (partials fp32, counters int32): grown, never shrunk; the counters
-                            # return to zero at the end of every launch (CUDA-graph safe once sized)
+_WORKSPACE: dict = {}       # device -> (partials fp32, counters int32, retired buffers); the counters return to
+                            # zero at the end of every launch; a buffer outgrown is kept, since a CUDA graph
+                            # captured earlier may still point at it
 
 
 def gemv_config(k: int, n: int, group_size: int, sms: int = 132) -> dict:
@@ -275,11 +276,14 @@ def gemv_config(k: int, n: int, group_size: int, sms: int = 132) -> dict:
 
 
 def _workspace(device: torch.device, n_partials: int, n_counters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    part, lock = _GEMV_WORKSPACE.get(device, (None, None))
+    """Split-K partials and per-column-block counters for the decode kernels (shared: launches on a stream
+    run one after another)."""
+    part, lock, retired = _WORKSPACE.get(device, (None, None, []))
     if part is None or part.numel() < n_partials or lock.numel() < n_counters:
+        retired += [t for t in (part, lock) if t is not None]
         part = torch.empty(max(n_partials, 0 if part is None else part.numel()), dtype=torch.float32, device=device)
         lock = torch.zeros(max(n_counters, 0 if lock is None else lock.numel()), dtype=torch.int32, device=device)
-        _GEMV_WORKSPACE[device] = (part, lock)
+        _WORKSPACE[device] = (part, lock, retired)
     return part, lock
 
 
@@ -311,6 +315,100 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sca
         x, qweight, scales, scaled_zeros, y, part, lock, n, k, cfg["groups_per_split"],
         qweight.stride(0), scales.stride(0),
         GROUP=group_size, BLOCK_W=bw, BLOCK_K=cfg["block_k"], SPLIT_K=sk)
+    return y
+
+
+if triton is not None:
+
+    @triton.jit
+    def _eight(a0, a1, a2, a3, a4, a5, a6, a7):
+        """[R, C * 8] from eight [R, C] tensors, interleaved in the order the joins give (callers join
+        the column indices the same way, so each lane knows its output column)."""
+        j = tl.join(tl.join(tl.join(a0, a1), tl.join(a2, a3)), tl.join(tl.join(a4, a5), tl.join(a6, a7)))
+        return tl.reshape(j, (a0.shape[0], a0.shape[1] * 8))
+
+    @triton.jit
+    def _w4a16_decode_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, group_size,
+                             stride_xm, stride_qk, stride_sg, stride_om,
+                             BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
+                             SPLIT_K: tl.constexpr, DOT_FP32: tl.constexpr):
+        pid_w = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+        offs_m = tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        offs_kb = tl.arange(0, BLOCK_K)
+        c8 = (offs_w * 8)[None, :]
+        cols = _eight(c8, c8 + 2, c8 + 4, c8 + 6, c8 + 1, c8 + 3, c8 + 5, c8 + 7)      # [1, BW * 8], AWQ order
+        mask_c = cols < N
+        acc = tl.zeros((BLOCK_M, BLOCK_W * 8), dtype=tl.float32)
+        # BLOCK_K divides the group size, so one K tile shares one row of scales/zeros
+        for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+            offs_k = k0 + offs_kb
+            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
+            words = tl.load(qw_ptr + offs_k[:, None] * stride_qk + offs_w[None, :],
+                            mask=(offs_w < N // 8)[None, :], other=0)                   # [BK, BW], each once
+            f = _eight(_plane(words, 0), _plane(words, 1), _plane(words, 2), _plane(words, 3),
+                       _plane(words, 4), _plane(words, 5), _plane(words, 6), _plane(words, 7))   # 1 + q / 16
+            g = k0 // group_size
+            s = 16.0 * tl.load(s_ptr + g * stride_sg + cols, mask=mask_c, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g * stride_sg + cols, mask=mask_c, other=0.0).to(tl.float32)
+            w = f * s + (z - s)                                                        # q s + z, one FMA
+            if DOT_FP32:
+                acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
+            else:
+                acc += tl.dot(a, w.to(a.dtype))
+        mask = mask_m[:, None] & mask_c
+        if SPLIT_K == 1:
+            tl.store(out_ptr + offs_m[:, None] * stride_om + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(part_ptr + pid_k * M * N + offs_m[:, None] * N + cols, acc, mask=mask)
+            tl.debug_barrier()
+            count = tl.atomic_add(lock_ptr + pid_w, 1, sem="acq_rel")
+            if count == SPLIT_K - 1:          # the last CTA of this column block sums the partials
+                total = tl.zeros((BLOCK_M, BLOCK_W * 8), dtype=tl.float32)
+                for j in range(SPLIT_K):
+                    total += tl.load(part_ptr + j * M * N + offs_m[:, None] * N + cols, mask=mask, other=0.0,
+                                     cache_modifier=".cg")
+                tl.store(out_ptr + offs_m[:, None] * stride_om + cols, total.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(lock_ptr + pid_w, 0)
+
+
+DECODE_BLOCK_W = 16        # word columns (128 outputs) per CTA
+DECODE_BLOCK_K = 64
+
+
+def decode_config(k: int, n: int, group_size: int, sms: int = 132) -> dict:
+    grid_w = -(-(n // 8) // DECODE_BLOCK_W)
+    block_k = min(DECODE_BLOCK_K, group_size)
+    return dict(block_w=DECODE_BLOCK_W, block_k=block_k,
+                split_k=max(1, min(k // block_k, -(-4 * sms // grid_w), 16)))
+
+
+def w4a16_decode(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, scaled_zeros: torch.Tensor,
+                 group_size: int, *, split_k: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y [M, N] for 2 <= M <= 16 (batched decode): each packed word loaded once, its eight nibbles
+    dequantized with one shift, one and-or and one FMA each (the fp32 1.0 trick of `w4a16_gemv`), one
+    `tl.dot` per K tile, split-K summed by the last CTA of each column block (one launch)."""
+    _check(x, qweight, scales, scaled_zeros, group_size)
+    m, k = x.shape
+    n = qweight.shape[1] * 8
+    if not 1 <= m <= 16:
+        raise ValueError(f"w4a16_decode takes 1 to 16 rows, got M={m}")
+    if out is not None and (tuple(out.shape) != (m, n) or out.dtype != x.dtype or out.stride(1) != 1):
+        raise ValueError(f"out must be [{m}, {n}] {x.dtype}, contiguous along N")
+    if scales.stride(0) != scaled_zeros.stride(0) or qweight.stride(0) != n // 8:
+        raise ValueError("qweight must be contiguous, and scales / scaled_zeros share a row stride")
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == "cuda" else 132
+    cfg = decode_config(k, n, group_size, sms)
+    sk = split_k or cfg["split_k"]
+    grid_w = -(-(n // 8) // cfg["block_w"])
+    y = out if out is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
+    part, lock = _workspace(x.device, sk * m * n if sk > 1 else 1, grid_w)
+    _w4a16_decode_kernel[(grid_w, sk)](
+        x, qweight, scales, scaled_zeros, y, part, lock, m, n, k, group_size,
+        x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
+        BLOCK_M=16, BLOCK_W=cfg["block_w"], BLOCK_K=cfg["block_k"], SPLIT_K=sk, DOT_FP32=dot_in_fp32(x))
     return y
 
 

@@ -10,8 +10,9 @@ Its buffers are the AutoAWQ gemm tensors, so checkpoints load by name:
         fp16/fp32 activations dequantize into one scratch buffer the model's linears share and run one GEMM
         (fp16 and fp32 in fp32, so fp32 loads keep their precision). `qweight` stays readable (rebuilt from
         the packed form on access) and in `state_dict()`.
-  CUDA: our Triton kernel on the AutoAWQ tensors, tinygemm on its own packing when the device's table
-        chooses it, or Triton dequantize + cuBLAS for long prefills.
+  CUDA: our Triton kernels on the AutoAWQ tensors (`w4a16_gemv` for M = 1, `w4a16_decode` up to 16,
+        `w4a16_matmul` above), tinygemm on its own packing when the device's table chooses it, or Triton
+        dequantize + cuBLAS for long prefills.
 Moving or casting a prepared module (`.to()`, `.half()`) returns it to the AutoAWQ form first.
 """
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.w4a16 import w4a16_dequantize, w4a16_gemv, w4a16_matmul
+from kernels.w4a16 import w4a16_decode, w4a16_dequantize, w4a16_gemv, w4a16_matmul
 
 from ..config import AWQConfig
 from ..models.layers import LinearFactory, dense_linear
@@ -244,7 +245,7 @@ class AWQLinear(nn.Module):
             w4a16_dequantize(self.qweight, self.scales, self.scaled_zeros, self.group_size, out=w)
             y = x2 @ w
         else:
-            kernel = w4a16_gemv if m == 1 else w4a16_matmul
+            kernel = w4a16_gemv if m == 1 else w4a16_decode if m <= 16 else w4a16_matmul
             y = kernel(x2.contiguous(), self.qweight, self.scales, self.scaled_zeros, self.group_size)
         if self.bias is not None:
             y = y + self.bias
