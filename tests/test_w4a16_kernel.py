@@ -144,31 +144,37 @@ def test_kernel_real_shapes_on_gpu(dtype, m, k, n):
             assert ((y1.float() - ref).norm() / ref.norm()).item() <= (5e-3 if dtype == torch.float16 else 2e-2)
 
 
-# ---- the M = 1 kernel ---------------------------------------------------------------------------
+# ---- the decode kernels: w4a16_gemv (M = 1) and w4a16_decode (2 <= M <= 16) -------------------------
+
+DECODE_CASES = [("w4a16_gemv", 1, 384, 200, s) for s in (None, 1, 2, 3)] + \
+    [("w4a16_gemv", 1, 256, 1032, None), ("w4a16_gemv", 1, 640, 96, 2)] + \
+    [("w4a16_decode", m, k, n, s) for m, k, n in ((2, 384, 200), (7, 256, 1032), (16, 640, 96))
+     for s in (None, 1, 3)]
+
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("split_k", [None, 1, 2, 3])
 @pytest.mark.parametrize("g", [32, 64, 128])
-@pytest.mark.parametrize("k,n", [(384, 200), (256, 1032), (640, 96)])
-def test_gemv_matches_reference(poisoned_empty, split_k, g, k, n):
+@pytest.mark.parametrize("kernel,m,k,n,split_k", DECODE_CASES)
+def test_decode_kernels_match_reference(poisoned_empty, kernel, m, k, n, split_k, g):
     """Every output written (NaN-poisoned buffers), N an odd multiple of 8 where it is, split-K summed by
     the last CTA; twice in a row (the counters are back at zero after each launch)."""
-    gen = torch.Generator().manual_seed(hash((split_k, g, k, n)) % 2 ** 31)
-    x = torch.randn(1, k, generator=gen)
+    gen = torch.Generator().manual_seed(hash((kernel, split_k, g, m, k, n)) % 2 ** 31)
+    x = torch.randn(m, k, generator=gen)
     qw, s, z = random_awq(k, n, g, gen=gen)
     ref = w4a16_reference(x, qw, s, z, g)
     for _ in range(2):
-        y = w4a16.w4a16_gemv(x, qw, s, z, g, split_k=split_k)
+        y = getattr(w4a16, kernel)(x, qw, s, z, g, split_k=split_k)
         assert torch.isfinite(y).all()
         assert ((y - ref).norm() / ref.norm()).item() <= 1e-5
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("kernel,m", [("w4a16_gemv", 1), ("w4a16_decode", 5)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 5e-3), (torch.bfloat16, 2e-2)])
-def test_gemv_half_activations(dtype, tol):
-    x = torch.randn(1, 512).to(dtype)
+def test_decode_kernels_half_activations(kernel, m, dtype, tol):
+    x = torch.randn(m, 512).to(dtype)
     qw, s, z = random_awq(512, 136, 128, dtype)
-    y = w4a16.w4a16_gemv(x, qw, s, z, 128)
+    y = getattr(w4a16, kernel)(x, qw, s, z, 128)
     assert y.dtype == dtype
     ref = x.float() @ dequantize_reference(qw, s, z, 128)
     assert ((y.float() - ref).norm() / ref.norm()).item() <= tol
@@ -180,34 +186,6 @@ def test_gemv_takes_one_row_and_splits_whole_groups():
         w4a16.w4a16_gemv(torch.randn(2, 256), qw, s, z, 64)
     cfg = w4a16.gemv_config(4096, 11008, 128)
     assert cfg["groups_per_split"] * cfg["split_k"] >= 4096 // 128 > (cfg["split_k"] - 1) * cfg["groups_per_split"]
-
-
-# ---- the 2 <= M <= 16 kernel --------------------------------------------------------------------
-
-@pytest.mark.interpreter
-@pytest.mark.parametrize("split_k", [None, 1, 3])
-@pytest.mark.parametrize("g", [32, 64, 128])
-@pytest.mark.parametrize("m,k,n", [(2, 384, 200), (7, 256, 1032), (16, 640, 96)])
-def test_decode_kernel_matches_reference(poisoned_empty, split_k, g, m, k, n):
-    gen = torch.Generator().manual_seed(hash((split_k, g, m, k, n)) % 2 ** 31)
-    x = torch.randn(m, k, generator=gen)
-    qw, s, z = random_awq(k, n, g, gen=gen)
-    ref = w4a16_reference(x, qw, s, z, g)
-    for _ in range(2):
-        y = w4a16.w4a16_decode(x, qw, s, z, g, split_k=split_k)
-        assert torch.isfinite(y).all()
-        assert ((y - ref).norm() / ref.norm()).item() <= 1e-5
-
-
-@pytest.mark.interpreter
-@pytest.mark.parametrize("dtype,tol", [(torch.float16, 5e-3), (torch.bfloat16, 2e-2)])
-def test_decode_kernel_half_activations(dtype, tol):
-    x = torch.randn(5, 512).to(dtype)
-    qw, s, z = random_awq(512, 136, 128, dtype)
-    y = w4a16.w4a16_decode(x, qw, s, z, 128)
-    assert y.dtype == dtype
-    ref = x.float() @ dequantize_reference(qw, s, z, 128)
-    assert ((y.float() - ref).norm() / ref.norm()).item() <= tol
 
 
 def test_decode_kernel_takes_up_to_16_rows():
