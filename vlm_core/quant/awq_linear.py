@@ -27,7 +27,7 @@ from ..config import AWQConfig
 from ..models.layers import LinearFactory, dense_linear
 from . import int4pack
 from .pack import pack_awq, unpack_awq
-from .paths import PathTable, table_for
+from .paths import DEFAULT, PathTable, table_for
 
 
 class _CPUWeight:
@@ -218,8 +218,8 @@ class AWQLinear(nn.Module):
         """The path a call with M rows computed in `dtype` takes (after `prepare`; on CPU the compute dtype
         is bf16 for a bf16 load and fp32 otherwise, whatever the activations' dtype)."""
         p = self._table(device).choose(device.type, dtype, m, self.in_features, self.out_features)
-        if p == "tinygemm" and self._tinygemm is None:
-            return "triton" if m < 256 else "cuda-dequant"
+        if p == "tinygemm" and self._tinygemm is None:     # refused this shape: the built-in choice serves it
+            return DEFAULT.choose(device.type, dtype, m, self.in_features, self.out_features)
         return p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
