@@ -37,9 +37,10 @@ def build_app(args: dict | None = None) -> serve.Application:
     def deployment(cls, name: str):
         return serve.deployment(cls, name=name).options(**s.serve_options(name, gpus))
 
-    vision = deployment(VisionEncoder, "VisionEncoder").bind(model_dir, s.dtype, s.vision)
-    llm = deployment(LLMServer, "LLMServer").bind(model_dir, s.dtype, s.llm)
-    return deployment(ServeIngress, "Ingress").bind(vision, llm, model_dir, s.ingress)
+    options = s.load_options()
+    vision = deployment(VisionEncoder, "VisionEncoder").bind(model_dir, s.dtype, s.vision, options=options)
+    llm = deployment(LLMServer, "LLMServer").bind(model_dir, s.dtype, s.llm, options=options)
+    return deployment(ServeIngress, "Ingress").bind(vision, llm, model_dir, s.ingress, options=options)
 
 
 def app_from_config(path: str, overrides: dict | None = None) -> tuple[str, str, serve.Application]:

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlm_core.engine.request import EngineRequest, RequestOutput, merge_outputs
 from vlm_core.errors import ImageTooLargeError, VLMError
-from vlm_core.families import load_processor
+from vlm_core.families import LoadOptions, load_processor
 from vlm_core.inputs.image import decode_image, open_image
 from vlm_core.inputs.placeholders import MultimodalPrompt
 
@@ -161,9 +161,10 @@ def text_chars(body: ChatCompletionRequest) -> int:
 
 
 class Ingress:
-    def __init__(self, vision, llm, model_dir: str, settings: IngressSettings = IngressSettings()):
+    def __init__(self, vision, llm, model_dir: str, settings: IngressSettings = IngressSettings(),
+                 options: LoadOptions | None = None):
         self.vision, self.llm = vision, llm
-        self.inputs = load_processor(model_dir)      # the family's processor; no weights
+        self.inputs = load_processor(model_dir, options=options)      # the family's processor; no weights
         self.options = o = settings
         self.model_name = o.model_name
         self.max_model_len = self.inputs.config.text.max_position_embeddings

@@ -12,6 +12,7 @@ import torch
 
 from vlm_core.engine.engine import AsyncLLMEngine, RequestFailedError
 from vlm_core.engine.request import EngineRequest, merge_outputs
+from vlm_core.families import LoadOptions
 from vlm_core.vlm import VLM
 
 from .metrics import metric
@@ -22,9 +23,11 @@ from .wire import unpack_tensors
 
 class LLMServer:
     def __init__(self, model_dir: str, dtype: str | None = None, settings: LLMSettings = LLMSettings(),
-                 device: str | None = None):
+                 device: str | None = None, options: LoadOptions | None = None):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        vlm = VLM.from_pretrained(model_dir, dtype=dtype, device=device, parts=("llm",), fuse_projections=True)
+        o = options or LoadOptions()
+        vlm = VLM.from_pretrained(model_dir, dtype=dtype, device=device, parts=("llm",), fuse_projections=True,
+                                  vision_tower_dir=o.vision_tower_dir, conv_mode=o.conv_mode)
         self.engine = AsyncLLMEngine(vlm.engine(settings.engine))
         # admitted requests beyond what one engine step runs are refused past this many
         self.max_in_flight = settings.max_in_flight

@@ -164,9 +164,16 @@ class LLMSettings(_Section):
 
 
 class AppSettings(_Section):
-    model_dir: str | None = Field(None, description="checkpoint folder (llava-hf or VILA layout); default: the "
-                                                    "embedded AWQ model")
+    model_dir: str | None = Field(None, description="checkpoint folder (llava-hf, original LLaVA or VILA layout); "
+                                                    "default: the embedded AWQ model")
     dtype: str | None = None
+    vision_tower_dir: str | None = Field(None, description="original LLaVA layout: where the vision tower that "
+                                                           "mm_vision_tower names lies (its folder, or one holding it "
+                                                           "under the id's last path component)")
+    conv_mode: str | None = Field(None, description="original LLaVA layout: which of LLaVA's conversation templates "
+                                                    "renders chat prompts (llava_v1, vicuna_v1, llava_v0, "
+                                                    "llava_llama_2, mistral_instruct, chatml_direct, mpt, plain); "
+                                                    "default: the tokenizer's chat template, else llava_v1")
     accelerator: Literal["auto", "gpu", "cpu"] = Field(
         "auto", description="where VisionEncoder and LLMServer replicas run: gpu (their `gpus` fractions, "
                             "whether or not GPU nodes have joined yet), cpu, or auto (gpu when the cluster has "
@@ -193,6 +200,11 @@ class AppSettings(_Section):
             raise ValueError(f"LLMServer max_ongoing_requests ({given}) is below engine.max_num_seqs + "
                              f"max_waiting_requests ({need}): Serve would queue requests the replica should take")
         return self
+
+    def load_options(self):
+        from vlm_core.families import LoadOptions
+
+        return LoadOptions(self.vision_tower_dir, self.conv_mode)
 
     def resolved_model_dir(self) -> str:
         if self.model_dir:

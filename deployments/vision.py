@@ -18,7 +18,7 @@ from collections import OrderedDict
 import torch
 from ray import serve
 
-from vlm_core.families import family_of
+from vlm_core.families import LoadOptions, family_of
 from vlm_core.inputs.media import MediaItem
 
 from .metrics import metric
@@ -49,11 +49,11 @@ def split_by_tiles(items: list[MediaItem], hashes: list[str], budget: int) -> li
 
 class VisionEncoder:
     def __init__(self, model_dir: str, dtype: str | None = None, settings: VisionSettings = VisionSettings(),
-                 device: str | None = None):
+                 device: str | None = None, options: LoadOptions | None = None):
         max_batch_images = settings.max_batch_images
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         family = family_of(model_dir)
-        self.model = family.load(model_dir, dtype=dtype, device=device, parts=("vision",))
+        self.model = family.load_model(model_dir, dtype=dtype, device=device, parts=("vision",), options=options)
         need = family.max_item_tiles(self.model.config)
         if max_batch_images < need:
             raise ValueError(f"vision.max_batch_images ({max_batch_images}) is below the {need} tiles one media item "

@@ -45,7 +45,7 @@ def test_config_missing_field(ckpt):
 
 def test_missing_weights_file(ckpt):
     (ckpt / "model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="no model.safetensors or model.safetensors.index.json in"):
+    with pytest.raises(CheckpointError, match="no model.safetensors, pytorch_model.bin"):
         load_llava_hf(ckpt)
 
 

@@ -17,7 +17,6 @@ from torch import nn
 from .config import AWQConfig, read_json
 from .errors import CheckpointError
 from .memory import drop_file_pages, return_freed_memory
-from .memory import drop_file_pages, return_freed_memory
 from .quant.pack import v2_to_awq
 
 Rename = str | Callable[[re.Match], str]
@@ -48,25 +47,56 @@ def default_dtype(raw_config: dict, device: str | torch.device) -> torch.dtype:
 
 
 def weight_files(model_dir: Path) -> list[Path]:
-    """The weight files of a checkpoint folder: safetensors (single or sharded), else one `.pt`
-    state dict (the llm-awq / TinyChat export)."""
-    index = model_dir / "model.safetensors.index.json"
-    single = model_dir / "model.safetensors"
-    if index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index} has no 'weight_map'")
-        files = [model_dir / f for f in sorted(set(weight_map.values()))]
-        for f in files:
-            if not f.is_file():
-                raise CheckpointError(f"shard {f.name} listed in {index.name} is missing from {model_dir}")
-        return files
-    if single.is_file():
-        return [single]
+    """The weight files of a checkpoint folder: safetensors (single or sharded), else PyTorch
+    `pytorch_model.bin` (single or sharded, what the original LLaVA releases and openai's CLIP
+    ship), else one `.pt` state dict (the llm-awq / TinyChat export)."""
+    for index_name, single_name in (("model.safetensors.index.json", "model.safetensors"),
+                                     ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index, single = model_dir / index_name, model_dir / single_name
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index} has no 'weight_map'")
+            files = [model_dir / f for f in sorted(set(weight_map.values()))]
+            for f in files:
+                if not f.is_file():
+                    raise CheckpointError(f"shard {f.name} listed in {index.name} is missing from {model_dir}")
+            return files
+        if single.is_file():
+            return [single]
     pts = sorted(model_dir.glob("*.pt"))
     if len(pts) == 1:
         return pts
-    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
+    raise CheckpointError(f"no model.safetensors, pytorch_model.bin (or their .index.json) in {model_dir}")
+
+
+def torch_state(f: Path) -> dict[str, torch.Tensor]:
+    """A PyTorch state-dict file (`.bin` / `.pt`), memory-mapped: tensors nobody reads are never
+    read from disk."""
+    try:
+        state = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises several unrelated types for a bad file
+        raise CheckpointError(f"cannot read weights file {f}: {e}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"weights file {f} does not hold a state dict of tensors")
+    return state
+
+
+def weight_keys(files: list[Path]) -> list[str]:
+    """The tensor names of weight files, without reading any tensor."""
+    from safetensors import SafetensorError, safe_open
+
+    keys: list[str] = []
+    for f in files:
+        if f.suffix in (".pt", ".bin"):
+            keys += list(torch_state(f))
+            continue
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                keys += list(st.keys())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read weights file {f}: {e}") from None
+    return keys
 
 
 def iter_weights(files: list[Path], wanted: Callable[[str], bool] = lambda key: True
@@ -75,14 +105,10 @@ def iter_weights(files: list[Path], wanted: Callable[[str], bool] = lambda key: 
     from safetensors import SafetensorError, safe_open
 
     for f in files:
-        if f.suffix == ".pt":
-            try:
-                state = torch.load(str(f), map_location="cpu", weights_only=True)
-            except Exception as e:  # torch raises several unrelated types for a bad file
-                raise CheckpointError(f"cannot read weights file {f}: {e}") from None
-            if not isinstance(state, dict):
-                raise CheckpointError(f"weights file {f} does not hold a state dict")
+        if f.suffix in (".pt", ".bin"):
+            state = torch_state(f)
             yield from ((k, v) for k, v in state.items() if wanted(k))
+            del state
             continue
         try:
             with safe_open(str(f), framework="pt") as st:
@@ -268,3 +294,54 @@ def check_parts(parts: Collection[str]) -> set[str]:
     if not parts or parts - set(MODEL_PARTS):
         raise ValueError(f"parts must be a non-empty subset of {MODEL_PARTS}, got {sorted(parts)}")
     return parts
+
+
+def save_awq_copy(src_dir: str | Path, out_dir: str | Path, model: nn.Module, packed: dict[str, dict[str, torch.Tensor]],
+                  group_size: int, mapping: tuple[tuple[str, Rename], ...], modules_to_not_convert: tuple[str, ...],
+                  keys_from: Callable[[str], bool] = lambda key: True,
+                  scale_dtype: torch.dtype = torch.float16) -> Path:
+    """Write an AutoAWQ gemm checkpoint (one `model.safetensors`) in the key layout of `src_dir`.
+
+    Every tensor of the source checkpoint that `keys_from` accepts is written under its own name,
+    with our (AWQ-scaled) values; each quantized decoder linear's `weight` becomes
+    `qweight`/`qzeros`/`scales`. The folder's other files and subfolders (tokenizer, preprocessor
+    config, a vision tower kept inside) are copied; config.json gains `quantization_config`.
+    """
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from .config import AWQConfig
+
+    src, out = Path(src_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ours = model.state_dict()
+    files = weight_files(src)
+    tensors: dict[str, torch.Tensor] = {}
+    for key, src_tensor in iter_weights(files, keys_from):
+        if any(re.search(p, key) for p in IGNORED_KEYS):
+            continue
+        name = rename(key, mapping)
+        if name is None:
+            raise CheckpointError(f"cannot map checkpoint weight {key!r}")
+        module = name[len("decoder."):-len(".weight")] if name.startswith("decoder.") else None
+        if module in packed and name.endswith(".weight"):
+            base = key[:-len("weight")]
+            for suffix, t in packed[module].items():
+                tensors[base + suffix] = t.to(scale_dtype) if t.is_floating_point() else t
+            continue
+        name = _adapt_tower_prefix(name, ours)
+        # vision layers past the selected feature layer are not built: keep the source tensor
+        tensors[key] = (ours[name].to(src_tensor.dtype) if name in ours else src_tensor).contiguous()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    weights = {f.name for f in files} | {"model.safetensors.index.json", "pytorch_model.bin.index.json", "config.json"}
+    for f in src.iterdir():
+        if f.is_dir():
+            shutil.copytree(f, out / f.name, dirs_exist_ok=True)
+        elif f.is_file() and f.name not in weights and f.suffix not in (".safetensors", ".pt", ".bin"):
+            shutil.copy2(f, out / f.name)
+    cfg = read_json(src / "config.json")
+    cfg["quantization_config"] = AWQConfig(group_size=group_size, modules_to_not_convert=modules_to_not_convert).to_hf()
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out

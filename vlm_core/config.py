@@ -145,16 +145,19 @@ DOWNSAMPLE_PROJECTORS = {"mlp_downsample": 2, "mlp_downsample_2x2_fix": 2, "mlp_
 
 @dataclass(frozen=True)
 class ProjectorConfig:
-    type: str              # "linear" | "mlp{N}x_gelu" | "mlp_downsample" | "mlp_downsample_{2x2,3x3}_fix"
+    type: str              # "linear" | "mlp{N}x_gelu" | "identity" | "mlp_downsample" | "mlp_downsample_{2x2,3x3}_fix"
     in_features: int
     out_features: int
     bias: bool = True
 
     def __post_init__(self):
-        if self.type not in ("linear", *DOWNSAMPLE_PROJECTORS) and not _MLP_PROJECTOR.match(self.type):
+        if self.type not in ("linear", "identity", *DOWNSAMPLE_PROJECTORS) and not _MLP_PROJECTOR.match(self.type):
             raise UnknownProjectorError(
-                f"unknown projector type {self.type!r}; supported: 'linear', 'mlp2x_gelu' (or mlpNx_gelu), "
+                f"unknown projector type {self.type!r}; supported: 'linear', 'mlp2x_gelu' (or mlpNx_gelu), 'identity', "
                 f"{', '.join(repr(t) for t in DOWNSAMPLE_PROJECTORS)}")
+        if self.type == "identity" and self.in_features != self.out_features:
+            raise ConfigError(f"an identity projector needs the vision features ({self.in_features}) as wide as the "
+                              f"decoder ({self.out_features})")
 
     @property
     def downsample(self) -> int:
@@ -168,6 +171,8 @@ class ProjectorConfig:
     @property
     def mlp_depth(self) -> int:
         """Number of linear layers of a linear / mlpNx_gelu projector."""
+        if self.type == "identity":
+            return 0
         if self.type == "linear":
             return 1
         if self.type in DOWNSAMPLE_PROJECTORS:

@@ -18,7 +18,12 @@ from .errors import VLMError
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m vlm_core.generate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None,
-                    help="checkpoint folder (llava-hf layout); default: the embedded 4-bit default model")
+                    help="checkpoint folder (llava-hf, original LLaVA or VILA layout); default: the embedded 4-bit "
+                         "default model")
+    ap.add_argument("--vision-tower-dir", default=None,
+                    help="original LLaVA layout: the folder of the tower mm_vision_tower names, or one holding it")
+    ap.add_argument("--conv-mode", default=None, help="original LLaVA layout: LLaVA's conversation template "
+                                                      "(default: the tokenizer's chat template, else llava_v1)")
     ap.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
     ap.add_argument("--prompt", required=True, help="the question (add <image> to place images yourself)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -46,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         engine_config = EngineConfig(max_num_batched_tokens=args.prefill_chunk) if args.prefill_chunk else None
         model = args.model or default_model_dir("awq")
         vlm = VLM.from_pretrained(model, dtype=args.dtype, device=args.device, engine_config=engine_config,
-                                  fuse_projections=True)
+                                  fuse_projections=True, vision_tower_dir=args.vision_tower_dir,
+                                  conv_mode=args.conv_mode)
         if args.stream:
             for delta in vlm.stream(args.prompt, {"image": args.image}, sampling):
                 print(delta, end="", flush=True)

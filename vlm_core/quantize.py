@@ -1,4 +1,5 @@
-"""`vlm-quantize MODEL_DIR OUT_DIR`: AWQ (or RTN) 4-bit quantization of a llava-hf checkpoint.
+"""`vlm-quantize MODEL_DIR OUT_DIR`: AWQ (or RTN) 4-bit quantization of a llava-hf or original-layout
+LLaVA checkpoint.
 
     vlm-quantize ckpt/ ckpt-awq/ --calib-text corpus.txt --samples 128 --seq-len 512 --group-size 128
     vlm-quantize ckpt/ ckpt-awq/ --calib-jsonl calib.jsonl      # {"prompt": ..., "images": [...]} per line
@@ -18,7 +19,7 @@ import torch
 
 from .errors import InputError, VLMError
 from .inputs.placeholders import chunk_embeddings
-from .families.llava import save_awq_checkpoint
+from .families import family_of
 from .quant.awq import QuantizeOptions, calibrate_decoder, quantize_linears
 
 
@@ -55,15 +56,19 @@ def multimodal_samples(vlm, path: str | Path, n_samples: int, seq_len: int) -> l
 
 
 def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, samples_fn, opts: QuantizeOptions,
-                        progress: bool = True) -> Path:
+                        progress: bool = True, vision_tower_dir: str | None = None) -> Path:
     """Load (fp32), calibrate, quantize and write. `samples_fn(vlm) -> list[[L, H]]`."""
     from .vlm import VLM
 
-    vlm = VLM.from_pretrained(model_dir, dtype=torch.float32)
+    family = family_of(model_dir)
+    if family.save_awq is None:
+        raise InputError(f"vlm-quantize writes llava-hf and original-LLaVA folders; {model_dir} is in the "
+                         f"{family.name} layout")
+    vlm = VLM.from_pretrained(model_dir, dtype=torch.float32, vision_tower_dir=vision_tower_dir)
     samples = samples_fn(vlm) if opts.method == "awq" else []
     calibrate_decoder(vlm.model.decoder, samples, opts, progress)
     packed = quantize_linears(vlm.model.decoder, opts)
-    return save_awq_checkpoint(model_dir, out_dir, vlm.model, packed, opts.group_size)
+    return family.save_awq(model_dir, out_dir, vlm.model, packed, opts.group_size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--w-bit", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--no-zero-point", action="store_true", help="symmetric quantization (not supported yet)")
+    ap.add_argument("--vision-tower-dir", default=None,
+                    help="original LLaVA layout: the folder of the tower mm_vision_tower names, or one holding it")
     args = ap.parse_args(argv)
     try:
         opts = QuantizeOptions(method=args.method, group_size=args.group_size, w_bit=args.w_bit,
@@ -88,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             samples_fn = lambda vlm: multimodal_samples(vlm, args.calib_jsonl, args.samples, args.seq_len)  # noqa: E731
         else:
             samples_fn = lambda vlm: text_samples(vlm, args.calib_text, args.samples, args.seq_len)  # noqa: E731
-        out = quantize_checkpoint(args.model_dir, args.out_dir, samples_fn, opts)
+        out = quantize_checkpoint(args.model_dir, args.out_dir, samples_fn, opts,
+                                  vision_tower_dir=args.vision_tower_dir)
     except VLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

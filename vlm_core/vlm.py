@@ -1,6 +1,6 @@
 """`VLM`: a loaded model with its tokenizer and processor, and the offline API (shaped like vLLM's `LLM`).
 
-    vlm = VLM.from_pretrained("path/to/checkpoint")          # llava-hf, VILA-1.5 or NVILA folder
+    vlm = VLM.from_pretrained("path/to/checkpoint")          # llava-hf, original LLaVA, VILA-1.5 or NVILA folder
     out = vlm.generate("What is in the picture?", {"image": ["cat.png"]}, SamplingParams(max_new_tokens=64))
     outs = vlm.generate(["What colour?", "How many?"], [{"image": ["a.png"]}, None])
     for delta in vlm.stream("Describe the video.", {"video": [["f0.png", "f1.png"]]}):
@@ -29,7 +29,7 @@ import torch
 
 from .checkpoint import MODEL_PARTS
 from .memory import return_freed_memory
-from .families import VILA, family_of, vila
+from .families import VILA, LoadOptions, family_of, vila
 from .engine.engine import EngineConfig, LLMEngine
 from .engine.request import EngineRequest, RequestOutput, merge_outputs
 from .engine.sampling import SamplingParams
@@ -64,19 +64,24 @@ class VLM:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, dtype: str | torch.dtype | None = None,
                         device: str | torch.device = "cpu", engine_config: EngineConfig | None = None,
-                        parts: Sequence[str] = MODEL_PARTS, fuse_projections: bool = False) -> "VLM":
+                        parts: Sequence[str] = MODEL_PARTS, fuse_projections: bool = False,
+                        vision_tower_dir: str | Path | None = None, conv_mode: str | None = None) -> "VLM":
         """`parts=("llm",)` loads only the decoder (for a server whose image embeddings come from
         a vision encoder elsewhere); image inputs then need precomputed embeddings.
         `fuse_projections=True` joins each layer's q/k/v and gate/up linears for inference (what
-        serving does); leave it off to inspect, edit, quantize or save the model's linears."""
+        serving does); leave it off to inspect, edit, quantize or save the model's linears.
+        `vision_tower_dir` and `conv_mode` are for original-layout LLaVA folders (`LoadOptions`):
+        where the tower `mm_vision_tower` names lies, and which LLaVA conversation template to use."""
         family = family_of(model_dir)
+        options = LoadOptions(str(vision_tower_dir) if vision_tower_dir is not None else None, conv_mode)
         folder_configs = None
         if family is VILA:        # keep the folder's configs, which `save_pretrained` writes back
+            options.refuse_for(family.name)
             model, top, raw = vila.load_with_configs(model_dir, dtype=dtype, device=device, parts=parts)
             folder_configs = (top, raw)
         else:
-            model = family.load(model_dir, dtype=dtype, device=device, parts=parts)
-        vlm = cls(model, family.processor.from_pretrained(model_dir, model.config), engine_config, folder_configs)
+            model = family.load_model(model_dir, dtype=dtype, device=device, parts=parts, options=options)
+        vlm = cls(model, family.load_processor(model_dir, model.config, options), engine_config, folder_configs)
         if fuse_projections and model.decoder is not None:
             model.decoder.fuse_projections()
         prepare_awq(model)

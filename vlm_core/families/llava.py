@@ -17,19 +17,17 @@ its media token count (`media_tokens`, one tile of `tokens_per_image` per image)
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection, Sequence
 
 import torch
 
-from ..checkpoint import (IGNORED_KEYS, MODEL_PARTS, PART_PREFIXES, Rename, check_parts, convert_v2_state,
-                          default_dtype, iter_weights, load_weights, parse_dtype, read_quant_config, rename,
+from ..checkpoint import (MODEL_PARTS, PART_PREFIXES, Rename, check_parts, convert_v2_state, default_dtype,
+                          iter_weights, load_weights, parse_dtype, read_quant_config, rename, save_awq_copy,
                           weight_files)
-from ..config import AWQConfig, ProjectorConfig, TextConfig, VisionConfig, read_json
+from ..config import ProjectorConfig, TextConfig, VisionConfig, read_json
 from ..errors import CheckpointError, ConfigError, InputError
 from ..inputs.image import CLIP_MEAN, CLIP_STD, ImageInput, ImageProcessor, ImageProcessorConfig
 from ..inputs.media import MediaItem
@@ -178,45 +176,11 @@ def load(model_dir: str | Path, dtype: str | torch.dtype | None = None, device: 
 
 
 def save_awq_checkpoint(src_dir: str | Path, out_dir: str | Path, model, packed: dict[str, dict[str, torch.Tensor]],
-                        group_size: int, scale_dtype: torch.dtype = torch.float16) -> Path:
-    """Write an AutoAWQ gemm checkpoint in the key layout of `src_dir`.
-
-    Every tensor of the source checkpoint is written under its own name, with our (AWQ-scaled)
-    values; each quantized linear's `weight` becomes `qweight`/`qzeros`/`scales`. Non-weight files
-    (tokenizer, preprocessor config) are copied; config.json gains `quantization_config`.
-    """
-    from safetensors.torch import save_file
-
-    src, out = Path(src_dir), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ours = model.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    for key, src_tensor in iter_weights(weight_files(src)):
-        if any(re.search(p, key) for p in IGNORED_KEYS):
-            continue
-        name = rename(key, LLAVA_HF_MAPPING)
-        if name is None:
-            raise CheckpointError(f"cannot map checkpoint weight {key!r}")
-        module = name[len("decoder."):-len(".weight")] if name.startswith("decoder.") else None
-        if module in packed and name.endswith(".weight"):
-            base = key[:-len("weight")]
-            for suffix, t in packed[module].items():
-                tensors[base + suffix] = t.to(scale_dtype) if t.is_floating_point() else t
-            continue
-        if name not in ours:
-            name = name.replace("vision.tower.", "vision.tower.vision_model.", 1)
-        # vision layers past the selected feature layer are not built: keep the source tensor
-        tensors[key] = (ours[name].to(src_tensor.dtype) if name in ours else src_tensor).contiguous()
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    for f in src.iterdir():
-        if f.is_file() and f.suffix not in (".safetensors", ".pt") and f.name not in (
-                "config.json", "model.safetensors.index.json"):
-            shutil.copy2(f, out / f.name)
-    cfg = read_json(src / "config.json")
-    cfg["quantization_config"] = AWQConfig(
-        group_size=group_size, modules_to_not_convert=("vision_tower", "multi_modal_projector", "lm_head")).to_hf()
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    return out
+                        group_size: int) -> Path:
+    """Write an AutoAWQ gemm checkpoint in the llava-hf key layout of `src_dir`
+    (`checkpoint.save_awq_copy`)."""
+    return save_awq_copy(src_dir, out_dir, model, packed, group_size, LLAVA_HF_MAPPING,
+                         ("vision_tower", "multi_modal_projector", "lm_head"))
 
 
 # ---- model -----------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ embeddings and positions. Each family (`vlm_core.families`) subclasses `Composed
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Protocol, Sequence
 
 import torch
@@ -96,7 +97,7 @@ class ComposedVLM(nn.Module):
     def _reference_weight(self) -> torch.Tensor:
         if self.decoder is not None:
             return self.decoder.embed_tokens.weight
-        return next(self.projector.parameters())
+        return next(itertools.chain(self.projector.parameters(), self.vision.parameters()))
 
     @property
     def dtype(self) -> torch.dtype:

@@ -36,7 +36,7 @@ class SquareDownsample(nn.Module):
 
 
 def build_projector(cfg: ProjectorConfig) -> nn.Sequential:
-    """`linear`: one Linear. `mlpNx_gelu`: N Linears with GELU between (LLaVA's layout).
+    """`identity`: nothing (no weights). `linear`: one Linear. `mlpNx_gelu`: N Linears with GELU between (LLaVA's layout).
     `mlp_downsample` (VILA-1.5) / `mlp_downsample_2x2_fix`: 2x2 merge, LayerNorm, Linear, GELU,
     Linear. `mlp_downsample_3x3_fix` (NVILA): 3x3 merge, LayerNorm, Linear to 3C, GELU,
     LayerNorm, Linear, GELU, Linear.
@@ -44,6 +44,8 @@ def build_projector(cfg: ProjectorConfig) -> nn.Sequential:
     llava-hf's `linear_1`/`linear_2` map to `0`/`2`, VILA's `layers.N` to `N`.
     """
     c, h, b = cfg.in_features, cfg.out_features, cfg.bias
+    if cfg.type == "identity":      # LLaVA's IdentityMap: features go to the decoder as they are
+        return nn.Sequential()
     k = cfg.downsample
     if k == 2:
         return nn.Sequential(SquareDownsample(2), nn.LayerNorm(4 * c), nn.Linear(4 * c, h), nn.GELU(), nn.Linear(h, h))

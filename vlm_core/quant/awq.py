@@ -18,7 +18,7 @@ Finally every decoder linear is quantized to asymmetric uint4 with a zero point 
 RTN skips steps 1-2.
 
 The vision tower and projector stay 16-bit. The result is written as an AutoAWQ gemm
-checkpoint in the source checkpoint's own key layout (see `checkpoint.save_awq_checkpoint`).
+checkpoint in the source checkpoint's own key layout (see `checkpoint.save_awq_copy`).
 """
 
 from __future__ import annotations
