@@ -198,8 +198,9 @@ class Reference:
 
         raw = json.loads((ckpt / "config.json").read_text())
         self.raw = raw
-        state = {k: v.float() for k, v in iter_weights([f for f in weight_files(ckpt) if f.suffix != ".pt"])}
-        state.update(dequantized or {})
+        state = {k: v.float() for k, v in iter_weights([f for f in weight_files(ckpt) if f.suffix != ".pt"])
+                 if not k.endswith((".qweight", ".qzeros", ".scales"))}
+        state.update(dequantized or {})         # a 4-bit folder: its linears as dequantized weights
         text = {k: v for k, v in raw.items() if not k.startswith("mm_") and k != "quantization_config"}
         text["model_type"] = "llama"
         self.llm = LlamaForCausalLM(LlamaConfig(**text)).eval()
