@@ -326,3 +326,18 @@ def test_tinychat_v2_export_loads_without_reading_the_fp16_linears(base, awq_cop
     assert list(vlm.generate(Q, {"image": images[:1]}, GREEDY).token_ids) == \
         list(want.generate(Q, {"image": images[:1]}, GREEDY).token_ids)
 
+
+
+def test_cli_answers_as_the_library_with_the_tower_setting(tmp_path, images, capsys):
+    from vlm_core.generate import main
+
+    towers = tmp_path / "towers"
+    write_tower(towers / TOWER_NAME)
+    ck = write_checkpoint(tmp_path / "cli")
+    want = VLM.from_pretrained(ck, vision_tower_dir=towers).generate(Q, {"image": images[:1]}, GREEDY).text
+    capsys.readouterr()
+    assert main(["--model", str(ck), "--image", str(images[0]), "--prompt", Q, "--max-new-tokens", "8",
+                 "--vision-tower-dir", str(towers)]) == 0
+    assert capsys.readouterr().out == want + "\n"
+    assert main(["--model", str(ck), "--image", str(images[0]), "--prompt", Q]) == 2
+    assert TOWER_ID in capsys.readouterr().err

@@ -88,3 +88,7 @@ def test_openai_client_answers_as_the_in_process_model(folders, served, images, 
         assert r.choices[0].message.content == want.text
         assert r.usage.completion_tokens == len(want.token_ids)
         assert r.usage.prompt_tokens == len(vlm.request(q, {"image": [path]}).prompt)
+    again = client.chat.completions.create(model=name, temperature=0, max_tokens=8, messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(Image.open(images[0]))}},
+                                     {"type": "text", "text": QUESTIONS[0]}]}])
+    assert again.usage.prompt_tokens_details.cached_tokens >= 32     # BOS, system text and the image: 2+ blocks
