@@ -289,6 +289,21 @@ MODEL_PARTS = ("vision", "llm")
 PART_PREFIXES = {"vision": ("vision.", "projector."), "llm": ("decoder.",)}
 
 
+def unbuilt(parts: Collection[str], layers_needed: int) -> Callable[[str], bool]:
+    """`skip` for `load_weights`: our-side names deliberately not built — the other part's, and the
+    vision layers past the last one the selected features need."""
+    dropped = re.compile(r"^vision\.tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.")
+    not_built = tuple(p for part in MODEL_PARTS if part not in parts for p in PART_PREFIXES[part])
+
+    def skip(name: str) -> bool:
+        if name.startswith(not_built):
+            return True
+        m = dropped.match(name)
+        return m is not None and int(m.group(1)) >= layers_needed
+
+    return skip
+
+
 def check_parts(parts: Collection[str]) -> set[str]:
     parts = set(parts)
     if not parts or parts - set(MODEL_PARTS):

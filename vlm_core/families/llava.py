@@ -17,14 +17,13 @@ its media token count (`media_tokens`, one tile of `tokens_per_image` per image)
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection, Sequence
 
 import torch
 
-from ..checkpoint import (MODEL_PARTS, PART_PREFIXES, Rename, check_parts, convert_v2_state, default_dtype,
+from ..checkpoint import (MODEL_PARTS, Rename, check_parts, convert_v2_state, default_dtype, unbuilt,
                           iter_weights, load_weights, parse_dtype, read_quant_config, rename, save_awq_copy,
                           weight_files)
 from ..config import ProjectorConfig, TextConfig, VisionConfig, read_json
@@ -152,15 +151,7 @@ def load(model_dir: str | Path, dtype: str | torch.dtype | None = None, device: 
     dtype = parse_dtype(dtype, default_dtype(raw, device))
 
     model = LlavaModel.build_parts(config, parts, dtype, linear)
-    kept = config.vision.layers_needed
-    dropped = re.compile(r"^vision\.tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.")
-    not_built = tuple(p for part in MODEL_PARTS if part not in parts for p in PART_PREFIXES[part])
-
-    def skip(name: str) -> bool:
-        if name.startswith(not_built):
-            return True
-        m = dropped.match(name)
-        return m is not None and int(m.group(1)) >= kept
+    skip = unbuilt(parts, config.vision.layers_needed)
 
     def wanted(key: str) -> bool:
         name = rename(key, LLAVA_HF_MAPPING)

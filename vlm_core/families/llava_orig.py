@@ -54,11 +54,11 @@ from typing import Any, Collection, Sequence
 
 import torch
 
-from ..checkpoint import (EXPORT_NAME_RULE, MODEL_PARTS, PART_PREFIXES, Rename, check_parts, convert_v2_state,
-                          default_dtype, iter_weights, load_weights, parse_dtype, read_quant_config, rename,
-                          save_awq_copy, torch_state, weight_files, weight_keys)
+from ..checkpoint import (EXPORT_NAME_RULE, MODEL_PARTS, Rename, check_parts, convert_v2_state, default_dtype,
+                          iter_weights, load_weights, parse_dtype, read_quant_config, rename, save_awq_copy,
+                          torch_state, unbuilt, weight_files, weight_keys)
 from ..config import AWQConfig, ProjectorConfig, TextConfig, VisionConfig, read_json
-from ..errors import CheckpointError, ConfigError, InputError, PlaceholderMismatchError
+from ..errors import CheckpointError, ConfigError, PlaceholderMismatchError
 from ..inputs.image import CLIP_MEAN, CLIP_STD, ImageInput, ImageProcessor, ImageProcessorConfig
 from ..inputs.media import MediaItem
 from ..inputs.placeholders import ImageSpan, MultimodalPrompt, PlaceholderSpec, expand_placeholders
@@ -67,7 +67,7 @@ from ..inputs.template import IMAGE_PLACEHOLDER, load_tokenizer, normalize_messa
 from ..models.layers import dense_linear
 from ..quant.awq_linear import awq_linear_factory
 from .conversations import DEFAULT_CONV_MODE, Conversation, conversation, stop_text
-from .llava import LlavaModel
+from .llava import LlavaModel, LlavaProcessor
 from .options import NO_OPTIONS, LoadOptions
 
 IMAGE_TOKEN = "<image>"
@@ -313,16 +313,8 @@ def load(model_dir: str | Path, dtype: str | torch.dtype | None = None, device: 
     linear = awq_linear_factory(quant) if quant is not None else dense_linear
     dtype = parse_dtype(dtype, default_dtype(config.raw, device))
     model = LlavaOrigModel.build_parts(config, parts, dtype, linear)
-    kept = config.vision.layers_needed
-    dropped = re.compile(r"^vision\.tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.")
-    not_built = tuple(p for part in MODEL_PARTS if part not in parts for p in PART_PREFIXES[part])
+    skip = unbuilt(parts, config.vision.layers_needed)
     tower_inside = config.tower.inside
-
-    def skip(name: str) -> bool:
-        if name.startswith(not_built):
-            return True
-        m = dropped.match(name)
-        return m is not None and int(m.group(1)) >= kept
 
     def wanted(key: str) -> bool:
         if key.startswith(TOWER_PREFIX) and not tower_inside:
@@ -496,10 +488,5 @@ class LlavaOrigProcessor(BaseProcessor):
         out += ids[last:]
         return MultimodalPrompt(tuple(out), tuple(spans)), pixels
 
-    def prepare_media(self, prompt: Prompt, media: dict | None = None, apply_template: bool = True
-                      ) -> tuple[MultimodalPrompt, list[MediaItem]]:
-        media = dict(media or {})
-        if set(media) - {"image"}:
-            raise InputError(f"this LLaVA model takes images only, got {sorted(set(media) - {'image'})}")
-        mm, pixels = self.prepare(prompt, list(media.get("image") or []), apply_template)
-        return mm, [MediaItem(p[None]) for p in pixels]
+    # images only, one tile each: what a llava-hf model takes
+    prepare_media = LlavaProcessor.prepare_media
