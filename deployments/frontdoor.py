@@ -20,7 +20,7 @@ import hmac
 import json
 from dataclasses import dataclass
 
-from .protocol import APIError
+from .errors import APIError
 
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 OPEN_PATHS = ("/health",)
@@ -63,9 +63,9 @@ class FrontDoor:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if self.limits is None:
-            from ray import serve
+            from .serve_compat import replica_object
 
-            self.limits = serve.get_replica_context().servable_object.front_door
+            self.limits = replica_object().front_door
         limits = self.limits
         headers = dict(scope.get("headers") or [])
         path = route_path(scope)

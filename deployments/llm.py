@@ -16,7 +16,7 @@ from vlm_core.families import LoadOptions
 from vlm_core.vlm import VLM
 
 from .metrics import metric
-from .protocol import ServerOverloadedError
+from .errors import ServerOverloadedError
 from .settings import LLMSettings
 from .wire import unpack_tensors
 

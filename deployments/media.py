@@ -28,7 +28,7 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from .protocol import APIError
+from .errors import APIError
 
 MAX_REDIRECTS = 3
 FETCH_FAILED = "could not fetch the image from image_url"

@@ -25,22 +25,6 @@ def _unicode(text: str) -> str:
 Text = Annotated[str, AfterValidator(_unicode)]
 
 
-class APIError(Exception):
-    """An error answered in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type_, param
-        self.headers = headers or {}
-
-    def __reduce__(self):   # crosses process boundaries (handle callers get it back as raised)
-        return type(self), (self.status, self.message, self.type, self.param, self.headers)
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
-
-
 class ErrorDetail(BaseModel):
     message: str
     type: str = Field(description="invalid_request_error, authentication_error, server_overloaded, server_error")
@@ -51,10 +35,6 @@ class ErrorDetail(BaseModel):
 class ErrorResponse(BaseModel):
     """Every error answer, in OpenAI's shape."""
     error: ErrorDetail
-
-
-class ServerOverloadedError(Exception):
-    """A replica refused a request because its queue is full (answered 503 + Retry-After)."""
 
 
 class ImageURL(BaseModel):

@@ -61,13 +61,14 @@ from vlm_core.engine.kv_cache import prompt_block_keys
 from vlm_core.engine.request import EngineRequest
 
 from .metrics import metric, record_routing_decision, record_routing_probe
+from .serve_compat import deployment_name, probe_queue_lens, queue_lens, request_id
 
 ROUTER_PATH = "deployments.routing.CacheAffinityRouter"
 MAX_HOLDERS = 8         # replicas remembered per key, latest first (those gone drop out as others come)
-# Background probes wait Serve's longest queue-length deadline (RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_
+# Background probes wait up to Serve's longest queue-length deadline (RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_
 # DEADLINE_S, 1 s): off the request path, a late answer still corrects the figures, where the first
 # deadline (0.1 s) would drop every answer from busy replicas on a loaded host and leave them stale.
-BACKGROUND_PROBE_BACKOFF = 10
+BACKGROUND_PROBE_DEADLINE_S = 1.0
 
 
 def rendezvous_score(key: bytes, replica: ReplicaID) -> int:
@@ -116,11 +117,12 @@ class CacheAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         Serve's first queue-length deadline), as the bound may decide this request and the figures
         lack what other routers sent; figures last asked for `refresh_s` ago are asked again in the
         background. A replica that does not answer in time is left out."""
-        missing = [r for r in replicas if self._replica_queue_len_cache.get(r.replica_id) is None]
+        missing = [r for r in replicas if queue_lens(self).get(r.replica_id) is None]
         if missing:
-            record_routing_probe(self._deployment_id.name)
+            record_routing_probe(deployment_name(self))
             self._asked_at = time.monotonic()
-            answers = {r.replica_id: q for r, q in await self._probe_queue_lens(missing, 0)}
+            answers = {r.replica_id: q for r, q in
+                       await probe_queue_lens(self, missing, self.queue_len_response_deadline_s)}
             return self._figures(replicas, answers)
         loads = self._figures(replicas)
         if min(loads[rid] for rid in preferred) - min(loads.values()) > bound // 2:
@@ -137,7 +139,7 @@ class CacheAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
     def _figures(self, replicas: list[RunningReplica], answers: dict | None = None) -> dict[ReplicaID, int]:
         """Serve's queue-length cache (or the replicas' `answers` just given) plus the requests
         chosen and not yet sent, for the replicas that have a figure."""
-        cache, answers = self._replica_queue_len_cache, answers or {}
+        cache, answers = queue_lens(self), answers or {}
         loads = {r.replica_id: answers[r.replica_id] if r.replica_id in answers else cache.get(r.replica_id)
                  for r in replicas}
         return {rid: q + self._unsent_to(rid) for rid, q in loads.items() if q is not None}
@@ -145,10 +147,10 @@ class CacheAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
     def _ask_in_background(self, replicas: list[RunningReplica]) -> None:
         if self._refreshing is not None and not self._refreshing.done():
             return
-        record_routing_probe(self._deployment_id.name)
+        record_routing_probe(deployment_name(self))
         self._asked_at = time.monotonic()
         self._refreshing = asyncio.get_running_loop().create_task(
-            self._probe_queue_lens(replicas, BACKGROUND_PROBE_BACKOFF))
+            probe_queue_lens(self, replicas, BACKGROUND_PROBE_DEADLINE_S))
 
     def _unsent_to(self, rid: ReplicaID) -> int:
         """Requests chosen for `rid` and not sent yet (a choice Serve sent elsewhere, because the
@@ -200,7 +202,7 @@ class CacheAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         """Count a request's decision once (a request refused by a full replica is chosen for
         again) and index its keys under the replica it goes to."""
         if pending is not None:
-            request = pending.metadata.internal_request_id
+            request = request_id(pending)
             if request in self._routing:
                 return
             self._routing[request] = (keys, rid)
@@ -209,7 +211,7 @@ class CacheAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self._index_keys(keys, rid)
         if rid is not None:
             self._unsent.setdefault(rid, deque()).append(time.monotonic())
-        name = self._deployment_id.name
+        name = deployment_name(self)
         record_routing_decision(name, decision)
         self._metric.inc(tags={"target": name, "decision": decision})
 
@@ -233,6 +235,6 @@ class CacheAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         """(Serve calls this where replicas may refuse requests.) A request the preferred replica
         refused went elsewhere: its keys are held there too."""
-        keys, rid = self._routing.get(pending_request.metadata.internal_request_id, ((), None))
+        keys, rid = self._routing.get(request_id(pending_request), ((), None))
         if keys and replica_id != rid:
             self._index_keys(keys, replica_id)

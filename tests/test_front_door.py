@@ -4,8 +4,8 @@ one error shape for errors no client caused (a request id, never a traceback or 
 import logging
 
 from deployments.frontdoor import authorized, route_path
-from deployments.ingress import api_error_of
-from deployments.protocol import APIError
+from deployments.errors import api_error_of
+from deployments.errors import APIError
 from vlm_core.engine.engine import RequestFailedError
 from vlm_core.errors import ImageTooLargeError, SamplingParamsError
 

@@ -100,3 +100,45 @@ def test_families_sit_above_models_inputs_and_checkpoint():
 
 def test_the_checker_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+DEPLOYMENTS = ROOT.parent / "deployments"
+SERVING_LAYER = ("serving", "preparation", "answers", "errors", "protocol")
+RAY_INTERNALS = ("_private", "_to_object_ref", "servable_object", "_replica_queue_len_cache", "_probe_queue_lens",
+                 "_deployment_id", "internal_request_id")
+
+
+def names_in(path: Path) -> set[str]:
+    """Module names imported and attribute names used in a file."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+        elif isinstance(node, ast.Attribute):
+            out.add(node.attr)
+    return out
+
+
+def test_the_serving_layer_runs_without_ray():
+    """Its modules name no Ray module, and importing it loads none (imports of what it imports count)."""
+    import subprocess
+    import sys
+
+    for name in SERVING_LAYER:
+        used = names_in(DEPLOYMENTS / f"{name}.py")
+        assert not [m for m in used if m == "ray" or m.startswith("ray.")], name
+    code = ("import sys, deployments.serving; bad = sorted(m for m in sys.modules if m == 'ray' or "
+            "m.startswith('ray.')); print(bad); sys.exit(1 if bad else 0)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT.parent, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_serve_internals_are_named_in_serve_compat_only():
+    for path in sorted(DEPLOYMENTS.glob("*.py")):
+        if path.name == "serve_compat.py":
+            continue
+        used = names_in(path)
+        found = sorted(n for n in used if any(n == i or ("." in n and i in n.split(".")) for i in RAY_INTERNALS))
+        assert not found, f"{path.name} uses Serve internals {found}"

@@ -229,7 +229,8 @@ def test_a_replica_dying_mid_stream_is_continued_on_another():
     request's prompt and the tokens produced so far, with the request's own counts."""
     from ray.exceptions import ActorDiedError
 
-    from deployments.ingress import LLMStream, continues_exactly
+    from deployments.ingress import RayLLM        # the Serve client (its import registers Ray's actor death)
+    from deployments.serving import LLMStream, continues_exactly
     from vlm_core.engine.request import RequestOutput
 
     sent = []
@@ -268,7 +269,7 @@ def test_a_replica_dying_mid_stream_is_continued_on_another():
     assert continues_exactly(request.params)
 
     async def run():
-        return [o async for o in LLMStream(Handle(), "r", request, None)]
+        return [o async for o in LLMStream(RayLLM(Handle()), "r", request, None)]
 
     outs = asyncio.run(run())
     assert [t for o in outs for t in o.token_ids] == [30, 31, 32, 33, 34]      # nothing lost, nothing twice
@@ -284,7 +285,7 @@ def test_a_replica_dying_mid_stream_is_continued_on_another():
     sent.clear()
     stops = EngineRequest(request.prompt, (), SamplingParams(max_new_tokens=5, stop=("x",)))
     with pytest.raises(ActorDiedError):
-        asyncio.run(_collect(LLMStream(Handle(), "r", stops, None)))
+        asyncio.run(_collect(LLMStream(RayLLM(Handle()), "r", stops, None)))
     assert len(sent) == 1
 
 

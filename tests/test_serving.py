@@ -1,0 +1,287 @@
+"""The OpenAI serving layer without Ray: `OpenAIServing` over plain Python clients — the tiny model's
+tower as the vision client, an in-process `AsyncLLMEngine` (or scripted streams) as the LLM client."""
+
+import asyncio
+import threading
+
+import pytest
+from PIL import Image
+
+from deployments.errors import APIError, ReplicaDiedError, ServerOverloadedError
+from deployments.preparation import MediaCache
+from deployments.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from deployments.serving import OpenAIServing
+from deployments.settings import IngressSettings
+from helpers import data_url
+from vlm_core.engine.engine import AsyncLLMEngine, EngineConfig
+from vlm_core.engine.request import RequestOutput
+from vlm_core.engine.sampling import SamplingParams
+from vlm_core.errors import ImageError
+
+Q = "What colour is the circle?"
+
+
+class LocalVision:
+    def __init__(self, model, fail: Exception | None = None):
+        self.model, self.fail, self.calls = model, fail, 0
+
+    async def encode(self, items, hashes):
+        self.calls += 1
+        if self.fail is not None:
+            raise self.fail
+        return self.model.embed_media(items)
+
+
+class EngineStream:
+    def __init__(self, engine, rid, request, log):
+        self.engine, self.rid, self.log = engine, rid, log
+        self.it = engine.generate(rid, request)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await anext(self.it)
+
+    def cancel(self):
+        self.log.append(self.rid)
+        self.engine.abort(self.rid)
+
+
+class LocalLLM:
+    """The engine in this process; `die_after`: the first stream raises ReplicaDiedError after that
+    many outputs (a replica that died)."""
+
+    def __init__(self, engine, die_after: int | None = None, fail: Exception | None = None):
+        self.engine, self.die_after, self.fail = engine, die_after, fail
+        self.sent, self.cancelled = [], []
+
+    def generate(self, rid, request, embeds):
+        if embeds is not None:
+            request = request.with_embeds(embeds)
+        self.sent.append(request)
+        stream = EngineStream(self.engine, f"{rid}-{len(self.sent)}", request, self.cancelled)
+        if self.fail is not None or (self.die_after is not None and len(self.sent) == 1):
+            return Failing(stream, self.die_after or 0, self.fail or ReplicaDiedError("replica died"))
+        return stream
+
+
+class Failing:
+    def __init__(self, stream, after, error):
+        self.stream, self.after, self.error, self.n = stream, after, error, 0
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.n == self.after:
+            self.stream.cancel()
+            raise self.error
+        self.n += 1
+        return await anext(self.stream)
+
+    def cancel(self):
+        self.stream.cancel()
+
+
+@pytest.fixture(scope="module")
+def engine(vlm):
+    return AsyncLLMEngine(vlm.engine(EngineConfig(max_num_seqs=8)))
+
+
+def serving(vlm, engine, settings=None, **llm_kw):
+    return OpenAIServing(vlm.inputs, settings or IngressSettings(), LocalVision(vlm.model), LocalLLM(engine, **llm_kw))
+
+
+def image_request(image_path, question=Q, uuid=None, **kw):
+    part = {"type": "image_url", "image_url": {"url": data_url(Image.open(image_path))}}
+    if uuid is not None:
+        part["uuid"] = uuid
+    return ChatCompletionRequest(messages=[{"role": "user", "content": [part, {"type": "text", "text": question}]}],
+                                 temperature=0, max_tokens=kw.pop("max_tokens", 8), **kw)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def collect(agen):
+    return [c async for c in agen]
+
+
+def test_chat_answers_as_the_in_process_model(vlm, engine, images):
+    s = serving(vlm, engine)
+    want = vlm.generate(Q, {"image": [images[0]]}, SamplingParams(max_new_tokens=8))
+    got = run(s.chat(image_request(images[0])))
+    assert got.choices[0].message.content == want.text
+    assert got.usage.completion_tokens == len(want.token_ids)
+    assert got.usage.prompt_tokens == len(vlm.request(Q, {"image": [images[0]]}).prompt)
+    two = run(s.chat(image_request(images[0], n=2)))
+    assert [c.index for c in two.choices] == [0, 1] and {c.message.content for c in two.choices} == {want.text}
+    assert two.usage.completion_tokens == 2 * len(want.token_ids)
+
+
+def test_stream_with_usage_equals_the_whole_answer(vlm, engine, images):
+    s = serving(vlm, engine)
+    whole = run(s.chat(image_request(images[1])))
+    chunks = run(collect(s.chat_stream(image_request(images[1], stream=True), include_usage=True)))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+
+
+def test_logprobs_shapes(vlm, engine, images):
+    s = serving(vlm, engine)
+    got = run(s.chat(image_request(images[0], logprobs=True, top_logprobs=2)))
+    content = got.choices[0].logprobs.content
+    assert len(content) == got.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
+    assert "".join(t.token for t in content) == got.choices[0].message.content
+    text = run(s.complete(CompletionRequest(prompt="The circle is", max_tokens=4, temperature=0, logprobs=2,
+                                            echo=True)))
+    lp = text.choices[0].logprobs
+    assert text.choices[0].text.startswith("The circle is")
+    assert lp.token_logprobs[0] is None and len(lp.tokens) == len(lp.text_offset) == len(lp.top_logprobs)
+    assert "".join(lp.tokens) == vlm.tokenizer.bos_token + text.choices[0].text     # echoed tokens: BOS first
+
+
+def test_completion_stream_and_tokenize_routes(vlm, engine):
+    s = serving(vlm, engine)
+    body = dict(prompt="The square is", max_tokens=5, temperature=0)
+    whole = run(s.complete(CompletionRequest(**body)))
+    chunks = run(collect(s.complete_stream(CompletionRequest(**body, stream=True,
+                                                             stream_options={"include_usage": True}))))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    ids = s.tokenize(TokenizeRequest(prompt="The square is")).tokens
+    assert s.detokenize(DetokenizeRequest(tokens=ids)).prompt.endswith("The square is")
+    with pytest.raises(APIError, match="outside the vocabulary"):
+        s.detokenize(DetokenizeRequest(tokens=[10 ** 6]))
+
+
+@pytest.mark.parametrize("kw, status, words", [
+    (dict(model="other"), 404, "model 'other' does not exist"),
+    (dict(max_tokens=10 ** 5), 400, "so at most"),
+    (dict(store=True), 400, "store: true is not supported"),
+])
+def test_request_errors_name_the_problem(vlm, engine, images, kw, status, words):
+    s = serving(vlm, engine)
+    with pytest.raises(APIError) as e:
+        run(s.chat(image_request(images[0], **kw)))
+    assert e.value.status == status and words in e.value.message
+    assert s.llm.sent == []            # refused before anything was sent
+
+
+def test_limits_and_unknown_media_uuid(vlm, engine, images):
+    s = serving(vlm, engine, IngressSettings(max_images=1))
+    two = ChatCompletionRequest(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(Image.open(p))}} for p in images[:2]]}], max_tokens=4)
+    with pytest.raises(APIError, match="2 images in the request; at most 1"):
+        run(s.chat(two))
+    unknown = ChatCompletionRequest(messages=[{"role": "user", "content": [{"type": "image_url", "uuid": "pic-1"}]}],
+                                    max_tokens=4)
+    with pytest.raises(APIError, match="media uuid 'pic-1' is not known"):
+        run(s.chat(unknown))
+    first = run(s.chat(image_request(images[0], uuid="pic-1")))          # remembered with its uuid
+    again = run(s.chat(ChatCompletionRequest(messages=[{"role": "user", "content": [
+        {"type": "image_url", "uuid": "pic-1"}, {"type": "text", "text": Q}]}], max_tokens=8, temperature=0)))
+    assert again.choices[0].message.content == first.choices[0].message.content
+
+
+def test_transport_and_internal_failures_map_to_statuses_and_cancel(vlm, engine, images):
+    overloaded = serving(vlm, engine, fail=ServerOverloadedError("queue full"), die_after=0)
+    with pytest.raises(APIError) as e:
+        run(overloaded.chat(image_request(images[0])))
+    assert e.value.status == 503 and e.value.headers == {"Retry-After": "1"}
+    broken = serving(vlm, engine, fail=RuntimeError("boom"), die_after=2)
+    with pytest.raises(APIError) as e:
+        run(broken.chat(image_request(images[0])))
+    assert e.value.status == 500 and "internal error (request id chatcmpl-" in e.value.message
+    assert broken.llm.cancelled                                             # the engine's work stopped too
+    bad_image = OpenAIServing(vlm.inputs, IngressSettings(), LocalVision(vlm.model, ImageError("not a picture")),
+                              LocalLLM(engine))
+    with pytest.raises(APIError) as e:
+        run(bad_image.chat(image_request(images[0])))
+    assert e.value.status == 400 and e.value.message == "not a picture"
+
+
+def test_a_replica_death_mid_answer_is_continued_with_the_same_answer(vlm, engine, images):
+    whole = run(serving(vlm, engine).chat(image_request(images[2])))
+    s = serving(vlm, engine, die_after=2)
+    got = run(s.chat(image_request(images[2])))
+    assert got.choices[0].message.content == whole.choices[0].message.content
+    assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (whole.usage.prompt_tokens,
+                                                                       whole.usage.completion_tokens)
+    assert len(s.llm.sent) == 2
+    assert len(s.llm.sent[1].prompt) == len(s.llm.sent[0].prompt) + 2       # the prompt plus the tokens made
+
+
+def test_a_consumer_leaving_a_stream_early_cancels_the_request(vlm, engine, images):
+    s = serving(vlm, engine)
+
+    async def first_two():
+        gen = s.chat_stream(image_request(images[0], stream=True, max_tokens=32))
+        got = [await anext(gen), await anext(gen)]
+        await gen.aclose()
+        return got
+
+    run(first_two())
+    assert len(s.llm.cancelled) == 1
+
+
+def test_media_cache_is_safe_across_threads():
+    cache = MediaCache(64)
+
+    def work(k):
+        for i in range(500):
+            cache.put(f"{k}-{i % 80}", i)
+            cache.get(f"{(k + 1) % 4}-{i % 80}")
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(cache) == 64
+
+
+def test_outputs_merge_by_choice_index():
+    from deployments.serving import LLMStream
+
+    class Script:
+        def __init__(self):
+            self.outs = iter([RequestOutput("r", "a", [1], None, 3, 1, 0, index=0),
+                              RequestOutput("r", "x", [7], None, 3, 1, 0, index=1),
+                              RequestOutput("r", "b", [2], "stop", 3, 2, 0, index=0),
+                              RequestOutput("r", "y", [8], "length", 3, 2, 0, index=1)])
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            try:
+                return next(self.outs)
+            except StopIteration:
+                raise StopAsyncIteration from None
+
+        def cancel(self):
+            raise AssertionError("a finished stream is not cancelled")
+
+    class Client:
+        def generate(self, rid, request, embeds):
+            return Script()
+
+    from vlm_core.engine.request import EngineRequest
+    from vlm_core.inputs.placeholders import MultimodalPrompt
+
+    s = OpenAIServing.__new__(OpenAIServing)
+    s.settings = IngressSettings()
+    req = EngineRequest(MultimodalPrompt((1, 2, 3), ()), (), SamplingParams(n=2))
+
+    async def go():
+        stream = LLMStream(Client(), "r", req, None)
+        return await s._gather(stream, await anext(stream), "r")
+
+    merged = run(go())
+    assert [merged[0].text, merged[1].text] == ["ab", "xy"]
+    assert [merged[0].finish_reason, merged[1].finish_reason] == ["stop", "length"]
