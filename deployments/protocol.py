@@ -8,8 +8,7 @@ from typing import Annotated, Any, Iterable, Literal, Union
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from vlm_core.engine.request import RequestOutput
-from vlm_core.engine.structured import StructuredOutput
-from vlm_core.engine.sampling import MAX_LOGPROBS, MAX_N, SEED_RANGE, SamplingParams
+from vlm_core.engine.params import MAX_LOGPROBS, MAX_N, SEED_RANGE, SamplingParams, StructuredOutput
 
 
 def _unicode(text: str) -> str:

@@ -67,7 +67,7 @@ def test_only_decode_only_steps_use_the_static_path(vlm, images):
     graphs = DecodeGraphs(vlm.model, engine.cache, False, 4, engine.max_model_len, engine.blocks.num_blocks, False)
     r = vlm.request("Hi", None, SamplingParams(max_new_tokens=3, ignore_eos=True))
     engine.add_request("a", EngineRequest(r.prompt, [], r.params))
-    engine._drain()
+    engine.apply_pending()
     prefill = engine.scheduler.schedule()
     assert not graphs.fits(prefill)
 

@@ -142,3 +142,15 @@ def test_serve_internals_are_named_in_serve_compat_only():
         used = names_in(path)
         found = sorted(n for n in used if any(n == i or ("." in n and i in n.split(".")) for i in RAY_INTERNALS))
         assert not found, f"{path.name} uses Serve internals {found}"
+
+
+def test_every_family_processor_meets_the_processor_protocol(tiny_dir, tmp_path):
+    from orig_layout import TOWER_ID, write_checkpoint, write_tower
+    from vlm_core.families import load_processor
+    from vlm_core.inputs.processor import Processor
+    from vlm_core.tiny_vila import build_tiny_vila
+
+    orig = write_checkpoint(tmp_path / "orig")
+    write_tower(orig / TOWER_ID.split("/")[-1])
+    for folder in (tiny_dir, build_tiny_vila(tmp_path / "nvila", "nvila"), orig):
+        assert isinstance(load_processor(folder), Processor), folder

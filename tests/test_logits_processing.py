@@ -8,7 +8,8 @@ import torch
 
 from vlm_core.engine.engine import EngineConfig
 
-from vlm_core.engine.sampling import MAX_LOGPROBS, SamplingParams, SamplingHistory, process_logits
+from vlm_core.engine.params import MAX_LOGPROBS, SamplingParams
+from vlm_core.engine.sampling import SamplingHistory, process_logits
 from vlm_core.errors import SamplingParamsError
 
 QUESTION = "Describe the image."

@@ -1,6 +1,6 @@
 """vlm_core: LLaVA-family vision-language models in plain PyTorch (no Ray in here)."""
 
-from .engine.sampling import SamplingParams
+from .engine.params import SamplingParams
 from .errors import (CheckpointError, ConfigError, ContextLengthError, ImageError, InputError,
                      PlaceholderMismatchError, SamplingParamsError, UnknownProjectorError, VLMError)
 

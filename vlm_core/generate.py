@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .engine.sampling import SamplingParams
+from .engine.params import SamplingParams
 from .errors import VLMError
 
 

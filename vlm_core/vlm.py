@@ -29,10 +29,10 @@ import torch
 
 from .checkpoint import MODEL_PARTS
 from .memory import return_freed_memory
-from .families import VILA, LoadOptions, family_of, vila
+from .families import Family, LoadOptions, family_of
 from .engine.engine import EngineConfig, LLMEngine
 from .engine.request import EngineRequest, RequestOutput, merge_outputs
-from .engine.sampling import SamplingParams
+from .engine.params import SamplingParams
 from .inputs.processor import BaseProcessor, Prompt
 from .models.composed import ComposedVLM
 from .quant.awq_linear import prepare_awq
@@ -49,14 +49,14 @@ def _is_one(prompts) -> bool:
 
 class VLM:
     def __init__(self, model: ComposedVLM, inputs: BaseProcessor, engine_config: EngineConfig | None = None,
-                 folder_configs: tuple[dict, dict] | None = None):
+                 family: Family | None = None):
         self.model = model
         self.inputs = inputs
         self.tokenizer = inputs.tokenizer
         self.image_processor = inputs.image_processor
         self.spec = getattr(inputs, "spec", None)
         self.eos_token_ids = inputs.eos_token_ids
-        self._folder_configs = folder_configs     # VILA: (top-level config, subfolder configs) for saving
+        self.family = family
         self.engine_config = engine_config or EngineConfig()
         self._engine = None
         self._ids = itertools.count()
@@ -74,14 +74,8 @@ class VLM:
         where the tower `mm_vision_tower` names lies, and which LLaVA conversation template to use."""
         family = family_of(model_dir)
         options = LoadOptions(str(vision_tower_dir) if vision_tower_dir is not None else None, conv_mode)
-        folder_configs = None
-        if family is VILA:        # keep the folder's configs, which `save_pretrained` writes back
-            options.refuse_for(family.name)
-            model, top, raw = vila.load_with_configs(model_dir, dtype=dtype, device=device, parts=parts)
-            folder_configs = (top, raw)
-        else:
-            model = family.load_model(model_dir, dtype=dtype, device=device, parts=parts, options=options)
-        vlm = cls(model, family.load_processor(model_dir, model.config, options), engine_config, folder_configs)
+        model = family.load_model(model_dir, dtype=dtype, device=device, parts=parts, options=options)
+        vlm = cls(model, family.load_processor(model_dir, model.config, options), engine_config, family)
         if fuse_projections and model.decoder is not None:
             model.decoder.fuse_projections()
         prepare_awq(model)
@@ -89,15 +83,15 @@ class VLM:
         return vlm
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
-        """Write a VILA / NVILA model back in its folder layout."""
-        if self._folder_configs is None:
-            raise NotImplementedError("save_pretrained writes VILA-family folders; llava-hf models save "
-                                      "through transformers")
+        """Write the model back in its folder layout (families that can: VILA / NVILA)."""
+        if self.family is None or self.family.save is None:
+            raise NotImplementedError(f"save_pretrained writes VILA-family folders; "
+                                      f"{self.family.name if self.family else 'this'} models save through "
+                                      f"transformers or vlm-quantize")
         if self.model.decoder is not None and self.model.decoder.fused:
             raise ValueError("this model's projections are fused for inference; load it with "
                              "fuse_projections=False to save it")
-        top, raw = self._folder_configs
-        return vila.save_vila(self.model, self.tokenizer, self.image_processor.cfg, out_dir, top, raw)
+        return self.family.save(self.model, self.inputs, out_dir)
 
     # ---- requests ---------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine.sampling import SamplingParams
+from ..engine.params import SamplingParams
 from .data import heldout_set, question_kind
 from .shapes_eval import eval_set
 

@@ -1,15 +1,13 @@
 """Flat batch arrays shared by the eager step (`runner.py`) and the static decode path
-(`graphs.py`): block tables and slot mapping; `transfer` makes the one host-to-device copy per array."""
+(`graphs.py`): block tables and slot mapping (`transfer.py` makes the one host-to-device copy per array)."""
 
 from __future__ import annotations
 
 from typing import Sequence as Seq
 
 import numpy as np
-import torch
 
 from .scheduler import ScheduledChunk
-from .transfer import host_tensor, to_device  # noqa: F401  (the step's copies, for runner and graphs)
 
 
 def block_table_array(chunks: Seq[ScheduledChunk], rows: int, width: int, fill: int = 0) -> np.ndarray:

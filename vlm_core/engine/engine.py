@@ -39,6 +39,7 @@ from .request import EngineRequest, RequestOutput, merge_outputs
 from .runner import ModelRunner
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from .sequence import Sequence
+from .structured import GrammarBackend
 
 log = logging.getLogger(__name__)
 
@@ -49,20 +50,18 @@ class RequestFailedError(Exception):
 
 
 @dataclass(frozen=True)
-class EngineConfig:
+class EngineConfig(SchedulerConfig):
+    """The scheduler's fields (max_num_batched_tokens, max_num_seqs, prefill_chunk_cap,
+    max_partial_prefills: `SchedulerConfig`) and the engine's own."""
     block_size: int = 16
     num_blocks: int | None = None               # else sized from kv_cache_bytes
     kv_cache_bytes: int | None = None           # default: 80% of free GPU memory, or 512 MiB on CPU
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 64
-    prefill_chunk_cap: int | None = None        # a prefill's tokens per step while other prompts
-                                                # compete (scheduler.py); None: a quarter of the budget
-    max_partial_prefills: int = 2               # prompts part-way through their prefill at once
     enable_prefix_caching: bool = True
     attention: str = "auto"                     # "auto" (Triton on CUDA, torch on CPU) | "triton" | "torch"
     cuda_graphs: bool = False                   # replay decode-only steps as CUDA graphs (CUDA only)
 
     def __post_init__(self):
+        super().__post_init__()
         if self.attention not in ("auto", "triton", "torch"):
             raise ValueError(f"attention must be auto, triton or torch, got {self.attention!r}")
         if self.block_size < 1:
@@ -86,9 +85,7 @@ class LLMEngine:
         self.cache = PagedKVCache(t.num_layers, num_blocks + 1, config.block_size, t.num_kv_heads, t.head_dim,
                                   model.dtype, model.device)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs,
-                                                   config.prefill_chunk_cap, config.max_partial_prefills),
-                                   self.blocks)
+        self.scheduler = Scheduler(config, self.blocks)
         use_triton = config.attention == "triton" or (config.attention == "auto" and model.device.type == "cuda")
         if use_triton and not triton_available(model.device):
             raise ValueError("Triton attention needs a CUDA device or TRITON_INTERPRET=1")
@@ -101,7 +98,8 @@ class LLMEngine:
             graphs = DecodeGraphs(model, self.cache, use_triton, config.max_num_seqs, self.max_model_len,
                                   scratch_block=num_blocks, capture=True)
             graphs.capture_all()      # now, before any request: never JIT or capture while serving
-        self.runner = ModelRunner(model, self.cache, use_triton, graphs, self.eos)
+        self.grammar = GrammarBackend(tokenizer, t.vocab_size, self.eos)      # structured output (loads when used)
+        self.runner = ModelRunner(model, self.cache, use_triton, graphs, self.eos, self.grammar)
         self._seqs: dict[str, list[Sequence]] = {}      # a request's choices not yet finished
         self.outputs = OutputProcessor(tokenizer, self.eos, self.max_model_len)
         self._pending: list[tuple] = []
@@ -139,7 +137,7 @@ class LLMEngine:
                 raise PlaceholderMismatchError(f"image {i}: embedding of shape {tuple(e.shape)} for a placeholder "
                                                f"span of {span.length} tokens (expected ({span.length}, {hidden}))")
         hashes = tuple(image_hashes) if image_hashes is not None else tuple(content_hash(e) for e in image_embeds)
-        compiled = self._grammar().compile(params.structured) if params.structured is not None else None
+        compiled = self.grammar.compile(params.structured) if params.structured is not None else None
         embeds = [e.to(self.model.device, self.model.dtype) for e in image_embeds]
         with self._lock:
             if request_id in self._seqs or any(p[0] == "add" and p[1][0].request_id == request_id
@@ -151,20 +149,11 @@ class LLMEngine:
                 p = params.choice(i)
                 choices.append(Sequence(request_id, prompt, embeds, hashes, p, self._arrivals,
                                         generator=p.make_generator(self.model.device), index=i,
-                                        matcher=self.runner.grammar.matcher(compiled, params.structured)
+                                        matcher=self.grammar.matcher(compiled, params.structured)
                                         if compiled else None,
                                         prompt_logprobs=[] if p.prompt_logprobs is not None else None,
                                         priority=request.priority, queued_at=time.perf_counter()))
             self._pending.append(("add", choices))
-
-    def _grammar(self):
-        """The structured-output backend for this tokenizer, made at the first request that needs it."""
-        with self._lock:
-            if self.runner.grammar is None:
-                from .structured import GrammarBackend
-
-                self.runner.grammar = GrammarBackend(self.tokenizer, self.model.config.text.vocab_size, self.eos)
-            return self.runner.grammar
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -174,7 +163,9 @@ class LLMEngine:
         with self._lock:
             return bool(self._pending) or self.scheduler.has_unfinished
 
-    def _drain(self) -> list[RequestOutput]:
+    def apply_pending(self) -> list[RequestOutput]:
+        """Take the requests added and aborted since the last step into the scheduler (`step` does
+        this first); returns the outputs of the aborts."""
         with self._lock:
             pending, self._pending = self._pending, []
         outputs = []
@@ -195,7 +186,7 @@ class LLMEngine:
     # ---- the step --------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        outputs = self._drain()
+        outputs = self.apply_pending()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return outputs
@@ -246,7 +237,7 @@ class LLMEngine:
         late: list[RequestOutput] = []
         try:
             launched = self.runner.launch(sched)
-            late = self._drain()
+            late = self.apply_pending()
             return launched.wait(), launched.logprobs, launched.prompt_logprobs, late
         except Exception as batch_error:
             chunks = [c for c in sched.chunks if not c.seq.finished]   # not those aborted meanwhile
@@ -392,7 +383,7 @@ class AsyncLLMEngine:
                 for rid, q in list(self._queues.items()):
                     q.put_nowait(e)
                     self.engine.abort(rid)
-                await asyncio.to_thread(self.engine._drain)
+                await asyncio.to_thread(self.engine.apply_pending)
                 continue
             for o in outputs:
                 q = self._queues.get(o.request_id)

@@ -21,7 +21,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .batch import block_table_array, host_tensor, slot_mapping
+from .batch import block_table_array, slot_mapping
+from .transfer import host_tensor
 from .kv_cache import PagedKVCache, PagedKVView
 from .scheduler import SchedulerOutput
 

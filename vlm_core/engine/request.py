@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from ..inputs.placeholders import MultimodalPrompt
-from .sampling import SamplingParams, TokenLogprobs
+from .params import SamplingParams
 
 
 @dataclass
@@ -30,6 +30,15 @@ class EngineRequest:
     def with_embeds(self, image_embeds: Sequence[torch.Tensor]) -> "EngineRequest":
         """This request with its embeddings (for a request that crossed a process without them)."""
         return replace(self, image_embeds=list(image_embeds))
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probabilities at one position (generated, or of the prompt), from the raw model distribution."""
+    token_id: int
+    logprob: float                                # of the token chosen (or given, in the prompt)
+    top: tuple[tuple[int, float], ...] = ()       # the `logprobs` most likely (token id, logprob), best first
+    rank: int | None = None                       # prompt positions: 1 + how many tokens are more likely
 
 
 @dataclass

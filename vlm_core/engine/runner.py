@@ -22,7 +22,8 @@ import torch
 
 from ..inputs.placeholders import embed_chunks
 from ..models.composed import MultimodalLM
-from .batch import block_table_array, slot_mapping, to_device
+from .batch import block_table_array, slot_mapping
+from .transfer import to_device
 from .graphs import DecodeGraphs
 from .kv_cache import PagedKVCache, PagedKVView
 from .sampling import SampledTokens, SamplingHistory, sample_async, score_tokens, scored_on_host
@@ -40,12 +41,7 @@ class ModelRunner:
         self.device = model.device
         self.graphs = graphs     # decode-only steps over static buffers (CUDA graphs), when set
         self.eos_token_ids = frozenset(eos_token_ids)   # what min_tokens holds back
-        self.grammar = grammar                          # GrammarBackend, once a structured request came
-
-    def execute(self, out: SchedulerOutput) -> dict[int, int | Exception]:
-        """Run one step; returns id(seq) -> sampled token (or the exception of a row that could
-        not be sampled) for each chunk that samples."""
-        return self.launch(out).wait()
+        self.grammar = grammar                          # the engine's GrammarBackend (structured output)
 
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput) -> "Launched":

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..inputs.placeholders import MultimodalPrompt
-from .sampling import SamplingParams
+from .params import SamplingParams
 
 
 class SeqStatus(enum.Enum):

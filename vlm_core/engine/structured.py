@@ -24,36 +24,29 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
-
 import torch
 
 from ..errors import InputError
+from .params import StructuredOutput
 
-KINDS = ("json_object", "json_schema", "regex", "grammar", "choice")
 JSON_CHARS = '{}[]":,-.0123456789truefalsn'
 
 
-@dataclass(frozen=True)
-class StructuredOutput:
-    kind: str            # one of KINDS
-    spec: str = ""       # the schema (JSON text), regex, EBNF grammar, or a JSON list of choices
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise InputError(f"structured output kind must be one of {KINDS}, got {self.kind!r}")
-
-
 class GrammarBackend:
-    """Compiles specs for one tokenizer (cached by spec) and makes per-sequence matchers."""
+    """Compiles specs for one tokenizer (cached by spec) and makes per-sequence matchers. Made with
+    the engine; the library reads the vocabulary at the first compile (a second or so), so a
+    server that never sees a structured request never pays for it."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids):
+        self.tokenizer, self.vocab_size, self.stop_token_ids = tokenizer, vocab_size, sorted(stop_token_ids)
+        self._lock = threading.Lock()
+        self._xgr = None
+
+    def _load(self) -> None:
         import xgrammar as xgr
 
-        self._xgr = xgr
-        self.vocab_size = vocab_size
-        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
-                                                       stop_token_ids=sorted(stop_token_ids))
+        self.info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
+                                                       stop_token_ids=self.stop_token_ids)
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=2, cache_enabled=True)
         spelled = {t for t in self.info.decoded_vocab if len(t) == 1}
         self.missing_json = sorted({c.encode() for c in JSON_CHARS} - spelled)
@@ -61,9 +54,12 @@ class GrammarBackend:
         # characters, so tokens with a byte below 0x20 are never part of it
         self.control_tokens = torch.tensor([i for i, t in enumerate(self.info.decoded_vocab)
                                             if any(b < 0x20 for b in t)], dtype=torch.long)
-        self._lock = threading.Lock()
+        self._xgr = xgr
 
     def compile(self, so: StructuredOutput):
+        with self._lock:
+            if self._xgr is None:
+                self._load()
         if so.kind in ("json_object", "json_schema") and self.missing_json:
             raise InputError("this model's tokenizer cannot spell JSON (it has no single-character tokens for "
                              f"{b''.join(self.missing_json).decode(errors='replace')!r}), so JSON output is not "

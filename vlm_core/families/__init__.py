@@ -10,6 +10,7 @@ Each module provides the same functions (its `FAMILY` entry below):
     load(folder, dtype, device, parts, options) -> model   a `ComposedVLM` subclass, weights mapped by its table
     load_processor(folder, config, options)      prompt + media -> token ids with spans, media items
     save_awq(src, out, model, packed, group)     an AutoAWQ copy in the folder's own layout (the quantizer)
+    save(model, processor, out)                  the model back in its folder layout (VILA)
     media_tokens(config, item) -> int            an item's embedding length (the only place it is computed)
     max_item_tiles(config) -> int                the most tiles one media item can have
 
@@ -40,6 +41,7 @@ class Family:
     media_tokens: Callable[[Any, Any], int]
     max_item_tiles: Callable[[Any], int]
     save_awq: Callable[..., Path] | None = None
+    save: Callable[..., Path] | None = None          # (model, processor, out_dir): the folder layout back
     takes_options: bool = False
 
     def _check(self, options: LoadOptions | None) -> LoadOptions:
@@ -68,7 +70,7 @@ class Family:
 LLAVA = Family("llava-hf", llava.detect, llava.read_config, llava.load, llava.LlavaProcessor, llava.media_tokens,
                llava.max_item_tiles, llava.save_awq_checkpoint)
 VILA = Family("VILA", vila.detect, vila.read_config, vila.load, vila.VilaProcessor, vila.media_tokens,
-              vila.max_item_tiles)
+              vila.max_item_tiles, save=vila.save_pretrained)
 LLAVA_ORIG = Family("original LLaVA", llava_orig.detect, llava_orig.read_config, llava_orig.load,
                     llava_orig.LlavaOrigProcessor, llava_orig.media_tokens, llava_orig.max_item_tiles,
                     llava_orig.save_awq_checkpoint, takes_options=True)

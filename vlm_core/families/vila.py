@@ -236,7 +236,8 @@ _VILA_PARTS = {"vision": ("vision_tower", "mm_projector"), "llm": ("llm",)}
 def load(model_dir: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
          parts: Collection[str] = MODEL_PARTS) -> "VilaModel":
     """Load a VILA-1.5 / NVILA folder into our `VilaModel` (`parts` as for the llava family)."""
-    model, _, _ = load_with_configs(model_dir, dtype, device, parts)
+    model, top, raw = load_with_configs(model_dir, dtype, device, parts)
+    model.folder_configs = (top, raw)      # what `save_pretrained` writes back
     return model
 
 
@@ -272,6 +273,13 @@ def load_with_configs(model_dir: str | Path, dtype: str | torch.dtype | None = N
     load_weights(model, tensors(), VILA_MAPPING, dtype, skip, prepare=torch.device(device).type == "cpu")
     model.tie_head()
     return model.to(device).eval(), top, raw
+
+
+def save_pretrained(model: "VilaModel", processor: "VilaProcessor", out_dir: str | Path) -> Path:
+    """Write a model `load` returned back in its folder layout, with its processor's tokenizer and
+    image settings."""
+    top, raw = model.folder_configs
+    return save_vila(model, processor.tokenizer, processor.image_processor.cfg, out_dir, top, raw)
 
 
 def save_vila(model, tokenizer, image_processor_config, out_dir: str | Path, top: dict, raw: dict) -> Path:

@@ -10,9 +10,8 @@ returned item, as long as that item's embedding.
 
 from __future__ import annotations
 
-from typing import Collection, Sequence
-
 from pathlib import Path
+from typing import Any, Collection, Protocol, Sequence, runtime_checkable
 
 from ..config import read_json
 from ..errors import CheckpointError
@@ -20,6 +19,24 @@ from .image import ImageProcessor, ImageProcessorConfig
 from .template import Message
 
 Prompt = str | Sequence[Message]
+
+
+@runtime_checkable
+class Processor(Protocol):
+    """What the serving layer and `VLM` need of a family's processor."""
+
+    tokenizer: Any
+    image_processor: Any
+    config: Any                          # the family's config (`.text` is the decoder's TextConfig)
+    eos_token_ids: frozenset[int]
+    media_kinds: tuple[str, ...]         # the media dict keys `prepare_media` takes
+    media_token_ids: frozenset[int]      # placeholder ids media expand into
+
+    def prepare_media(self, prompt: Prompt, media: dict | None = None, apply_template: bool = True) -> tuple:
+        """(MultimodalPrompt, [MediaItem]): token ids with one span per item, as long as its embedding."""
+
+    def select_frames(self, frames: Sequence[Any]) -> list[Any]:
+        """The frames of a video the model will see (so callers decode no others)."""
 
 
 class BaseProcessor:
@@ -56,6 +73,10 @@ class BaseProcessor:
         bos = self.tokenizer.bos_token
         add_special = not (bos and text.startswith(bos))
         return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+    def select_frames(self, frames: Sequence[Any]) -> list[Any]:
+        """Families without video take none."""
+        return []
 
     def text_ids(self, text: str | None) -> list[int]:
         """Token ids of a text fragment, no special tokens."""
