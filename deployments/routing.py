@@ -57,7 +57,7 @@ from collections import OrderedDict, deque
 from ray.serve.request_router import LocalityMixin, MultiplexMixin, PendingRequest, ReplicaID, RequestRouter, \
     RunningReplica
 
-from vlm_core.engine.kv_cache import prompt_block_keys
+from vlm_core.engine.blocks import prompt_block_keys
 from vlm_core.engine.request import EngineRequest
 
 from .metrics import metric, record_routing_decision, record_routing_probe

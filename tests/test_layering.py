@@ -154,3 +154,16 @@ def test_every_family_processor_meets_the_processor_protocol(tiny_dir, tmp_path)
     write_tower(orig / TOWER_ID.split("/")[-1])
     for folder in (tiny_dir, build_tiny_vila(tmp_path / "nvila", "nvila"), orig):
         assert isinstance(load_processor(folder), Processor), folder
+
+
+def test_the_scheduler_and_the_routers_load_no_kernel():
+    """Block bookkeeping is pure Python: the scheduler, and the router in every Ingress, import
+    neither the attention kernels nor Triton."""
+    import subprocess
+    import sys
+
+    code = ("import sys, vlm_core.engine.scheduler, vlm_core.engine.blocks, deployments.routing; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('kernels', 'triton')); print(bad); "
+            "sys.exit(1 if bad else 0)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT.parent, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr

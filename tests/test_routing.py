@@ -10,7 +10,7 @@ import pytest
 
 from helpers import data_url, local_serve
 from vlm_core.default_model.data import heldout_set
-from vlm_core.engine.kv_cache import BlockManager, prompt_block_keys
+from vlm_core.engine.blocks import BlockManager, prompt_block_keys
 from vlm_core.engine.request import EngineRequest
 from vlm_core.engine.sampling import SamplingParams
 from vlm_core.engine.sequence import Sequence

@@ -2,7 +2,7 @@
 
 import pytest
 
-from vlm_core.engine.kv_cache import BlockManager
+from vlm_core.engine.blocks import BlockManager
 from vlm_core.engine.output import OutputProcessor
 from vlm_core.engine.sampling import SamplingParams
 from vlm_core.engine.scheduler import Scheduler, SchedulerConfig

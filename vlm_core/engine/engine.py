@@ -33,7 +33,8 @@ from ..errors import ContextLengthError, InputError, PlaceholderMismatchError
 from ..inputs.media import content_hash
 from ..models.composed import MultimodalLM
 from .graphs import DecodeGraphs
-from .kv_cache import BlockManager, PagedKVCache
+from .blocks import BlockManager
+from .kv_cache import PagedKVCache
 from .output import OutputProcessor
 from .request import EngineRequest, RequestOutput, merge_outputs
 from .runner import ModelRunner

@@ -35,7 +35,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-from .kv_cache import BlockManager
+from .blocks import BlockManager
 from .sequence import Sequence, SeqStatus
 
 
