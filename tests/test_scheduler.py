@@ -37,7 +37,7 @@ def run_step(sched, token=7):
     """schedule + a fake runner that samples `token` for every sampling chunk, then the engine's
     output processor (appends the token, decides stops) and finishing."""
     out = sched.schedule()
-    sampled = {id(c.seq): token for c in out.chunks if c.samples}
+    sampled = {c.seq: token for c in out.chunks if c.samples}
     processor = OutputProcessor(NoText(), (), 10 ** 6)
     for s, t in sched.update(out, sampled):
         processor.add(s)

@@ -37,7 +37,7 @@ from .blocks import BlockManager
 from .kv_cache import PagedKVCache
 from .output import OutputProcessor
 from .request import EngineRequest, RequestOutput, merge_outputs
-from .runner import ModelRunner
+from .runner import ModelRunner, StepResult
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from .sequence import Sequence
 from .structured import GrammarBackend
@@ -195,20 +195,20 @@ class LLMEngine:
         for c in sched.chunks:
             if c.seq.queue_time_s is None:
                 c.seq.queue_time_s = now - c.seq.queued_at
-        sampled, logprobs, prompt_logprobs, late = self._execute(sched)
+        result, late = self._execute(sched)
         outputs.extend(late)
-        failed = {key: e for key, e in sampled.items() if isinstance(e, BaseException)}
+        failed = {seq: e for seq, e in result.tokens.items() if isinstance(e, BaseException)}
         # chunks of sequences aborted while the device worked are dropped with their tokens
-        gone = {id(c.seq) for c in sched.chunks if c.seq.finished}
+        gone = {c.seq for c in sched.chunks if c.seq.finished}
         if failed or gone:
             for c in sched.chunks:
-                if id(c.seq) in failed and id(c.seq) not in gone:
-                    outputs.append(self._fail(c.seq, failed[id(c.seq)]))
-            sched.chunks = [c for c in sched.chunks if id(c.seq) not in failed and id(c.seq) not in gone]
+                if c.seq in failed and c.seq not in gone:
+                    outputs.append(self._fail(c.seq, failed[c.seq]))
+            sched.chunks = [c for c in sched.chunks if c.seq not in failed and c.seq not in gone]
         for c in sched.chunks:
-            if id(c.seq) in prompt_logprobs:
-                self._record_prompt_logprobs(c.seq, *prompt_logprobs[id(c.seq)])
-        for seq, token in self.scheduler.update(sched, sampled):
+            if c.seq in result.prompt_logprobs:
+                self._record_prompt_logprobs(c.seq, *result.prompt_logprobs[c.seq])
+        for seq, token in self.scheduler.update(sched, result.tokens):
             try:
                 text, new, finish = self.outputs.process(seq, token)
             except Exception as e:   # this sequence's text cannot be made: it alone ends
@@ -216,7 +216,7 @@ class LLMEngine:
                 continue
             if finish is not None:
                 self.scheduler.finish(seq, finish)
-            lp = logprobs.get(id(seq)) if new else None
+            lp = result.logprobs.get(seq) if new else None
             out = self._output(seq, text, new, logprobs=[lp] if lp is not None else
                                ([] if seq.params.logprobs is not None else None))
             if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
@@ -226,7 +226,7 @@ class LLMEngine:
                 self._forget(seq)
         return outputs
 
-    def _execute(self, sched: SchedulerOutput) -> tuple[dict[int, int | BaseException], dict, dict, list[RequestOutput]]:
+    def _execute(self, sched: SchedulerOutput) -> tuple[StepResult, list[RequestOutput]]:
         """The runner's tokens for `sched`, the log-probabilities of the rows that asked (generated
         and prompt tokens), and the outputs of aborts applied meanwhile; when the batch fails, each
         chunk alone, so that only the chunks that fail by themselves map to their exception.
@@ -239,23 +239,18 @@ class LLMEngine:
         try:
             launched = self.runner.launch(sched)
             late = self.apply_pending()
-            return launched.wait(), launched.logprobs, launched.prompt_logprobs, late
+            return launched.wait(), late
         except Exception as batch_error:
             chunks = [c for c in sched.chunks if not c.seq.finished]   # not those aborted meanwhile
             if len(chunks) == 1:
-                return {id(chunks[0].seq): batch_error}, {}, {}, late
-        results: dict[int, int | BaseException] = {}
-        logprobs: dict = {}
-        prompt_logprobs: dict = {}
+                return StepResult(tokens={chunks[0].seq: batch_error}), late
+        result = StepResult()
         for chunk in chunks:
             try:
-                launched = self.runner.launch(SchedulerOutput([chunk]))
-                results.update(launched.wait())
-                logprobs.update(launched.logprobs)
-                prompt_logprobs.update(launched.prompt_logprobs)
+                result.merge(self.runner.launch(SchedulerOutput([chunk])).wait())
             except Exception as e:
-                results[id(chunk.seq)] = e
-        return results, logprobs, prompt_logprobs, late
+                result.tokens[chunk.seq] = e
+        return result, late
 
     @staticmethod
     def _record_prompt_logprobs(seq: Sequence, first: int, scored: list) -> None:

@@ -15,6 +15,7 @@ the engine can do host work while the device computes; `wait` is the step's one 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from itertools import chain
 
 import numpy as np
@@ -27,7 +28,9 @@ from .transfer import to_device
 from .graphs import DecodeGraphs
 from .kv_cache import PagedKVCache, PagedKVView
 from .sampling import SampledTokens, SamplingHistory, sample_async, score_tokens, scored_on_host
+from .request import TokenLogprobs
 from .scheduler import SchedulerOutput
+from .sequence import Sequence
 
 PROMPT_ROWS = 256     # logits rows made at once when scoring prompt tokens
 
@@ -87,7 +90,7 @@ class ModelRunner:
     def _score_prompts(self, chunks, query_start: np.ndarray, hidden: torch.Tensor) -> dict:
         """Prompt log-probabilities for the chunks of sequences that asked for them: the logits at
         each prompt position the chunk computes score the prompt token that follows it.
-        id(seq) -> (position of the first token scored, the tokens, `score_tokens`' tensors); the
+        seq -> (position of the first token scored, the tokens, `score_tokens`' tensors); the
         logits are made `PROMPT_ROWS` rows at a time, so a long chunk never holds [T, V] at once."""
         out = {}
         for i, c in enumerate(chunks):
@@ -100,7 +103,7 @@ class ModelRunner:
             first = int(query_start[i])
             parts = [score_tokens(self.model.compute_logits(hidden[first + a:first + min(a + PROMPT_ROWS, len(targets))]),
                                   given[a:a + PROMPT_ROWS], k) for a in range(0, len(targets), PROMPT_ROWS)]
-            out[id(c.seq)] = (c.start + 1, targets, tuple(torch.cat(p) for p in zip(*parts)))
+            out[c.seq] = (c.start + 1, targets, tuple(torch.cat(p) for p in zip(*parts)))
         return out
 
     def _embeddings(self, out: SchedulerOutput, input_ids: torch.Tensor) -> torch.Tensor:
@@ -110,21 +113,32 @@ class ModelRunner:
         return embed_chunks(self.model.embed_tokens, input_ids, chunks, self.device)
 
 
+@dataclass
+class StepResult:
+    """What one step produced, per sequence: the sampled token (or the exception of a row that could
+    not be sampled) of each chunk that samples, the `TokenLogprobs` of the rows that asked, and for
+    prompt chunks that asked, (first prompt position scored, [`TokenLogprobs`, ...])."""
+    tokens: dict[Sequence, int | BaseException] = field(default_factory=dict)
+    logprobs: dict[Sequence, TokenLogprobs] = field(default_factory=dict)
+    prompt_logprobs: dict[Sequence, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+
+    def merge(self, other: "StepResult") -> None:
+        self.tokens.update(other.tokens)
+        self.logprobs.update(other.logprobs)
+        self.prompt_logprobs.update(other.prompt_logprobs)
+
+
 class Launched:
-    """A step whose device work is queued; `wait()` -> id(seq) -> token (or the row's exception).
-    After it, `logprobs` maps id(seq) -> `TokenLogprobs` for the sequences that asked, and
-    `prompt_logprobs` id(seq) -> (first prompt position scored, [`TokenLogprobs`, ...])."""
+    """A step whose device work is queued; `wait()` gives its `StepResult`."""
 
     def __init__(self, seqs: list, tokens: SampledTokens | None, prompt: dict | None = None):
         self.seqs, self.tokens, self._prompt = seqs, tokens, prompt or {}
-        self.logprobs: dict[int, object] = {}
-        self.prompt_logprobs: dict[int, tuple[int, list]] = {}
 
-    def wait(self) -> dict[int, int | Exception]:
-        out = {}
+    def wait(self) -> StepResult:
+        result = StepResult()
         if self.tokens is not None:
-            out = {id(s): t for s, t in zip(self.seqs, self.tokens.wait())}
-            self.logprobs = {id(s): lp for s, lp in zip(self.seqs, self.tokens.logprobs) if lp is not None}
-        self.prompt_logprobs = {key: (first, scored_on_host(targets, scored))
-                                for key, (first, targets, scored) in self._prompt.items()}
-        return out
+            result.tokens = dict(zip(self.seqs, self.tokens.wait()))
+            result.logprobs = {s: lp for s, lp in zip(self.seqs, self.tokens.logprobs) if lp is not None}
+        result.prompt_logprobs = {seq: (first, scored_on_host(targets, scored))
+                                  for seq, (first, targets, scored) in self._prompt.items()}
+        return result

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from typing import Mapping
 
 from .blocks import BlockManager
 from .sequence import Sequence, SeqStatus
@@ -231,7 +232,7 @@ class Scheduler:
         return bool(computing) and seq.num_computed_tokens == 0 and n < len(seq.block_hashes) \
             and n < seq.max_prefix_hit // self.blocks.block_size and seq.block_hashes[n] in computing
 
-    def update(self, out: SchedulerOutput, sampled: dict[int, int]) -> list[tuple[Sequence, int]]:
+    def update(self, out: SchedulerOutput, sampled: Mapping[Sequence, int]) -> list[tuple[Sequence, int]]:
         """Advance sequences after the runner ran `out`: their computed tokens move on and their
         full blocks join the prefix cache. Returns (seq, sampled token) for the chunks that
         sample; what the token means (append, stop) is the output processor's to decide."""
@@ -241,5 +242,5 @@ class Scheduler:
             seq.num_computed_tokens = chunk.start + chunk.num_tokens
             self.blocks.register(seq)
             if chunk.samples:
-                results.append((seq, sampled[id(seq)]))
+                results.append((seq, sampled[seq]))
         return results
