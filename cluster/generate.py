@@ -138,7 +138,7 @@ def rayservice(serve_cfg: dict, ref: str) -> dict:
 
 
 def model_volume() -> dict:
-    """The claim for the weights: written once by a loader pod (README), mounted read-only by every
+    """The claim for the weights: written once by a loader pod (docs/clusters.md), mounted read-only by every
     worker at once, so it needs a storage class that offers ReadWriteMany (NFS, EFS, Filestore, ...)."""
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": MODEL_CLAIM},
             "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "100Gi"}}}}
@@ -158,7 +158,7 @@ def cluster_launcher(ref: str) -> dict:
         "auth": {"ssh_user": "ubuntu"},
         "available_node_types": types,
         "head_node_type": "head",
-        # the host's /mnt/models (put the checkpoint in /mnt/models/model on every node, README)
+        # the host's /mnt/models (put the checkpoint in /mnt/models/model on every node, docs/clusters.md)
         # is the container's MODEL_ROOT, read-only
         "docker": {"image": ref, "container_name": "vlm-serve", "pull_before_run": True,
                    "run_options": [f"--volume=/mnt/models:{MODEL_ROOT}:ro"]},

@@ -52,7 +52,7 @@ def cluster(tmp_path_factory):
 
     from vlm_core.default_model import default_model_dir
 
-    # the model volume as the README fills it: the checkpoint folder under the volume's root, and
+    # the model volume as docs/clusters.md fills it: the checkpoint folder under the volume's root, and
     # model_dir pointing there (here a local folder; on Kubernetes the PVC at /models)
     volume = tmp_path_factory.mktemp("models")
     shutil.copytree(default_model_dir("awq"), volume / "model")

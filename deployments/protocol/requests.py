@@ -1,14 +1,23 @@
-"""OpenAI-compatible request models (pydantic; the user-facing boundary)."""
+"""OpenAI-compatible requests (pydantic): chat and text completions with vLLM's extensions, tokenize
+and detokenize. Every field OpenAI or vLLM defines that is not served is refused by name (`refusal`);
+fields neither defines are reported (`unknown_fields`) and ignored."""
 
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Iterable, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from vlm_core.engine.request import RequestOutput
 from vlm_core.engine.params import MAX_LOGPROBS, MAX_N, SEED_RANGE, SamplingParams, StructuredOutput
+
+
+class FieldError(ValueError):
+    """A request field (or combination) this server cannot honour: the field and why."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field, self.message = field, message
 
 
 def _unicode(text: str) -> str:
@@ -22,18 +31,6 @@ def _unicode(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_unicode)]
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str = Field(description="invalid_request_error, authentication_error, server_overloaded, server_error")
-    param: str | None = None
-    code: int = Field(description="the HTTP status")
-
-
-class ErrorResponse(BaseModel):
-    """Every error answer, in OpenAI's shape."""
-    error: ErrorDetail
 
 
 class ImageURL(BaseModel):
@@ -102,6 +99,8 @@ _REFUSED = {
     "verbosity": "verbosity is not supported",
     "web_search_options": "web search is not supported",
 }
+
+
 _NEUTRAL = {"modalities": (["text"],)}
 
 
@@ -219,8 +218,8 @@ class _GenerationRequest(BaseModel):
                 return "logit_bias", f"logit_bias keys are token ids; got {key!r}"
         try:
             self.structured()
-        except ValueError as e:
-            return e.args[0], e.args[1]
+        except FieldError as e:
+            return e.field, e.message
         return None
 
     def structured(self) -> StructuredOutput | None:
@@ -231,14 +230,14 @@ class _GenerationRequest(BaseModel):
             found.append(("response_format", StructuredOutput("json_object")))
         elif rf is not None and rf.type == "json_schema":
             if rf.json_schema is None:
-                raise ValueError("response_format", "response_format of type json_schema needs json_schema.schema")
+                raise FieldError("response_format", "response_format of type json_schema needs json_schema.schema")
             found.append(("response_format", StructuredOutput("json_schema", json.dumps(rf.json_schema.schema_))))
         so = self.structured_outputs
         if so is not None:
             given = [(k, v) for k, v in (("json", so.json_), ("regex", so.regex), ("choice", so.choice),
                                          ("grammar", so.grammar), ("json_object", so.json_object)) if v]
             if len(given) != 1:
-                raise ValueError("structured_outputs", "structured_outputs takes exactly one of json, regex, choice, "
+                raise FieldError("structured_outputs", "structured_outputs takes exactly one of json, regex, choice, "
                                                        "grammar, json_object")
             k, v = given[0]
             found.append(("structured_outputs", _structured(k, v)))
@@ -247,7 +246,7 @@ class _GenerationRequest(BaseModel):
             if getattr(self, name) is not None:
                 found.append((name, _structured(kind, getattr(self, name))))
         if len(found) > 1:
-            raise ValueError(found[1][0], f"{found[1][0]} and {found[0][0]} both constrain the output; give one")
+            raise FieldError(found[1][0], f"{found[1][0]} and {found[0][0]} both constrain the output; give one")
         return found[0][1] if found else None
 
     def unknown_fields(self) -> list[str]:
@@ -337,12 +336,12 @@ class ChatCompletionRequest(_GenerationRequest):
         if not self.calls_tool():
             return super().structured()
         if self.response_format is not None and self.response_format.type != "text" or self.structured_outputs:
-            raise ValueError("tool_choice", "a forced tool call and response_format / structured_outputs both "
+            raise FieldError("tool_choice", "a forced tool call and response_format / structured_outputs both "
                                             "constrain the output; give one")
         if isinstance(self.tool_choice, NamedToolChoice):
             tool = next((t for t in self.tools if t.function.name == self.tool_choice.function.name), None)
             if tool is None:
-                raise ValueError("tool_choice", f"tool_choice names {self.tool_choice.function.name!r}, which is "
+                raise FieldError("tool_choice", f"tool_choice names {self.tool_choice.function.name!r}, which is "
                                                 f"not among the tools")
             return StructuredOutput("json_schema", json.dumps(tool.function.parameters))
         return StructuredOutput("json_schema", json.dumps({"anyOf": [
@@ -406,47 +405,6 @@ class CompletionRequest(_GenerationRequest):
         return self.prompt_logprobs
 
 
-class _Answer(BaseModel):
-    """What every answer (whole or streamed chunk) starts with."""
-    id: str
-    created: int
-    model: str
-
-
-class CompletionLogprobs(BaseModel):
-    """With echo, the prompt's tokens come first; its first token has no log-probability (None)."""
-    tokens: list[str]
-    token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float] | None]
-    text_offset: list[int]
-
-
-class PromptLogprob(BaseModel):
-    """vLLM's entry of `prompt_logprobs`: one token at one prompt position."""
-    logprob: float
-    rank: int | None = None
-    decoded_token: str | None = None
-
-
-# vLLM's shape: per prompt position, None for the first, then token id (as a string) -> entry
-# for the prompt's token and the k most likely there
-PromptLogprobs = list[dict[str, PromptLogprob] | None]
-
-
-class CompletionChoice(BaseModel):
-    index: int = 0
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None = None
-    prompt_logprobs: PromptLogprobs | None = None
-
-
-class Completion(_Answer):
-    object: Literal["text_completion"] = "text_completion"
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-
-
 class TokenizeRequest(BaseModel):
     """vLLM's /tokenize: a text prompt, or chat messages (text parts) rendered with the template."""
     model_config = ConfigDict(extra="forbid")
@@ -459,127 +417,8 @@ class TokenizeRequest(BaseModel):
     return_token_strs: bool = False
 
 
-class TokenizeResponse(BaseModel):
-    count: int
-    max_model_len: int
-    tokens: list[int]
-    token_strs: list[str] | None = None
-
-
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: Text | None = None
     tokens: list[int]
-
-
-class DetokenizeResponse(BaseModel):
-    prompt: str
-
-
-class Version(BaseModel):
-    version: str
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: dict[str, int] = Field(default_factory=dict, description="cached_tokens: prefix-cache hits")
-
-
-class FunctionCall(BaseModel):
-    name: str
-    arguments: str
-
-
-class ToolCall(BaseModel):
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str | None
-    tool_calls: list[ToolCall] | None = None
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None
-
-
-class TokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob]
-
-
-class ChoiceLogprobs(BaseModel):
-    content: list[TokenLogprob] | None
-
-
-class Choice(BaseModel):
-    index: int = 0
-    message: AssistantMessage
-    finish_reason: str | None
-    logprobs: ChoiceLogprobs | None = None
-
-
-class ChatCompletion(_Answer):
-    object: Literal["chat.completion"] = "chat.completion"
-    choices: list[Choice]
-    usage: Usage
-    prompt_logprobs: PromptLogprobs | None = None
-
-
-class ToolCallDelta(ToolCall):
-    index: int = 0
-
-
-class Delta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-    tool_calls: list[ToolCallDelta] | None = None
-
-
-class ChunkChoice(BaseModel):
-    index: int = 0
-    delta: Delta
-    finish_reason: str | None = None
-    logprobs: ChoiceLogprobs | None = None
-
-
-class ChatCompletionChunk(_Answer):
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    choices: list[ChunkChoice]
-    usage: Usage | None = None
-
-
-Completion.model_rebuild()
-
-
-def usage_of(outs: RequestOutput | Iterable[RequestOutput]) -> Usage:
-    """Usage from the latest engine output of each of a request's choices: the prompt counted once
-    (its cached tokens as choice 0 found them), the completion tokens of every choice summed."""
-    outs = [outs] if isinstance(outs, RequestOutput) else sorted(outs, key=lambda o: o.index)
-    completion = sum(o.completion_tokens for o in outs)
-    return Usage(prompt_tokens=outs[0].prompt_tokens, completion_tokens=completion,
-                 total_tokens=outs[0].prompt_tokens + completion,
-                 prompt_tokens_details={"cached_tokens": outs[0].cached_tokens})
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "vlm-serve"
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class Health(BaseModel):
-    status: Literal["ok"] = "ok"
