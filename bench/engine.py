@@ -149,7 +149,7 @@ def decode_steps(vlm: VLM, sizes: list[int], steps: int) -> list[dict]:
     for n in sizes:
         reqs = requests(vlm, n, SamplingParams(max_new_tokens=steps + 8, ignore_eos=True))
         engine = vlm.engine(EngineConfig(max_num_seqs=n, max_num_batched_tokens=max(2048, 64 * n)))
-        fill_decode(engine, [r.prompt for r in reqs], [r.image_embeds for r in reqs], reqs[0].params)
+        fill_decode(engine, [r.prompt for r in reqs], [r.media_embeds for r in reqs], reqs[0].params)
         per_step = time_steps(engine, steps)
         rows.append({"running": n, "step_ms": per_step * 1e3})
     return rows

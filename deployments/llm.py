@@ -51,17 +51,17 @@ class LLMServer:
         self.counts = {"requests": 0, "ttft_observations": 0, "tpot_observations": 0, "queue_observations": 0,
                        "aborted": 0, "refused": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0}
 
-    async def generate(self, request_id: str, request: EngineRequest, image_embeds: bytes | None = None):
+    async def generate(self, request_id: str, request: EngineRequest, media_embeds: bytes | None = None):
         """Stream the engine's `RequestOutput` deltas (merged within `stream_interval_s`); a cancelled
-        stream aborts the request in the engine. `image_embeds`: the VisionEncoder's packed
+        stream aborts the request in the engine. `media_embeds`: the VisionEncoder's packed
         embeddings for the request's spans (None without images), passed beside the request so
         that Serve hands them over through the object store."""
         if self.max_in_flight is not None and self.in_flight >= self.max_in_flight:
             self.counts["refused"] += 1
             raise ServerOverloadedError(f"{self.in_flight} requests in flight; this replica takes "
                                         f"{self.max_in_flight}")
-        if image_embeds is not None:
-            request = request.with_embeds(unpack_tensors(image_embeds))
+        if media_embeds is not None:
+            request = request.with_embeds(unpack_tensors(media_embeds))
         self.in_flight += 1
         self.active.add(request_id)
         start = last = sent = time.perf_counter()

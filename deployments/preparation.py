@@ -26,7 +26,7 @@ from vlm_core.inputs.image import decode_image, open_image
 from vlm_core.inputs.placeholders import MultimodalPrompt
 
 from .errors import APIError, api_error_of
-from .media import new_http_client, read_image_url
+from .url_policy import new_http_client, read_image_url
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .settings import IngressSettings
 

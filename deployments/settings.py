@@ -25,7 +25,7 @@ from vlm_core.engine.engine import EngineConfig
 from vlm_core.inputs.image import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS
 
 from .frontdoor import FrontDoorLimits
-from .media import MAX_IMAGE_BYTES, ImagePolicy
+from .url_policy import MAX_IMAGE_BYTES, ImagePolicy
 
 DEPLOYMENTS = ("Ingress", "VisionEncoder", "LLMServer")
 

@@ -18,7 +18,7 @@ from vlm_core.quantize import main as quantize_main
 from vlm_core.quantize import quantize_checkpoint, text_samples
 from vlm_core.tiny import COLOURS, SHAPES, build_tiny_llava
 from vlm_core.vlm import VLM
-from vlm_core.generation import prompt_logits
+from vlm_core.scoring import prompt_logits
 
 GROUP = 32
 
@@ -243,7 +243,7 @@ def test_multimodal_calibration_jsonl(tiny_dir, images, tmp_path):
     req = fp.request("What colour is the circle?", {"image": images[:1]})
     span = req.prompt.spans[0]
     assert len(samples) == 2 and samples[0].shape[0] == len(req.prompt)
-    assert torch.equal(samples[0][span.offset:span.end], req.image_embeds[0])
+    assert torch.equal(samples[0][span.offset:span.end], req.media_embeds[0])
     out = tmp_path / "mm-awq"
     assert quantize_main([str(tiny_dir), str(out), "--calib-jsonl", str(jsonl), "--group-size", "64"]) == 0
     q = VLM.from_pretrained(out)

@@ -8,7 +8,7 @@ from safetensors import safe_open
 from transformers import LlavaForConditionalGeneration
 
 from vlm_core.families.llava import load as load_llava_hf
-from vlm_core.generation import prompt_logits
+from vlm_core.scoring import prompt_logits
 from vlm_core.tiny import build_tiny_llava
 from vlm_core.vlm import VLM
 
@@ -174,7 +174,7 @@ def test_loading_one_side_reads_only_its_tensors(tiny_dir, vlm, images, monkeypa
     assert read and not any("vision_tower" in k or "multi_modal_projector" in k for k in read)
     monkeypatch.undo()
 
-    pixels = vlm.inputs.prepare("Describe.", images[:1])[1]
+    pixels = vlm.processor.prepare("Describe.", images[:1])[1]
     torch.testing.assert_close(vision.embed_images(pixels), vlm.model.embed_images(pixels), rtol=0, atol=0)
     req = vlm.request("What colour is the circle?", {"image": images[:1]})
 

@@ -32,7 +32,7 @@ def run(vlm, reqs, config, static: bool, capture: bool = False):
                                             engine.max_model_len, scratch_block=engine.blocks.num_blocks,
                                             capture=capture)
     for i, r in enumerate(reqs):
-        engine.add_request(f"r{i}", EngineRequest(r.prompt, r.image_embeds, r.params))
+        engine.add_request(f"r{i}", EngineRequest(r.prompt, r.media_embeds, r.params))
     out = engine.run_to_completion()
     return [[t for o in out[f"r{i}"] for t in o.token_ids] for i in range(len(reqs))], engine
 

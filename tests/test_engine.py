@@ -99,12 +99,12 @@ def test_second_turn_reuses_the_first_turns_blocks(vlm, images):
                           len(turn2.prompt) - 1) // bs
     assert expected_blocks >= len(turn1.prompt) // bs > 0
     hits_before = engine.blocks.stats.prefix_hits
-    engine.add_request("t2", EngineRequest(turn2.prompt, turn2.image_embeds, sp, turn2.image_hashes))
+    engine.add_request("t2", EngineRequest(turn2.prompt, turn2.media_embeds, sp, turn2.media_hashes))
     out = engine.run_to_completion()["t2"]
     assert engine.blocks.stats.prefix_hits - hits_before == expected_blocks
     assert out[-1].cached_tokens == expected_blocks * bs
     fresh = vlm.engine(EngineConfig(num_blocks=128, block_size=bs, enable_prefix_caching=False))
-    fresh.add_request("t2", EngineRequest(turn2.prompt, turn2.image_embeds, sp, turn2.image_hashes))
+    fresh.add_request("t2", EngineRequest(turn2.prompt, turn2.media_embeds, sp, turn2.media_hashes))
     assert [t for o in fresh.run_to_completion()["t2"] for t in o.token_ids] == [t for o in out for t in o.token_ids]
 
 
@@ -129,14 +129,14 @@ def test_different_images_with_identical_text_share_no_image_blocks(vlm, images)
     engine = vlm.engine(EngineConfig(num_blocks=128, block_size=bs))
     a = vlm.request("What colour is the circle?", {"image": images[:1]}, sp)
     b = vlm.request("What colour is the circle?", {"image": images[1:2]}, sp)
-    assert a.prompt.token_ids == b.prompt.token_ids and a.image_hashes != b.image_hashes
+    assert a.prompt.token_ids == b.prompt.token_ids and a.media_hashes != b.media_hashes
     run_engine(engine, [a])
-    engine.add_request("b", EngineRequest(b.prompt, b.image_embeds, sp, b.image_hashes))
+    engine.add_request("b", EngineRequest(b.prompt, b.media_embeds, sp, b.media_hashes))
     out = engine.run_to_completion()["b"]
     text_only_blocks = a.prompt.spans[0].offset // bs   # blocks that end before the image starts
     assert out[-1].cached_tokens == text_only_blocks * bs
     # the same image again does reuse the image blocks
-    engine.add_request("a2", EngineRequest(a.prompt, a.image_embeds, sp, a.image_hashes))
+    engine.add_request("a2", EngineRequest(a.prompt, a.media_embeds, sp, a.media_hashes))
     assert engine.run_to_completion()["a2"][-1].cached_tokens == (len(a.prompt) - 1) // bs * bs
 
 
@@ -147,7 +147,7 @@ def test_abort_50_requests_mid_generation_returns_all_blocks(vlm, images):
     base = [vlm.request(q, {"image": images[:i % 2]}, sp) for i, q in enumerate(QUESTIONS[:5])]
     for i in range(50):
         r = base[i % 5]
-        engine.add_request(f"x{i}", EngineRequest(r.prompt, r.image_embeds, sp, r.image_hashes))
+        engine.add_request(f"x{i}", EngineRequest(r.prompt, r.media_embeds, sp, r.media_hashes))
     for _ in range(6):
         engine.step()
     assert engine.blocks.num_free_blocks < initial
@@ -181,7 +181,7 @@ def test_async_engine_streams_and_cancellation_aborts(vlm, requests_12, alone):
         r = requests_12[0]
         long = SamplingParams(max_new_tokens=200, ignore_eos=True)
         n = 0
-        async for out in aengine.generate("gone", EngineRequest(r.prompt, r.image_embeds, long, r.image_hashes)):
+        async for out in aengine.generate("gone", EngineRequest(r.prompt, r.media_embeds, long, r.media_hashes)):
             n += len(out.token_ids)
             if n >= 3:
                 break   # the client goes away
@@ -217,13 +217,13 @@ def test_bad_requests_are_rejected_clearly(vlm, requests_12):
     with pytest.raises(InputError, match="1 image spans but 0 image embeddings"):
         engine.add_request("x", EngineRequest(r.prompt, [], GREEDY))
     with pytest.raises(ContextLengthError, match="does not fit the KV cache"):
-        engine.add_request("y", EngineRequest(r.prompt, r.image_embeds, GREEDY))
+        engine.add_request("y", EngineRequest(r.prompt, r.media_embeds, GREEDY))
     with pytest.raises(InputError, match="0 image hashes for 1 images"):
-        vlm.engine(EngineConfig(num_blocks=64)).add_request("h", EngineRequest(r.prompt, r.image_embeds, GREEDY, ()))
+        vlm.engine(EngineConfig(num_blocks=64)).add_request("h", EngineRequest(r.prompt, r.media_embeds, GREEDY, ()))
     big = vlm.engine(EngineConfig(num_blocks=64))
-    big.add_request("z", EngineRequest(r.prompt, r.image_embeds, GREEDY))
+    big.add_request("z", EngineRequest(r.prompt, r.media_embeds, GREEDY))
     with pytest.raises(InputError, match="request id 'z' is already in use"):
-        big.add_request("z", EngineRequest(r.prompt, r.image_embeds, GREEDY))
+        big.add_request("z", EngineRequest(r.prompt, r.media_embeds, GREEDY))
 
 
 def test_n_choices_share_the_prompt_blocks_and_reproduce_alone(vlm, images):
@@ -233,7 +233,7 @@ def test_n_choices_share_the_prompt_blocks_and_reproduce_alone(vlm, images):
 
     def run(params):
         engine = vlm.engine(EngineConfig(num_blocks=256, block_size=bs))
-        engine.add_request("r", EngineRequest(req.prompt, req.image_embeds, params, req.image_hashes))
+        engine.add_request("r", EngineRequest(req.prompt, req.media_embeds, params, req.media_hashes))
         got = engine.run_to_completion()["r"]
         by_choice: dict[int, list[int]] = {}
         for o in got:
@@ -271,8 +271,8 @@ def test_n_choices_through_vlm_and_async_engine_and_abort(vlm, images):
     got = asyncio.run(collect())
     assert [got[0], got[1]] == [o.token_ids for o in outs]
     engine = vlm.engine(EngineConfig(num_blocks=64))
-    engine.add_request("x", EngineRequest(req.prompt, req.image_embeds,
-                                          SamplingParams(max_new_tokens=50, n=3, ignore_eos=True), req.image_hashes))
+    engine.add_request("x", EngineRequest(req.prompt, req.media_embeds,
+                                          SamplingParams(max_new_tokens=50, n=3, ignore_eos=True), req.media_hashes))
     engine.step()                      # choice 0 prefills; 1 and 2 wait for it
     engine.abort("x")
     aborted = engine.step()

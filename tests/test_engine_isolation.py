@@ -23,7 +23,7 @@ def three(vlm, images):
 
 
 def add(engine, rid, r, params=None):
-    engine.add_request(rid, EngineRequest(r.prompt, r.image_embeds, params or r.params, r.image_hashes))
+    engine.add_request(rid, EngineRequest(r.prompt, r.media_embeds, params or r.params, r.media_hashes))
 
 
 def tokens(outputs):
@@ -89,7 +89,7 @@ def test_a_forward_fault_in_one_chunk_fails_that_request_alone(vlm, three):
         add(engine, f"r{i}", r)
     add(engine, "poison", reqs[2])
     # corrupt the admitted sequence's embedding behind the engine's checks: its splice fails
-    engine._pending[-1][1][0].image_embeds[1] = torch.zeros(3, 3)
+    engine._pending[-1][1][0].media_embeds[1] = torch.zeros(3, 3)
     got = engine.run_to_completion()
     assert [tokens(got[f"r{i}"]) for i in range(3)] == alone
     assert got["poison"][-1].finish_reason == "error" and got["poison"][-1].completion_tokens == 0
@@ -100,9 +100,9 @@ def test_embeddings_that_do_not_fit_their_spans_are_refused_at_admission(vlm, th
     reqs, _ = three
     r = reqs[1]
     engine = vlm.engine(EngineConfig(num_blocks=64))
-    bad = [r.image_embeds[0][:-1]]
+    bad = [r.media_embeds[0][:-1]]
     with pytest.raises(PlaceholderMismatchError, match=r"image 0: embedding of shape"):
-        engine.add_request("x", EngineRequest(r.prompt, bad, r.params, r.image_hashes))
+        engine.add_request("x", EngineRequest(r.prompt, bad, r.params, r.media_hashes))
     assert not engine.has_unfinished()
 
 
@@ -114,7 +114,7 @@ def test_async_streams_beside_a_failing_request_finish_normally(vlm, three, monk
         eng = AsyncLLMEngine(vlm.engine(EngineConfig(num_blocks=64)))
 
         async def collect(rid, r, params=None):
-            return [t async for o in eng.generate(rid, EngineRequest(r.prompt, r.image_embeds, params or r.params, r.image_hashes))
+            return [t async for o in eng.generate(rid, EngineRequest(r.prompt, r.media_embeds, params or r.params, r.media_hashes))
                     for t in o.token_ids]
 
         tasks = [collect(f"r{i}", r) for i, r in enumerate(reqs)]

@@ -5,7 +5,7 @@ import pytest
 
 from vlm_core.engine.engine import EngineConfig
 from vlm_core.engine.sampling import SamplingParams
-from vlm_core.generation import prompt_logits
+from vlm_core.scoring import prompt_logits
 from vlm_core.vlm import VLM
 from vlm_core.engine.request import EngineRequest
 
@@ -61,7 +61,7 @@ def test_engine_on_a_fused_model_matches_unfused(tiny_dir, images):
     for v in (plain, fused):
         engine = v.engine(EngineConfig(num_blocks=64, max_num_batched_tokens=16))
         for i, r in enumerate(reqs):
-            engine.add_request(f"r{i}", EngineRequest(r.prompt, r.image_embeds, r.params))
+            engine.add_request(f"r{i}", EngineRequest(r.prompt, r.media_embeds, r.params))
         out = engine.run_to_completion()
         got.append([[t for o in out[f"r{i}"] for t in o.token_ids] for i in range(3)])
     assert got[0] == got[1]

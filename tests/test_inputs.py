@@ -9,7 +9,7 @@ from vlm_core.inputs.image import CLIP_MEAN, ImageProcessor, ImageProcessorConfi
 from vlm_core.inputs.placeholders import ImageSpan, PlaceholderSpec, chunk_embeddings, expand_placeholders
 from vlm_core.inputs.template import render_chat
 from vlm_core.tiny import LLAVA_HF_CHAT_TEMPLATE, build_tokenizer, draw_example_image
-from vlm_core.generation import prompt_logits
+from vlm_core.scoring import prompt_logits
 
 
 def hf_clip_processor(**kw):
@@ -123,8 +123,8 @@ def test_chunk_embeddings_splice_any_range():
 
 def test_patch_and_special_token_prompts_give_identical_embeddings(vlm, images):
     n = vlm.spec.tokens_per_image
-    special, _ = vlm.inputs.prepare("USER: <image>\nWhat colour is the circle? ASSISTANT:", images[:1], apply_template=False)
-    patch, _ = vlm.inputs.prepare("USER: " + "<im_patch>" * n + "\nWhat colour is the circle? ASSISTANT:", images[:1],
+    special, _ = vlm.processor.prepare("USER: <image>\nWhat colour is the circle? ASSISTANT:", images[:1], apply_template=False)
+    patch, _ = vlm.processor.prepare("USER: " + "<im_patch>" * n + "\nWhat colour is the circle? ASSISTANT:", images[:1],
                            apply_template=False)
     assert special.spans == patch.spans and len(special) == len(patch)
     img = list(vlm.model.embed_images(vlm.image_processor(images[:1])))
@@ -146,11 +146,11 @@ def test_im_start_end_wrapping_from_config(tmp_path, images):
     folder = build_tiny_llava(tmp_path / "se", seed=0, extra_config={"mm_use_im_start_end": True})
     m = VLM.from_pretrained(folder)
     start, end = (m.tokenizer.convert_tokens_to_ids(t) for t in ("<im_start>", "<im_end>"))
-    mm, _ = m.inputs.prepare("What colour is the circle?", images[:1])
+    mm, _ = m.processor.prepare("What colour is the circle?", images[:1])
     s = mm.spans[0]
     assert mm.token_ids[s.offset - 1] == start and mm.token_ids[s.end] == end
     n = m.spec.tokens_per_image
-    patch, _ = m.inputs.prepare("USER: <im_start>" + "<im_patch>" * n + "<im_end>\nWhat colour is the circle? ASSISTANT:",
+    patch, _ = m.processor.prepare("USER: <im_start>" + "<im_patch>" * n + "<im_end>\nWhat colour is the circle? ASSISTANT:",
                                 images[:1], apply_template=False)
     assert patch.spans == mm.spans and len(patch) == len(mm)
 

@@ -52,8 +52,8 @@ def expanded(ids, placeholder, n=N_TOK):
 def check_generation(vlm, ref, prompt, images, text_prompt):
     """Our prompt ids equal tokenizer_image_token's expansion and greedy tokens equal the reference's."""
     ids = tokenizer_image_token(text_prompt, vlm.tokenizer)
-    mm, _ = vlm.inputs.prepare_media(prompt, {"image": images})
-    assert list(mm.token_ids) == expanded(ids, vlm.inputs.placeholder_id)
+    mm, _ = vlm.processor.prepare_media(prompt, {"image": images})
+    assert list(mm.token_ids) == expanded(ids, vlm.processor.placeholder_id)
     assert [s.offset for s in mm.spans] == [i + k * (N_TOK - 1) for k, i in enumerate(j for j, t in enumerate(ids)
                                                                                       if t == -200)]
     got = vlm.generate(prompt, {"image": images}, GREEDY)
@@ -71,12 +71,12 @@ def test_detected_and_configured_as_llava_does(base, base_vlm):
 
 
 def test_prompt_pieces_after_an_image_start_with_their_own_metaspace_piece(base_vlm, images):
-    mm, _ = base_vlm.inputs.prepare_media(Q, {"image": images[:1]})
+    mm, _ = base_vlm.processor.prepare_media(Q, {"image": images[:1]})
     tok = base_vlm.tokenizer
     after = tok.convert_ids_to_tokens(mm.token_ids[mm.spans[0].end])
     assert after == "▁"                                     # "\nWhat..." tokenized alone: ▁ <newline> ...
     assert mm.token_ids[0] == tok.bos_token_id and mm.token_ids.count(tok.bos_token_id) == 1
-    assert base_vlm.inputs.prompt_text(Q, 1) == llava_v1([("user", "<image>\n" + Q)])
+    assert base_vlm.processor.prompt_text(Q, 1) == llava_v1([("user", "<image>\n" + Q)])
 
 
 def test_fp16_pad_checkpoint_generates_as_the_reference(base, base_vlm, images):
@@ -100,7 +100,7 @@ def test_multi_turn_conversation_builds_llava_v1(base, base_vlm, images):
                      ("user", "How many shapes are there?")])
     check_generation(base_vlm, ref, msgs, images[:1], text)
     sys_msgs = [{"role": "system", "content": "Be brief."}] + msgs[:1]
-    assert base_vlm.inputs.prompt_text(sys_msgs, 1) == llava_v1([("user", "<image>\n" + Q)]).replace(
+    assert base_vlm.processor.prompt_text(sys_msgs, 1) == llava_v1([("user", "<image>\n" + Q)]).replace(
         LLAVA_V1_SYSTEM, "Be brief.")
 
 
@@ -116,8 +116,8 @@ def test_config_variants_generate_as_the_reference(tmp_path, images, kw):
     image = "<im_start><image><im_end>" if kw.get("im_start_end") else "<image>"
     n = N_TOK + (1 if kw.get("select_feature") == "cls_patch" else 0)
     ids = tokenizer_image_token(llava_v1([("user", image + "\n" + Q)]), vlm.tokenizer)
-    mm, _ = vlm.inputs.prepare_media(Q, {"image": images[:1]})
-    assert list(mm.token_ids) == expanded(ids, vlm.inputs.placeholder_id, n)
+    mm, _ = vlm.processor.prepare_media(Q, {"image": images[:1]})
+    assert list(mm.token_ids) == expanded(ids, vlm.processor.placeholder_id, n)
     if kw.get("im_start_end"):
         tok = vlm.tokenizer
         assert tok.convert_ids_to_tokens(mm.token_ids[mm.spans[0].offset - 1]) == "<im_start>"
@@ -134,7 +134,7 @@ def test_patch_token_runs_of_vila_1_0(tmp_path, images):
     patch = tok.convert_tokens_to_ids("<im_patch>")
     assert patch == len(sentencepiece_tokenizer())           # appended, as add_tokens does
     text = llava_v1([("user", "<im_patch>" * N_TOK + "\n" + Q)])
-    mm, _ = vlm.inputs.prepare_media(text, {"image": images[:1]}, apply_template=False)
+    mm, _ = vlm.processor.prepare_media(text, {"image": images[:1]}, apply_template=False)
     ids = tok(text).input_ids
     assert list(mm.token_ids) == ids and mm.spans[0].length == N_TOK
     start = ids.index(patch)
@@ -160,7 +160,7 @@ def test_tower_as_absolute_path_setting_and_openai_clip_model_form(tmp_path, ima
     m.load_state_dict({k.removeprefix("vision_model."): v for k, v in tower_state(clip).items()}, strict=False)
     m.save_pretrained(str(ref_dir))
     want = Reference(ck, ref_dir).features(images[:1])[0]
-    got = vlm.model.embed_media(vlm.inputs.prepare_media(Q, {"image": images[:1]})[1])[0]
+    got = vlm.model.embed_media(vlm.processor.prepare_media(Q, {"image": images[:1]})[1])[0]
     assert torch.allclose(got, want, atol=1e-5)
 
     by_id = write_checkpoint(tmp_path / "by-id")                         # hub id, tower found by the setting
@@ -203,10 +203,10 @@ def test_vision_and_llm_parts_load_apart_and_compose(base, base_vlm, images):
     vision = LLAVA_ORIG.load_model(base, dtype="float32", parts=("vision",))
     llm = VLM.from_pretrained(base, dtype="float32", parts=("llm",))
     assert vision.decoder is None and llm.model.vision is None
-    items = base_vlm.inputs.prepare_media(Q, {"image": images[:1]})[1]
+    items = base_vlm.processor.prepare_media(Q, {"image": images[:1]})[1]
     emb = vision.embed_media(items)
     assert torch.equal(emb[0], base_vlm.model.embed_media(items)[0])
-    mm, _ = llm.inputs.prepare_media(Q, {"image": images[:1]})
+    mm, _ = llm.processor.prepare_media(Q, {"image": images[:1]})
     from vlm_core.engine.request import EngineRequest
 
     req = EngineRequest(mm, emb, GREEDY)
@@ -217,9 +217,9 @@ def test_vision_and_llm_parts_load_apart_and_compose(base, base_vlm, images):
 
 def test_conv_mode_picks_another_llava_template(base):
     vlm = VLM.from_pretrained(base, dtype="float32", conv_mode="vicuna_v1", parts=("llm",))
-    text = vlm.inputs.prompt_text(Q, 1)
+    text = vlm.processor.prompt_text(Q, 1)
     assert text.startswith("A chat between a curious user") and text.endswith(" USER: <image>\n" + Q + " ASSISTANT:")
-    v0 = VLM.from_pretrained(base, dtype="float32", conv_mode="llava_v0", parts=("llm",)).inputs
+    v0 = VLM.from_pretrained(base, dtype="float32", conv_mode="llava_v0", parts=("llm",)).processor
     assert v0.prompt_text(Q, 1).endswith("###Human: <image>\n" + Q + "###Assistant:")
     with pytest.raises(ConfigError, match="conv_mode 'llava_v9' is not one of LLaVA's templates"):
         VLM.from_pretrained(base, conv_mode="llava_v9")

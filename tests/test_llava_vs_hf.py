@@ -6,7 +6,7 @@ import torch
 from vlm_core.engine.engine import EngineConfig
 from vlm_core.engine.sampling import SamplingParams
 from helpers import generate_on
-from vlm_core.generation import prompt_logits
+from vlm_core.scoring import prompt_logits
 
 LOGIT_TOL = 1e-4
 CHUNK_TOL = 1e-5
@@ -65,8 +65,8 @@ def test_greedy_16_tokens_equal_hf_generate(vlm, hf_model, images, case):
     ours = vlm.generate(reqs)
     for i, r in enumerate(reqs):
         # HF generate one prompt at a time (its own padding-free path) ...
-        n_img = len(r.image_embeds)
-        start = sum(len(x.image_embeds) for x in reqs[:i])
+        n_img = len(r.media_embeds)
+        start = sum(len(x.media_embeds) for x in reqs[:i])
         px = pixels[start:start + n_img] if n_img else None
         ids = torch.tensor([r.prompt.token_ids])
         extra = {"pixel_values": px} if n_img else {}
@@ -112,7 +112,7 @@ def test_incremental_decoding_matches_full_forward(vlm, images):
     from vlm_core.inputs.placeholders import MultimodalPrompt
 
     full = EngineRequest(MultimodalPrompt(req.prompt.token_ids + tuple(out.token_ids), req.prompt.spans),
-                             req.image_embeds)
+                             req.media_embeds)
     logits = prompt_logits(vlm.model, [full])[0]
     n = len(req.prompt)
     # greedy token at each step = argmax of the full-pass logits at the previous position

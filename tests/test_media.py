@@ -13,7 +13,7 @@ from PIL import Image
 
 import httpx
 
-from deployments.media import FETCH_FAILED, ImagePolicy, check_destination, read_image_url, refused_address
+from deployments.url_policy import FETCH_FAILED, ImagePolicy, check_destination, read_image_url, refused_address
 from deployments.errors import APIError
 
 pytestmark = pytest.mark.timeout(60)

@@ -90,7 +90,7 @@ def engine(vlm):
 
 
 def serving(vlm, engine, settings=None, **llm_kw):
-    return OpenAIServing(vlm.inputs, settings or IngressSettings(), LocalVision(vlm.model), LocalLLM(engine, **llm_kw))
+    return OpenAIServing(vlm.processor, settings or IngressSettings(), LocalVision(vlm.model), LocalLLM(engine, **llm_kw))
 
 
 def image_request(image_path, question=Q, uuid=None, **kw):
@@ -198,7 +198,7 @@ def test_transport_and_internal_failures_map_to_statuses_and_cancel(vlm, engine,
         run(broken.chat(image_request(images[0])))
     assert e.value.status == 500 and "internal error (request id chatcmpl-" in e.value.message
     assert broken.llm.cancelled                                             # the engine's work stopped too
-    bad_image = OpenAIServing(vlm.inputs, IngressSettings(), LocalVision(vlm.model, ImageError("not a picture")),
+    bad_image = OpenAIServing(vlm.processor, IngressSettings(), LocalVision(vlm.model, ImageError("not a picture")),
                               LocalLLM(engine))
     with pytest.raises(APIError) as e:
         run(bad_image.chat(image_request(images[0])))

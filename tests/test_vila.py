@@ -18,7 +18,7 @@ from vlm_core.models.s2 import merge_chessboard
 from vlm_core.tiny_vila import build_tiny_vila
 from vlm_core.vlm import VLM
 from helpers import generate_on
-from vlm_core.generation import prompt_logits
+from vlm_core.scoring import prompt_logits
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -101,7 +101,7 @@ def test_folder_llm_and_tower_equal_transformers(folders, models):
         ids = torch.randint(5, 300, (40,), generator=torch.Generator().manual_seed(0))
         from vlm_core.engine.request import EngineRequest
 
-        req = EngineRequest(vlm.inputs.prepare_media(vlm.tokenizer.decode(ids), {}, apply_template=False)[0],
+        req = EngineRequest(vlm.processor.prepare_media(vlm.tokenizer.decode(ids), {}, apply_template=False)[0],
                                 [], SamplingParams())
         ref_ids = torch.tensor(req.prompt.token_ids)
         with torch.no_grad():
@@ -118,7 +118,7 @@ def test_dynamic_s2_embedding_equals_a_reference_built_from_the_modules(models):
     vlm = models["nvila"]
     model, cfg = vlm.model, vlm.model.config
     img = picture(150, 90)
-    _, items = vlm.inputs.prepare_media("Describe.", {"image": [img]})
+    _, items = vlm.processor.prepare_media("Describe.", {"image": [img]})
     (item,) = items
     got = model.embed_media(items)[0]
 
@@ -155,7 +155,7 @@ def test_dynamic_s2_embedding_equals_a_reference_built_from_the_modules(models):
 
 def test_media_tokens_match_embeddings_and_generation_runs(models):
     for vlm in models.values():
-        mm, items = vlm.inputs.prepare_media([{"role": "user", "content": [
+        mm, items = vlm.processor.prepare_media([{"role": "user", "content": [
             {"type": "image"}, {"type": "text", "text": "What colour is the circle?"}]}], {"image": [picture()]})
         embeds = vlm.model.embed_media(items)
         assert [s.length for s in mm.spans] == [e.shape[0] for e in embeds]
@@ -183,17 +183,17 @@ def test_save_and_load_round_trip_keeps_logits(models, tmp_path):
 def test_video_of_8_frames_and_frame_limit(models):
     vlm = models["nvila"]
     frames = [picture(80, 60, seed=i) for i in range(8)]
-    mm, items = vlm.inputs.prepare_media("What happens?", {"video": [frames]})
+    mm, items = vlm.processor.prepare_media("What happens?", {"video": [frames]})
     tpt = vlm.model.config.tokens_per_tile
     nl = vlm.tokenizer("\n", add_special_tokens=False)["input_ids"]
     assert len(items) == 8 and all(it.kind == "video" for it in items)
     assert [s.length for s in mm.spans] == [tpt] * 8
     assert all(mm.spans[i + 1].offset == mm.spans[i].end + len(nl) for i in range(7))
-    text_only, _ = vlm.inputs.prepare_media("What happens?", {})
+    text_only, _ = vlm.processor.prepare_media("What happens?", {})
     assert len(mm) == len(text_only) + 1 * 0 + 8 * (tpt + len(nl))   # the video token becomes 8 frames
     out = vlm.generate("What happens?", {"video": [frames]}, SamplingParams(max_new_tokens=4, ignore_eos=True))
     assert len(out.token_ids) == 4
-    _, items = vlm.inputs.prepare_media("What happens?", {"video": [frames + frames[:4]]})
+    _, items = vlm.processor.prepare_media("What happens?", {"video": [frames + frames[:4]]})
     assert len(items) == 8                                                # 12 frames sampled to the limit
 
 
@@ -211,7 +211,7 @@ def test_vila_requests_batch_in_the_engine_like_alone(models):
 def test_dynamic_tiling_mode(tmp_path):
     d = build_tiny_vila(tmp_path / "dyn", "vila15", image_mode="dynamic")
     vlm = VLM.from_pretrained(d)
-    mm, items = vlm.inputs.prepare_media("Describe.", {"image": [picture(210, 70)]})
+    mm, items = vlm.processor.prepare_media("Describe.", {"image": [picture(210, 70)]})
     assert len(items) == 3 + 1 and len(mm.spans) == 4                   # 3x1 tiles and a thumbnail
     nl = vlm.tokenizer("\n", add_special_tokens=False)["input_ids"]
     for s in mm.spans[:-1]:   # "<image>\n" per tile: the end token, then the separator line
@@ -320,18 +320,18 @@ def test_tsp_video_pooling_averages_frame_embeddings(folders, models, tmp_path):
     (dst / "config.json").write_text(json.dumps(top))
     tsp, basic = VLM.from_pretrained(dst), models["nvila"]
     frames = [picture(80, 60, seed=i) for i in range(8)]
-    mm, items = tsp.inputs.prepare_media("What happens?", {"video": [frames]})
+    mm, items = tsp.processor.prepare_media("What happens?", {"video": [frames]})
     tpt = tsp.model.config.tokens_per_tile                        # 2x2 tokens per frame here
     assert [s.length for s in mm.spans] == [tpt, tpt, 1]          # 8 frames / 4, then 8 frames / 8 at 2x2
     got = tsp.model.embed_media(items)
-    _, frame_items = basic.inputs.prepare_media("What happens?", {"video": [frames]})
+    _, frame_items = basic.processor.prepare_media("What happens?", {"video": [frames]})
     per_frame = torch.stack(basic.model.embed_media(frame_items))   # [8, tpt, H]
     torch.testing.assert_close(got[0], per_frame[:4].mean(0), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1], per_frame[4:].mean(0), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[2], per_frame.mean(dim=(0, 1))[None], rtol=1e-5, atol=1e-5)
     nl = tsp.tokenizer("\n", add_special_tokens=False)["input_ids"]
     assert list(mm.token_ids[mm.spans[1].end:mm.spans[2].offset]) == nl + nl   # end token, then the separator
-    _, six = tsp.inputs.prepare_media("What happens?", {"video": [frames[:6]]})   # sampled up to 8 frames
+    _, six = tsp.processor.prepare_media("What happens?", {"video": [frames[:6]]})   # sampled up to 8 frames
     assert [it.pixels.shape[0] for it in six] == [4, 4, 8]
     top["num_video_frames"] = 6
     (dst / "config.json").write_text(json.dumps(top))
@@ -351,7 +351,7 @@ def test_other_projectors_load_run_and_round_trip(tmp_path, projector):
         keys = set(st.keys())
     assert ("layers.weight" in keys) == (projector == "linear")
     media = {"image": [picture(90, 70, seed=4)]}
-    mm, items = vlm.inputs.prepare_media("Describe.", media)
+    mm, items = vlm.processor.prepare_media("Describe.", media)
     assert mm.spans[0].length == vlm.model.embed_media(items)[0].shape[0]
     vlm.save_pretrained(tmp_path / "copy")
     again = VLM.from_pretrained(tmp_path / "copy")
@@ -380,7 +380,7 @@ def test_static_s2_embedding_equals_a_reference_from_transformers_modules(tmp_pa
     cfg = vlm.model.config
     assert cfg.s2_scales == (70, 140, 210) and not cfg.s2_dynamic
     img = picture(150, 90, seed=7)
-    mm, items = vlm.inputs.prepare_media("Describe.", {"image": [img]})
+    mm, items = vlm.processor.prepare_media("Describe.", {"image": [img]})
     (item,) = items
     assert item.pixels.shape == (1 + 4 + 9, 3, 70, 70)
     got = vlm.model.embed_media(items)[0]
@@ -414,7 +414,7 @@ def test_static_s2_folder_generates_round_trips_and_encodes_video_frames(tmp_pat
     d = build_tiny_vila(tmp_path / "s2", "vila15", s2=True, seed=4)
     vlm = VLM.from_pretrained(d)
     media = {"image": [picture(120, 200, seed=1), picture(64, 64, seed=2)]}
-    mm, items = vlm.inputs.prepare_media("Compare the pictures.", media)
+    mm, items = vlm.processor.prepare_media("Compare the pictures.", media)
     assert [it.pixels.shape[0] for it in items] == [14, 14] and [s.length for s in mm.spans] == [9, 9]
     out = vlm.generate("Compare the pictures.", media, SamplingParams(max_new_tokens=4, ignore_eos=True))
     assert len(out.token_ids) == 4
@@ -424,7 +424,7 @@ def test_static_s2_folder_generates_round_trips_and_encodes_video_frames(tmp_pat
     a = prompt_logits(vlm.model, [vlm.request("Compare the pictures.", media=media)])[0]
     assert torch.equal(a, prompt_logits(again.model, [again.request("Compare the pictures.", media=media)])[0])
     frames = [picture(80, 60, seed=10 + i) for i in range(8)]
-    mm, items = vlm.inputs.prepare_media("What happens?", {"video": [frames]})
+    mm, items = vlm.processor.prepare_media("What happens?", {"video": [frames]})
     assert len(items) == 8 and all(it.kind == "video" and it.pixels.shape[0] == 14 for it in items)
     assert [s.length for s in mm.spans] == [9] * 8
     assert [e.shape[0] for e in vlm.model.embed_media(items)] == [9] * 8
@@ -454,7 +454,7 @@ def test_clip_tower_folder_equals_transformers_and_round_trips(tmp_path):
     d = build_tiny_vila(tmp_path / "clip", "vila15", tower="clip", seed=5)
     vlm = VLM.from_pretrained(d)
     img = picture(150, 90, seed=3)
-    _, items = vlm.inputs.prepare_media("Describe.", {"image": [img]})
+    _, items = vlm.processor.prepare_media("Describe.", {"image": [img]})
     # "resize" mode squashes the picture to the tile first; CLIP's processor then has nothing to crop
     proc = CLIPImageProcessor.from_pretrained(str(d / "vision_tower"))
     ref_px = proc(images=img.resize((70, 70), resample=Image.Resampling.BICUBIC), return_tensors="pt").pixel_values
@@ -494,7 +494,7 @@ def test_max_tiles_below_the_last_scales_square_falls_back_to_one_tile(folders, 
     assert closest_grid(1000, 700, candidate_grids(9, 4), 448) == (1, 1)
     vlm = VLM.from_pretrained(edited(folders["nvila"], tmp_path / "nvila-4", max_tiles=4))
     cfg = vlm.model.config
-    mm, items = vlm.inputs.prepare_media("Describe.", {"image": [picture(150, 90)]})
+    mm, items = vlm.processor.prepare_media("Describe.", {"image": [picture(150, 90)]})
     assert items[0].pixels.shape[0] == 6 and items[0].block_size == (1, 1)
     assert [s.length for s in mm.spans] == [cfg.tokens_per_tile] == [vlm.model.embed_media(items)[0].shape[0]]
     assert max_item_tiles(cfg) == 6
@@ -517,7 +517,7 @@ def test_equally_close_grids_keep_the_authors_candidate_order(folders, tmp_path)
     # min_tiles comes from the config in "dynamic" mode
     d = build_tiny_vila(tmp_path / "dyn", "vila15", image_mode="dynamic")
     vlm = VLM.from_pretrained(edited(d, tmp_path / "dyn9", min_tiles=9, max_tiles=9))
-    _, items = vlm.inputs.prepare_media("Describe.", {"image": [img]})
+    _, items = vlm.processor.prepare_media("Describe.", {"image": [img]})
     assert len(items) == 10
 
 
@@ -531,10 +531,10 @@ def test_clip_pictures_that_are_not_tiled_are_only_preprocessed(tmp_path, mode):
     vlm = VLM.from_pretrained(d)
     proc = CLIPImageProcessor.from_pretrained(str(d / "vision_tower"))
     pics = [picture(150, 90, seed=1), picture(60, 130, seed=2)]
-    _, items = vlm.inputs.prepare_media("Compare.", {"image": pics})
+    _, items = vlm.processor.prepare_media("Compare.", {"image": pics})
     for it, p in zip(items, pics):
         torch.testing.assert_close(it.pixels, proc(images=p, return_tensors="pt").pixel_values, rtol=0, atol=1e-5)
-    _, items = vlm.inputs.prepare_media("What happens?", {"video": [pics]})
+    _, items = vlm.processor.prepare_media("What happens?", {"video": [pics]})
     frames = [pics[i] for i in (0, 0, 0, 0, 1, 1, 1, 1)]       # 2 frames sampled to 8
     for it, p in zip(items, frames):
         torch.testing.assert_close(it.pixels[0], proc(images=p, return_tensors="pt").pixel_values[0],
@@ -547,7 +547,7 @@ def test_media_end_tokens_carry_no_bos_with_a_bos_adding_tokenizer(models):
     tok = vlm.tokenizer
     assert tok("\n")["input_ids"][0] == tok.bos_token_id          # this tokenizer adds BOS by default
     nl = tok("\n", add_special_tokens=False)["input_ids"]
-    mm, _ = vlm.inputs.prepare_media("Compare.", {"image": [picture(seed=1), picture(seed=2)]})
+    mm, _ = vlm.processor.prepare_media("Compare.", {"image": [picture(seed=1), picture(seed=2)]})
     for s in mm.spans:
         assert list(mm.token_ids[s.end:s.end + len(nl)]) == nl
     assert list(mm.token_ids).count(tok.bos_token_id) == 1 and mm.token_ids[0] == tok.bos_token_id
@@ -563,15 +563,15 @@ def test_frames_are_sampled_as_numpy_linspace_rounds_them(folders, models, tmp_p
     assert sample_frames(list(range(3)), 1) == [0]
     vlm = models["nvila"]
     frames = [picture(80, 60, seed=i) for i in range(5)]
-    _, items = vlm.inputs.prepare_media("What happens?", {"video": [frames]})
-    alone = [vlm.inputs.prepare_media("What happens?", {"video": [[f] * 8]})[1][0].pixels for f in frames]
+    _, items = vlm.processor.prepare_media("What happens?", {"video": [frames]})
+    alone = [vlm.processor.prepare_media("What happens?", {"video": [[f] * 8]})[1][0].pixels for f in frames]
     assert len(items) == 8
     for it, i in zip(items, [0, 1, 1, 2, 2, 3, 3, 4]):
         assert torch.equal(it.pixels, alone[i])
     # a pooling (TSP) encoder of 8 frames pools a 5-frame video instead of refusing it
     tsp = VLM.from_pretrained(edited(folders["nvila"], tmp_path / "tsp", video_encoder=json.dumps(
         {"_target_": "llava.model.encoders.TSPVideoEncoder", "pool_sizes": [[8, 1, 1]]})))
-    mm, items = tsp.inputs.prepare_media("What happens?", {"video": [frames]})
+    mm, items = tsp.processor.prepare_media("What happens?", {"video": [frames]})
     assert len(items) == 1 and items[0].pixels.shape[0] == 8 and [s.length for s in mm.spans] == \
         [tsp.model.config.tokens_per_tile]
 

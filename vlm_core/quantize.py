@@ -48,7 +48,7 @@ def multimodal_samples(vlm, path: str | Path, n_samples: int, seq_len: int) -> l
             raise InputError(f"{path}:{line_no}: expected {{\"prompt\": ..., \"images\": [...]}}: {e}") from None
         req = vlm.request(prompt, {"image": images})
         with torch.no_grad():
-            emb = chunk_embeddings(vlm.model.embed_tokens, req.prompt, req.image_embeds, 0, len(req.prompt))
+            emb = chunk_embeddings(vlm.model.embed_tokens, req.prompt, req.media_embeds, 0, len(req.prompt))
         out.append(emb[:seq_len])
         if len(out) == n_samples:
             break

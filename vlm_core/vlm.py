@@ -15,7 +15,7 @@ text holds `<image>` itself), a list of chat messages, or an `EngineRequest` alr
 engine's output type — and `stream` the text deltas of one prompt.
 
 Public entry points: `from_pretrained`, `generate`, `stream`, `request`, `engine`, and
-`save_pretrained` for VILA-family folders. Scoring lives in `vlm_core.generation.prompt_logits`.
+`save_pretrained` for VILA-family folders. Scoring lives in `vlm_core.scoring.prompt_logits`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from .families import Family, LoadOptions, family_of
 from .engine.engine import EngineConfig, LLMEngine
 from .engine.request import EngineRequest, RequestOutput, merge_outputs
 from .engine.params import SamplingParams
-from .inputs.processor import BaseProcessor, Prompt
+from .inputs.processor import Processor, Prompt
 from .models.composed import ComposedVLM
 from .quant.awq_linear import prepare_awq
 
@@ -48,14 +48,14 @@ def _is_one(prompts) -> bool:
 
 
 class VLM:
-    def __init__(self, model: ComposedVLM, inputs: BaseProcessor, engine_config: EngineConfig | None = None,
+    def __init__(self, model: ComposedVLM, processor: Processor, engine_config: EngineConfig | None = None,
                  family: Family | None = None):
         self.model = model
-        self.inputs = inputs
-        self.tokenizer = inputs.tokenizer
-        self.image_processor = inputs.image_processor
-        self.spec = getattr(inputs, "spec", None)
-        self.eos_token_ids = inputs.eos_token_ids
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_processor = processor.image_processor
+        self.spec = getattr(processor, "spec", None)
+        self.eos_token_ids = processor.eos_token_ids
         self.family = family
         self.engine_config = engine_config or EngineConfig()
         self._engine = None
@@ -91,7 +91,7 @@ class VLM:
         if self.model.decoder is not None and self.model.decoder.fused:
             raise ValueError("this model's projections are fused for inference; load it with "
                              "fuse_projections=False to save it")
-        return self.family.save(self.model, self.inputs, out_dir)
+        return self.family.save(self.model, self.processor, out_dir)
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -111,7 +111,7 @@ class VLM:
                                 f"got {type(m).__name__}")
             if isinstance(p, EngineRequest) and m:
                 raise ValueError("an EngineRequest carries its media already; give no media dict with it")
-        prepared = [p if isinstance(p, EngineRequest) else self.inputs.prepare_media(p, m, apply_template)
+        prepared = [p if isinstance(p, EngineRequest) else self.processor.prepare_media(p, m, apply_template)
                     for p, m in zip(prompts, media)]
         embeds = self.model.embed_media([it for p in prepared if not isinstance(p, EngineRequest) for it in p[1]])
         out, k = [], 0

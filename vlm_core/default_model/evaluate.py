@@ -44,7 +44,7 @@ def hf_answers(model_dir: Path, vlm, items) -> list[str]:
     hf = LlavaForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     out = []
     for scene, q, _ in items:
-        mm, pixels = vlm.inputs.prepare(q, [scene.image()])
+        mm, pixels = vlm.processor.prepare(q, [scene.image()])
         ids = torch.tensor([mm.token_ids])
         g = hf.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=12, do_sample=False,
                         pad_token_id=vlm.tokenizer.pad_token_id, eos_token_id=vlm.tokenizer.eos_token_id)

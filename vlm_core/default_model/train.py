@@ -234,7 +234,7 @@ def calibration_samples(vlm, count: int, seed: int):
         q, a = sample_qa(scene, rng)
         req = vlm.request(q, {"image": [scene.image()]})
         with torch.no_grad():
-            emb = chunk_embeddings(vlm.model.embed_tokens, req.prompt, req.image_embeds, 0, len(req.prompt))
+            emb = chunk_embeddings(vlm.model.embed_tokens, req.prompt, req.media_embeds, 0, len(req.prompt))
             ans = vlm.model.embed_tokens(torch.tensor(vlm.tokenizer(a, add_special_tokens=False)["input_ids"]))
         out.append(torch.cat([emb, ans]))
     return out

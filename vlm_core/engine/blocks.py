@@ -19,26 +19,26 @@ from dataclasses import dataclass
 from .sequence import Sequence
 
 
-def block_key(prev: bytes, tokens, start: int, spans, image_hashes) -> bytes:
+def block_key(prev: bytes, tokens, start: int, spans, media_hashes) -> bytes:
     """The prefix-cache key of the block holding `tokens` from position `start`: chained on the
     previous block's key, with the content hash and slice of every image span it overlaps."""
     end = start + len(tokens)
     h = hashlib.blake2b(prev, digest_size=16)
     h.update(array("q", tokens).tobytes())
-    for span, img in zip(spans, image_hashes):
+    for span, img in zip(spans, media_hashes):
         if span.offset < end and span.end > start:
             h.update(f"|{img}:{max(span.offset, start) - span.offset}:{min(span.end, end) - span.offset}".encode())
     return h.digest()
 
 
-def prompt_block_keys(prompt, image_hashes, block_size: int) -> list[bytes]:
+def prompt_block_keys(prompt, media_hashes, block_size: int) -> list[bytes]:
     """The keys of a prompt's full blocks, first to last: what a replica's prefix cache holds
     after serving it (a cache-aware router matches requests on them)."""
     keys: list[bytes] = []
     ids = prompt.token_ids
     for start in range(0, len(ids) - block_size + 1, block_size):
         keys.append(block_key(keys[-1] if keys else b"", ids[start:start + block_size], start, prompt.spans,
-                              image_hashes))
+                              media_hashes))
     return keys
 
 
@@ -77,7 +77,7 @@ class BlockManager:
         while len(seq.block_hashes) < num_full_blocks:
             i = len(seq.block_hashes)
             seq.block_hashes.append(block_key(seq.block_hashes[-1] if i else b"", seq.tokens(i * bs, (i + 1) * bs),
-                                              i * bs, seq.prompt.spans, seq.image_hashes))
+                                              i * bs, seq.prompt.spans, seq.media_hashes))
         return seq.block_hashes[:num_full_blocks]
 
     # ---- allocation -----------------------------------------------------------------------

@@ -118,11 +118,11 @@ class LLMEngine:
 
     def add_request(self, request_id: str, request: EngineRequest) -> None:
         """Queue `request` under `request_id` (checked now; admitted at the next step)."""
-        prompt, image_embeds, params, image_hashes = (request.prompt, request.image_embeds, request.params,
-                                                      request.image_hashes)
-        if len(image_embeds) != len(prompt.spans):
+        prompt, media_embeds, params, media_hashes = (request.prompt, request.media_embeds, request.params,
+                                                      request.media_hashes)
+        if len(media_embeds) != len(prompt.spans):
             raise PlaceholderMismatchError(f"prompt has {len(prompt.spans)} image spans but "
-                                           f"{len(image_embeds)} image embeddings were given")
+                                           f"{len(media_embeds)} image embeddings were given")
         if len(prompt) == 0:
             raise InputError("prompt is empty")
         if len(prompt) >= self.max_model_len:
@@ -130,16 +130,16 @@ class LLMEngine:
         if -(-(len(prompt) + 1) // self.config.block_size) > self.blocks.num_blocks:
             raise ContextLengthError(f"prompt of {len(prompt)} tokens does not fit the KV cache "
                                      f"({self.blocks.num_blocks} blocks of {self.config.block_size})")
-        if image_hashes is not None and len(image_hashes) != len(image_embeds):
-            raise InputError(f"{len(image_hashes)} image hashes for {len(image_embeds)} images")
+        if media_hashes is not None and len(media_hashes) != len(media_embeds):
+            raise InputError(f"{len(media_hashes)} image hashes for {len(media_embeds)} images")
         hidden = self.model.config.text.hidden_size
-        for i, (span, e) in enumerate(zip(prompt.spans, image_embeds)):
+        for i, (span, e) in enumerate(zip(prompt.spans, media_embeds)):
             if tuple(e.shape) != (span.length, hidden):
                 raise PlaceholderMismatchError(f"image {i}: embedding of shape {tuple(e.shape)} for a placeholder "
                                                f"span of {span.length} tokens (expected ({span.length}, {hidden}))")
-        hashes = tuple(image_hashes) if image_hashes is not None else tuple(content_hash(e) for e in image_embeds)
+        hashes = tuple(media_hashes) if media_hashes is not None else tuple(content_hash(e) for e in media_embeds)
         compiled = self.grammar.compile(params.structured) if params.structured is not None else None
-        embeds = [e.to(self.model.device, self.model.dtype) for e in image_embeds]
+        embeds = [e.to(self.model.device, self.model.dtype) for e in media_embeds]
         with self._lock:
             if request_id in self._seqs or any(p[0] == "add" and p[1][0].request_id == request_id
                                                for p in self._pending):

@@ -20,16 +20,16 @@ from .params import SamplingParams
 @dataclass
 class EngineRequest:
     prompt: MultimodalPrompt
-    image_embeds: Sequence[torch.Tensor] = ()      # one [span length, H] per prompt span
+    media_embeds: Sequence[torch.Tensor] = ()      # one [span length, H] per prompt span
     params: SamplingParams = field(default_factory=SamplingParams)
-    image_hashes: tuple[str, ...] | None = None    # content hash per span (prefix / encoder cache keys);
+    media_hashes: tuple[str, ...] | None = None    # content hash per span (prefix / encoder cache keys);
                                                    # None: the engine hashes the embeddings
     priority: int = 0                              # lower is admitted first and preempted last;
                                                    # equal priorities keep arrival order
 
-    def with_embeds(self, image_embeds: Sequence[torch.Tensor]) -> "EngineRequest":
+    def with_embeds(self, media_embeds: Sequence[torch.Tensor]) -> "EngineRequest":
         """This request with its embeddings (for a request that crossed a process without them)."""
-        return replace(self, image_embeds=list(image_embeds))
+        return replace(self, media_embeds=list(media_embeds))
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,7 @@ class ModelRunner:
 
     def _embeddings(self, out: SchedulerOutput, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings [T, H] with image slices spliced in (decode rows: no image work)."""
-        chunks = [(c.seq.prompt.spans if c.start < c.seq.num_prompt_tokens else (), c.seq.image_embeds, c.start,
+        chunks = [(c.seq.prompt.spans if c.start < c.seq.num_prompt_tokens else (), c.seq.media_embeds, c.start,
                    c.num_tokens) for c in out.chunks]
         return embed_chunks(self.model.embed_tokens, input_ids, chunks, self.device)
 

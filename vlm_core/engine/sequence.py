@@ -27,8 +27,8 @@ class SeqStatus(enum.Enum):
 class Sequence:
     request_id: str
     prompt: MultimodalPrompt
-    image_embeds: list[torch.Tensor]     # one [tokens_per_image, H] per prompt span
-    image_hashes: tuple[str, ...]        # content hash per prompt span (prefix-cache keys)
+    media_embeds: list[torch.Tensor]     # one [tokens_per_image, H] per prompt span
+    media_hashes: tuple[str, ...]        # content hash per prompt span (prefix-cache keys)
     params: SamplingParams
     arrival: int                          # admission order; newer sequences are preempted first
     output_ids: list[int] = field(default_factory=list)

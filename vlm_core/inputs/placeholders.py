@@ -118,13 +118,13 @@ def _check_count(placeholders: int, images: int) -> None:
 
 
 def chunk_embeddings(embed_tokens: Callable[[torch.Tensor], torch.Tensor], prompt: MultimodalPrompt,
-                     image_embeds: Sequence[torch.Tensor], start: int, end: int) -> torch.Tensor:
+                     media_embeds: Sequence[torch.Tensor], start: int, end: int) -> torch.Tensor:
     """Input embeddings [end - start, H] of prompt positions [start, end) (`embed_chunks` of one)."""
-    if len(image_embeds) != len(prompt.spans):
+    if len(media_embeds) != len(prompt.spans):
         raise PlaceholderMismatchError(
-            f"prompt has {_plural(len(prompt.spans), 'image span')} but {len(image_embeds)} embeddings were given")
+            f"prompt has {_plural(len(prompt.spans), 'image span')} but {len(media_embeds)} embeddings were given")
     ids = torch.tensor(prompt.token_ids[start:end], dtype=torch.long)
-    return embed_chunks(embed_tokens, ids, [(prompt.spans, image_embeds, start, end - start)],
+    return embed_chunks(embed_tokens, ids, [(prompt.spans, media_embeds, start, end - start)],
                         _device_of(embed_tokens))
 
 

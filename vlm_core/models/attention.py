@@ -4,7 +4,7 @@ Model code calls exactly one thing: `kv.attend(layer, q, k, v, scale)` on a flat
 tokens. The object passed as `kv` knows the layout of that batch (which tokens belong to
 which sequence, how many tokens each sequence already has cached) and where to store the
 new keys/values. `ContiguousKV` below is the simple per-sequence cache used by
-`vlm_core.generation`; the engine supplies a paged implementation of the same protocol, so
+`vlm_core.scoring`; the engine supplies a paged implementation of the same protocol, so
 decoder code never changes.
 
 Shapes: T = tokens in this forward (all sequences concatenated), Hq / Hkv = query / kv

@@ -38,7 +38,7 @@ def prompt_logits(model: MultimodalLM, requests: Sequence[EngineRequest], chunk_
             n = n if chunk_size is None else min(n, chunk_size)
             chunks.append(SeqChunk(slot=i, start=done[i], length=n))
             ids.append(torch.tensor(r.prompt.token_ids[done[i]:done[i] + n]))
-            embeds.append(chunk_embeddings(model.embed_tokens, r.prompt, r.image_embeds, done[i], done[i] + n))
+            embeds.append(chunk_embeddings(model.embed_tokens, r.prompt, r.media_embeds, done[i], done[i] + n))
             positions.append(torch.arange(done[i], done[i] + n))
         hidden = model(torch.cat(ids).to(model.device), torch.cat(positions).to(model.device), cache.view(chunks),
                        torch.cat(embeds))
