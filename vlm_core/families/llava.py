@@ -242,11 +242,17 @@ class LlavaProcessor(BaseProcessor):
     def prepare(self, prompt: Prompt, images: Sequence[ImageInput] = (), apply_template: bool = True
                 ) -> tuple[MultimodalPrompt, torch.Tensor]:
         """Token ids with one placeholder span per image, and pixel values [N, 3, S, S]."""
+        text, pixels = self.text_and_pixels(prompt, images, apply_template)
+        return expand_placeholders(self.tokenize(text), len(images), self.spec), pixels
+
+    def text_and_pixels(self, prompt: Prompt, images: Sequence[ImageInput], apply_template: bool
+                        ) -> tuple[str, torch.Tensor]:
+        """The prompt's text (templated, or given as it is) and the images' pixel values."""
         pixels = self.image_processor(list(images))
         text = self.prompt_text(prompt, len(images)) if apply_template else prompt
         if not isinstance(text, str):
             raise TypeError("apply_template=False needs the prompt as a string")
-        return expand_placeholders(self.tokenize(text), len(images), self.spec), pixels
+        return text, pixels
 
     def prepare_media(self, prompt: Prompt, media: dict | None = None, apply_template: bool = True
                       ) -> tuple[MultimodalPrompt, list[MediaItem]]:

@@ -464,10 +464,7 @@ class LlavaOrigProcessor(BaseProcessor):
 
     def prepare(self, prompt: Prompt, images: Sequence[ImageInput] = (), apply_template: bool = True
                 ) -> tuple[MultimodalPrompt, torch.Tensor]:
-        pixels = self.image_processor(list(images))
-        text = self.prompt_text(prompt, len(images)) if apply_template else prompt
-        if not isinstance(text, str):
-            raise TypeError("apply_template=False needs the prompt as a string")
+        text, pixels = self.text_and_pixels(prompt, images, apply_template)
         n = media_tokens(self.config)
         if IMAGE_TOKEN not in text and self.patch_token_id is not None:
             ids = self.tokenize(text)
@@ -490,3 +487,4 @@ class LlavaOrigProcessor(BaseProcessor):
 
     # images only, one tile each: what a llava-hf model takes
     prepare_media = LlavaProcessor.prepare_media
+    text_and_pixels = LlavaProcessor.text_and_pixels
