@@ -60,25 +60,39 @@ def is_replica_death(e: BaseException) -> bool:
     return isinstance(e, tuple(_REPLICA_DIED))
 
 
+def unwrapped(e: BaseException) -> BaseException:
+    """The exception a transport wrapper carries as its `cause` (Ray's `RayTaskError` for an error
+    raised in another replica: it subclasses the original's class, but its text is the remote
+    traceback), or `e` itself."""
+    while isinstance(getattr(e, "cause", None), BaseException) and e.cause is not e:
+        e = e.cause
+    return e
+
+
 def api_error_of(e: BaseException, retry_after_s: int = 1, request_id: str | None = None) -> APIError:
-    """The client-facing error for an exception (or the first of its causes that is one we know).
-    Anything not a client error becomes a 500 that says "internal error" and a request id; the log
-    line for it carries the id and the traceback."""
+    """The client-facing error for an exception (or the first of its causes that is one we know),
+    in the original exception's own words, never a transport's traceback. Anything not a client
+    error becomes a 500 that says "internal error" and a request id; the log line for it carries
+    the id and the traceback."""
     seen = e
     while seen is not None:
-        if isinstance(seen, APIError):
-            return seen
         if isinstance(seen, tuple(_OVERLOADED)):
             return APIError(503, "the server is at capacity; retry later", "server_overloaded",
                             headers={"Retry-After": str(retry_after_s)})
         if isinstance(seen, tuple(_REPLICA_DIED)):
             return APIError(503, "a serving replica failed during the request; retry", "server_error",
                             headers={"Retry-After": str(retry_after_s)})
+        inner = unwrapped(seen)
+        if inner is not seen:          # judge the original, not its wrapper
+            seen = inner
+            continue
+        if isinstance(seen, APIError):
+            return seen
         if isinstance(seen, ImageTooLargeError):
             return APIError(413, str(seen), param="image_url")
         if isinstance(seen, VLMError):
             return APIError(400, str(seen))
-        seen = getattr(seen, "cause", None) or seen.__cause__
+        seen = seen.__cause__
     request_id = request_id or f"req-{uuid.uuid4().hex}"
     log.error("internal error in request %s", request_id, exc_info=e)
     return APIError(500, f"internal error (request id {request_id})", "server_error")

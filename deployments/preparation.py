@@ -127,6 +127,20 @@ class RequestPreparer:
                 raise APIError(400, f"a video of {len(v.video.frames)} frames; at most {o.max_video_frames} "
                                     f"are allowed", param="messages")
 
+    def check_sampling(self, sampling) -> None:
+        """What the engine can represent: stop strings bounded in number and length, token ids of
+        logit_bias and stop_token_ids inside the vocabulary."""
+        o = self.settings
+        if len(sampling.stop) > o.max_stop_strings:
+            raise APIError(400, f"{len(sampling.stop)} stop strings; at most {o.max_stop_strings} are accepted",
+                           param="stop")
+        chars = sum(len(s) for s in sampling.stop)
+        if chars > o.max_stop_chars:
+            raise APIError(400, f"the stop strings hold {chars} characters; at most {o.max_stop_chars} are accepted",
+                           param="stop")
+        self.check_token_ids([t for t, _ in sampling.logit_bias], "logit_bias")
+        self.check_token_ids(sampling.stop_token_ids, "stop_token_ids")
+
     def check_token_ids(self, ids, param: str) -> None:
         vocab = len(self.processor.tokenizer)
         bad = next((t for t in ids if not 0 <= t < vocab), None)
@@ -140,6 +154,7 @@ class RequestPreparer:
         o = self.settings
         self.check_limits(body)
         sampling = body.sampling(o.default_max_tokens)
+        self.check_sampling(sampling)
         messages, urls, videos = [], [], []
         for m in body.messages:
             if isinstance(m.content, str):
@@ -196,6 +211,7 @@ class RequestPreparer:
         """A text completion's prompt: its text tokenized as it is (no chat template), or its ids."""
         self.check_fields(body)
         sampling = body.sampling(self.settings.default_max_tokens)
+        self.check_sampling(sampling)
         given = body.text_or_ids()
         if isinstance(given, str):
             self.check_prompt_chars(len(given), "prompt")

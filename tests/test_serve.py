@@ -788,6 +788,10 @@ def test_structured_output_over_http(server, client):
     bad = httpx.post(server + "/v1/chat/completions", headers=AUTH, timeout=60, json={
         "messages": HI, "response_format": {"type": "json_object"}})
     assert bad.status_code == 400 and "cannot spell JSON" in bad.json()["error"]["message"]
+    # refused inside the LLM replica: the message is the engine's own, never Ray's traceback text
+    message = bad.json()["error"]["message"]
+    assert message.startswith("this model's tokenizer cannot spell JSON")
+    assert not any(w in message for w in ("ray::", "pid=", "actor_id", "Traceback", "File \""))
 
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {

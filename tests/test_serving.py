@@ -98,7 +98,7 @@ def image_request(image_path, question=Q, uuid=None, **kw):
     if uuid is not None:
         part["uuid"] = uuid
     return ChatCompletionRequest(messages=[{"role": "user", "content": [part, {"type": "text", "text": question}]}],
-                                 temperature=0, max_tokens=kw.pop("max_tokens", 8), **kw)
+                                 temperature=kw.pop("temperature", 0), max_tokens=kw.pop("max_tokens", 8), **kw)
 
 
 def run(coro):
@@ -285,3 +285,54 @@ def test_outputs_merge_by_choice_index():
     merged = run(go())
     assert [merged[0].text, merged[1].text] == ["ab", "xy"]
     assert [merged[0].finish_reason, merged[1].finish_reason] == ["stop", "length"]
+
+
+def test_a_replica_side_refusal_reaches_the_client_in_its_own_words(vlm, engine, images):
+    """An error raised in another replica arrives wrapped (Ray's RayTaskError subclasses the
+    original's class and its text is the remote traceback): the client gets the original message."""
+    from vlm_core.errors import InputError
+
+    original = InputError("this model's tokenizer cannot spell JSON")
+
+    class RemoteError(InputError):                     # what a transport's wrapper looks like
+        def __init__(self, cause):
+            super().__init__("ray::ServeReplica:vlm:LLMServer (pid=123, ip=10.0.0.1, actor_id=ab12)\n"
+                             "Traceback (most recent call last):\n  File \"/srv/llm.py\", line 60")
+            self.cause = cause
+
+    s = serving(vlm, engine, fail=RemoteError(original), die_after=0)
+    for call in (lambda: s.chat(image_request(images[0])),
+                 lambda: collect(s.chat_stream(image_request(images[0], stream=True)))):
+        with pytest.raises(APIError) as e:
+            run(call())
+        assert e.value.status == 400 and e.value.message == str(original)
+        assert not any(w in e.value.message for w in ("ray::", "pid=", "Traceback", "File \""))
+
+
+@pytest.mark.parametrize("kw, param, words", [
+    (dict(logit_bias={"²": 1}), "logit_bias", "logit_bias keys are token ids"),
+    (dict(logit_bias={"--5": 1}), "logit_bias", "logit_bias keys are token ids"),
+    (dict(logit_bias={"9" * 5000: 1}), "logit_bias", "logit_bias keys are token ids"),
+    (dict(logit_bias={"999999": 1}), "logit_bias", "token id 999999 is outside the vocabulary"),
+    (dict(stop_token_ids=[-3]), "stop_token_ids", "token id -3 is outside the vocabulary"),
+    (dict(stop=["x" * 10] * 33), "stop", "33 stop strings; at most 32"),
+    (dict(stop=["y" * 3000, "z" * 3000]), "stop", "the stop strings hold 6000 characters; at most 4096"),
+    (dict(seed=2 ** 63), "seed", "seed"),
+])
+def test_hostile_fields_are_refused_before_any_work(vlm, engine, images, kw, param, words):
+    s = serving(vlm, engine)
+    with pytest.raises((APIError, ValueError)) as e:
+        run(s.chat(image_request(images[0], **kw)))
+    err = e.value
+    if isinstance(err, APIError):
+        assert err.status == 400 and err.param == param and words in err.message
+    else:                                    # pydantic's own bound (the HTTP layer answers it as a 400 naming it)
+        assert param in str(err)
+    assert s.llm.sent == [] and s.vision.calls == 0
+
+
+def test_a_huge_top_k_is_clamped_to_the_vocabulary(vlm, engine, images):
+    s = serving(vlm, engine)
+    for top_k in (2 ** 63, 10 ** 30):
+        got = run(s.chat(image_request(images[0], temperature=1.0, top_k=top_k, seed=3)))
+        assert got.choices[0].finish_reason in ("stop", "length")

@@ -5,11 +5,12 @@ fields neither defines are reported (`unknown_fields`) and ignored."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from vlm_core.engine.params import MAX_LOGPROBS, MAX_N, SEED_RANGE, SamplingParams, StructuredOutput
+from vlm_core.engine.params import MAX_LOGPROBS, MAX_N, SamplingParams, StructuredOutput
 
 
 class FieldError(ValueError):
@@ -172,7 +173,8 @@ class _GenerationRequest(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: Text | list[Text] | None = None
-    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 63 - 1, description="a 64-bit signed integer, as "
+                                                                             "OpenAI and vLLM take it")
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=MAX_N, description="choices, generated from one prefill of the prompt")
@@ -214,7 +216,7 @@ class _GenerationRequest(BaseModel):
         if self.min_tokens > self.max_new_tokens_or(None):
             return "min_tokens", "min_tokens exceeds max_tokens"
         for key in self.logit_bias or {}:
-            if not key.lstrip("-").isdigit():
+            if not re.fullmatch(r"-?[0-9]{1,10}", key):
                 return "logit_bias", f"logit_bias keys are token ids; got {key!r}"
         try:
             self.structured()
