@@ -116,6 +116,11 @@ class RequestPreparer:
         self.check_fields(body)
         self.check_prompt_chars(text_chars(body), "messages")
         parts = [p for m in body.messages if not isinstance(m.content, str) for p in m.content]
+        detail = next((p.image_url.detail for p in parts if p.type == "image_url" and p.image_url is not None
+                       and p.image_url.detail not in (None, "auto")), None)
+        if detail is not None:
+            raise APIError(400, f"image_url.detail {detail!r} is not supported: every picture is encoded as this "
+                                f"model's processor cuts it (give 'auto' or leave it out)", param="messages")
         videos = [p for p in parts if p.type == "video"]
         if videos and "video" not in self.processor.media_kinds:
             raise APIError(400, "this model takes images only: video parts are not supported", param="messages")

@@ -336,3 +336,36 @@ def test_a_huge_top_k_is_clamped_to_the_vocabulary(vlm, engine, images):
     for top_k in (2 ** 63, 10 ** 30):
         got = run(s.chat(image_request(images[0], temperature=1.0, top_k=top_k, seed=3)))
         assert got.choices[0].finish_reason in ("stop", "length")
+
+
+VLLM_FIELDS = [("use_beam_search", True), ("length_penalty", 0.5), ("min_p", 0.1), ("bad_words", ["red"]),
+               ("allowed_token_ids", [1, 2]), ("include_stop_str_in_output", True), ("skip_special_tokens", False),
+               ("spaces_between_special_tokens", False), ("truncate_prompt_tokens", 10),
+               ("continue_final_message", True), ("add_generation_prompt", False), ("chat_template", "{{ x }}"),
+               ("chat_template_kwargs", {"a": 1}), ("mm_processor_kwargs", {"max_tiles": 1}),
+               ("documents", [{"text": "d"}]), ("guided_whitespace_pattern", " "), ("request_id", "r-1"),
+               ("return_token_ids", True), ("return_tokens_as_token_ids", True), ("logits_processors", ["x"]),
+               ("cache_salt", "tenant-a"), ("kv_transfer_params", {}), ("vllm_xargs", {"a": 1})]
+
+
+@pytest.mark.parametrize("field, value", VLLM_FIELDS, ids=[f for f, _ in VLLM_FIELDS])
+def test_vllm_extension_fields_not_served_are_refused_by_name(vlm, engine, images, field, value):
+    s = serving(vlm, engine)
+    with pytest.raises(APIError) as e:
+        run(s.chat(image_request(images[0], **{field: value})))
+    assert e.value.status == 400 and e.value.param == field and field.split("_")[0] in e.value.message
+    assert s.llm.sent == []
+
+
+def test_neutral_vllm_values_and_image_detail(vlm, engine, images):
+    s = serving(vlm, engine)
+    neutral = dict(use_beam_search=False, length_penalty=1.0, min_p=0.0, skip_special_tokens=True,
+                   include_stop_str_in_output=False, add_generation_prompt=True, chat_template_kwargs={})
+    want = run(s.chat(image_request(images[0]))).choices[0].message.content
+    assert run(s.chat(image_request(images[0], **neutral))).choices[0].message.content == want
+    body = image_request(images[0])
+    body.messages[0].content[0].image_url.detail = "low"
+    with pytest.raises(APIError, match="image_url.detail 'low' is not supported"):
+        run(s.chat(body))
+    body.messages[0].content[0].image_url.detail = "auto"
+    assert run(s.chat(body)).choices[0].message.content == want

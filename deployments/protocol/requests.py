@@ -102,7 +102,42 @@ _REFUSED = {
 }
 
 
-_NEUTRAL = {"modalities": (["text"],)}
+# vLLM's extension fields not served here: refused the same way (their neutral values pass).
+_REFUSED.update({
+    "use_beam_search": "beam search is not supported (use n for several sampled answers)",
+    "length_penalty": "length_penalty applies to beam search, which is not supported",
+    "min_p": "min_p sampling is not supported (use top_p / top_k)",
+    "bad_words": "bad_words is not supported (logit_bias can ban single tokens)",
+    "allowed_token_ids": "allowed_token_ids is not supported (a structured_outputs grammar or choice constrains "
+                         "the output)",
+    "include_stop_str_in_output": "include_stop_str_in_output is not supported: a stop string is never part of "
+                                  "the answer",
+    "skip_special_tokens": "skip_special_tokens: false is not supported: special tokens are never in the text",
+    "spaces_between_special_tokens": "spaces_between_special_tokens: false is not supported",
+    "truncate_prompt_tokens": "truncate_prompt_tokens is not supported: a prompt longer than the context is refused",
+    "continue_final_message": "continue_final_message is not supported: the answer always starts a new assistant "
+                              "turn",
+    "add_generation_prompt": "add_generation_prompt: false is not supported",
+    "chat_template": "a request's own chat_template is not supported: the model's template renders every prompt",
+    "chat_template_kwargs": "chat_template_kwargs are not supported",
+    "mm_processor_kwargs": "mm_processor_kwargs are not supported: pictures are cut as the model's config says",
+    "documents": "documents (retrieval-augmented templates) are not supported",
+    "guided_whitespace_pattern": "guided_whitespace_pattern is not supported: JSON output is compact",
+    "guided_decoding_backend": "guided_decoding_backend is not selectable: structured output uses xgrammar",
+    "request_id": "a client-chosen request_id is not supported: the server names each request",
+    "return_token_ids": "return_token_ids is not supported (logprobs carry the tokens)",
+    "return_tokens_as_token_ids": "return_tokens_as_token_ids is not supported",
+    "logits_processors": "custom logits_processors are not supported",
+    "cache_salt": "cache_salt is not supported: the prefix cache is shared by every request",
+    "kv_transfer_params": "kv_transfer_params (disaggregated prefill) are not supported",
+    "vllm_xargs": "vllm_xargs are not supported",
+})
+
+_NEUTRAL = {"modalities": (["text"],), "use_beam_search": (False,), "length_penalty": (1.0,), "min_p": (0.0,),
+            "bad_words": ([],), "include_stop_str_in_output": (False,), "skip_special_tokens": (True,),
+            "spaces_between_special_tokens": (True,), "continue_final_message": (False,),
+            "add_generation_prompt": (True,), "chat_template_kwargs": ({},), "mm_processor_kwargs": ({},),
+            "return_token_ids": (False,), "return_tokens_as_token_ids": (False,)}
 
 
 class FunctionDef(BaseModel):
