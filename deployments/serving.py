@@ -33,7 +33,7 @@ from .errors import APIError, api_error_of, api_errors, is_replica_death
 from .preparation import RequestPreparer
 from .protocol import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, Completion,
                        CompletionChoice, CompletionRequest, Delta, DetokenizeRequest, DetokenizeResponse, ModelCard,
-                       ModelList, TokenizeRequest, TokenizeResponse, ToolCallDelta, usage_of)
+                       ModelList, TokenizeRequest, TokenizeResponse, ToolCallDelta, Usage, usage_of)
 from .settings import IngressSettings
 
 log = logging.getLogger("ray.serve")
@@ -239,8 +239,10 @@ class OpenAIServing:
         tool = body.calls_tool()        # a forced tool call goes out whole, as the choice's last delta
         texts: dict[int, str] = {}
         async with self._consuming(stream, first, rid) as outs:
+            opening = Usage(prompt_tokens=first.prompt_tokens, completion_tokens=0, total_tokens=first.prompt_tokens,
+                            prompt_tokens_details={"cached_tokens": first.cached_tokens}) if every else None
             for i in range(body.n):
-                yield chunk(Delta(role="assistant", content=None if tool else ""), i)
+                yield chunk(Delta(role="assistant", content=None if tool else ""), i, usage=opening)
             async for out in outs:
                 latest[out.index] = out
                 usage = usage_of(latest.values()) if every else None

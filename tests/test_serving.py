@@ -369,3 +369,14 @@ def test_neutral_vllm_values_and_image_detail(vlm, engine, images):
         run(s.chat(body))
     body.messages[0].content[0].image_url.detail = "auto"
     assert run(s.chat(body)).choices[0].message.content == want
+
+
+def test_continuous_usage_is_on_every_chunk_from_the_first(vlm, engine, images):
+    s = serving(vlm, engine)
+    body = image_request(images[0], stream=True, stream_options={"include_usage": True,
+                                                                 "continuous_usage_stats": True})
+    chunks = run(collect(s.chat_stream(body, include_usage=True)))
+    assert all(c.usage is not None for c in chunks)
+    assert chunks[0].usage.completion_tokens == 0 and chunks[0].usage.prompt_tokens == chunks[-1].usage.prompt_tokens
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == chunks[-1].usage.completion_tokens > 0
