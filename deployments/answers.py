@@ -82,6 +82,6 @@ def prompt_logprobs(tokenizer, out: RequestOutput) -> list | None:
     return result
 
 
-def echo_text(tokenizer, body: CompletionRequest, prompt) -> str:
-    given = body.text_or_ids()
+def echo_text(tokenizer, given: str | list[int], prompt) -> str:
+    """What echo puts before a completion: the prompt's text as given, or its ids decoded."""
     return given if isinstance(given, str) else tokenizer.decode(list(prompt.token_ids))

@@ -212,12 +212,17 @@ class RequestPreparer:
 
     # ---- text completions -------------------------------------------------------------------
 
-    async def text(self, body: CompletionRequest):
-        """A text completion's prompt: its text tokenized as it is (no chat template), or its ids."""
+    async def text(self, body: CompletionRequest, given: str | list[int] | None = None):
+        """A text completion's prompt (`given`, else the request's first): its text tokenized as it
+        is (no chat template), or its ids."""
         self.check_fields(body)
+        prompts = body.prompts()
+        if len(prompts) > self.settings.max_prompts:
+            raise APIError(400, f"{len(prompts)} prompts in the request; at most {self.settings.max_prompts} are "
+                                f"accepted", param="prompt")
         sampling = body.sampling(self.settings.default_max_tokens)
         self.check_sampling(sampling)
-        given = body.text_or_ids()
+        given = body.text_or_ids() if given is None else given
         if isinstance(given, str):
             self.check_prompt_chars(len(given), "prompt")
             try:

@@ -58,6 +58,49 @@ class LLMClient(Protocol):
     def generate(self, request_id: str, request: EngineRequest, embeds: Any) -> OutputStream: ...
 
 
+def summed(usages: Sequence[Usage]) -> Usage:
+    """The usage of several prompts' requests together."""
+    prompt = sum(u.prompt_tokens for u in usages)
+    completion = sum(u.completion_tokens for u in usages)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 prompt_tokens_details={"cached_tokens": sum(u.prompt_tokens_details.get("cached_tokens", 0)
+                                                             for u in usages)})
+
+
+async def merged(streams: Sequence[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
+    """(k, item) from each of `streams` as items come; a failure in any ends the whole."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(k, it):
+        try:
+            async for item in it:
+                await queue.put((k, item))
+            await queue.put((k, done))
+        except BaseException as e:        # handed to the consumer, which raises it
+            await queue.put((k, e))
+
+    tasks = [asyncio.create_task(pump(k, it)) for k, it in enumerate(streams)]
+    try:
+        open_ = len(streams)
+        while open_:
+            k, item = await queue.get()
+            if item is done:
+                open_ -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield k, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)     # no stream is mid-read when it is closed
+
+
 def new_request_id(kind: str = "chatcmpl") -> str:
     return f"{kind}-{uuid.uuid4().hex}"
 
@@ -167,11 +210,22 @@ class OpenAIServing:
             prompt, items, sampling = await self.prepare.chat(body)
             return await self.submit(prompt, items, sampling, rid, body.priority)
 
-    async def _start_text(self, body: CompletionRequest, rid: str):
-        with self.errors(rid):
-            prompt, sampling = await self.prepare.text(body)
-            stream, first = await self.submit(prompt, [], sampling, rid, body.priority)
-            return prompt, stream, first
+    async def _start_text(self, body: CompletionRequest, rid: str) -> list[tuple[Any, Any, LLMStream, RequestOutput]]:
+        """Every prompt of a text completion prepared (all checked before any is sent), then each
+        sent: [(given prompt, prompt, stream, first output)], streams named rid, rid-1, rid-2, ..."""
+        started: list = []
+        try:
+            with self.errors(rid):
+                prepared = [(given, *await self.prepare.text(body, given)) for given in body.prompts()]
+                for k, (given, prompt, sampling) in enumerate(prepared):
+                    stream, first = await self.submit(prompt, [], sampling, rid if k == 0 else f"{rid}-{k}",
+                                                      body.priority)
+                    started.append((given, prompt, stream, first))
+        except BaseException:
+            for *_, stream, _ in started:
+                stream.close()
+            raise
+        return started
 
     async def outputs(self, stream: LLMStream, first: RequestOutput, rid: str) -> AsyncIterator[RequestOutput]:
         """The stream's outputs from `first` on. A failure cancels the request and leaves as an
@@ -264,26 +318,30 @@ class OpenAIServing:
     # ---- text completions -------------------------------------------------------------------
 
     async def complete(self, body: CompletionRequest) -> Completion:
-        """One text completion (n choices; no chat template)."""
+        """One text completion (n choices per prompt; no chat template)."""
         rid = new_request_id("cmpl")
-        prompt, stream, first = await self._start_text(body, rid)
-        outs = await self._gather(stream, first, rid)
-        echo = answers.echo_text(self.tokenizer, body, prompt) if body.echo else ""
-        echoed = answers.echo_logprobs(body, prompt, outs[0].prompt_logprobs)
-        scored = answers.prompt_logprobs(self.tokenizer, outs[0]) if body.prompt_logprobs is not None else None
-        return Completion(
-            id=rid, created=int(time.time()), model=self.model_name, usage=usage_of(outs.values()),
-            choices=[CompletionChoice(index=i, text=echo + o.text, finish_reason=o.finish_reason,
-                                      logprobs=answers.completion_logprobs(self.tokenizer, o.logprobs or [],
-                                                                           body.logprobs, echoed)
-                                      if body.logprobs is not None else None, prompt_logprobs=scored)
-                     for i, o in outs.items()])
+        started = await self._start_text(body, rid)
+        gathered = await asyncio.gather(*(self._gather(stream, first, rid) for _, _, stream, first in started))
+        choices, usages = [], []
+        for k, ((given, prompt, _, _), outs) in enumerate(zip(started, gathered)):
+            echo = answers.echo_text(self.tokenizer, given, prompt) if body.echo else ""
+            echoed = answers.echo_logprobs(body, prompt, outs[0].prompt_logprobs)
+            scored = answers.prompt_logprobs(self.tokenizer, outs[0]) if body.prompt_logprobs is not None else None
+            usages.append(usage_of(outs.values()))
+            choices += [CompletionChoice(index=k * body.n + i, text=echo + o.text, finish_reason=o.finish_reason,
+                                         logprobs=answers.completion_logprobs(self.tokenizer, o.logprobs or [],
+                                                                              body.logprobs, echoed)
+                                         if body.logprobs is not None else None, prompt_logprobs=scored)
+                        for i, o in outs.items()]
+        return Completion(id=rid, created=int(time.time()), model=self.model_name, usage=summed(usages),
+                          choices=choices)
 
     async def complete_stream(self, body: CompletionRequest, request_id: str | None = None
                               ) -> AsyncIterator[Completion]:
-        """Streamed text-completion chunks."""
+        """Streamed text-completion chunks; with several prompts their chunks interleave as they
+        come, each choice numbered prompt * n + choice."""
         rid = request_id or new_request_id("cmpl")
-        prompt, stream, first = await self._start_text(body, rid)
+        started = await self._start_text(body, rid)
         created = int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         every = bool(body.stream_options and body.stream_options.continuous_usage_stats)
@@ -296,20 +354,28 @@ class OpenAIServing:
                                                         finish_reason=out.finish_reason if out else None)]
                               if choices else [])
 
-        latest: dict[int, RequestOutput] = {}
-        async with self._consuming(stream, first, rid) as outs:
-            if body.echo:
+        latest: dict[tuple[int, int], RequestOutput] = {}
+
+        def usage_now() -> Usage:
+            return summed([usage_of([o for (k, _), o in latest.items() if k == p])
+                           for p in sorted({k for k, _ in latest})])
+
+        if body.echo:
+            for k, (given, prompt, _, first) in enumerate(started):
                 echoed = answers.echo_logprobs(body, prompt, first.prompt_logprobs)
                 lp = answers.completion_logprobs(self.tokenizer, [], body.logprobs, echoed) if echoed is not None \
                     else None
                 for i in range(body.n):
-                    yield chunk(answers.echo_text(self.tokenizer, body, prompt), i, lp=lp)
-            async for out in outs:
-                latest[out.index] = out
+                    yield chunk(answers.echo_text(self.tokenizer, given, prompt), k * body.n + i, lp=lp)
+        async with contextlib.AsyncExitStack() as stack:
+            streams = [await stack.enter_async_context(self._consuming(stream, first, rid))
+                       for _, _, stream, first in started]
+            async for k, out in merged(streams):
+                latest[(k, out.index)] = out
                 if out.text or out.finish_reason or out.logprobs:
-                    yield chunk(out.text, out.index, out, usage=usage_of(latest.values()) if every else None)
+                    yield chunk(out.text, k * body.n + out.index, out, usage=usage_now() if every else None)
         if include_usage and latest:
-            yield chunk("", usage=usage_of(latest.values()), choices=False)
+            yield chunk("", usage=usage_now(), choices=False)
 
     # ---- the other routes ---------------------------------------------------------------------
 

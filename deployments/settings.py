@@ -69,6 +69,7 @@ class IngressSettings(_Section):
     default_max_tokens: int = Field(64, ge=1, description="max_tokens of a request that names none")
     max_images: int = Field(8, ge=0, description="images per request (and videos per request)")
     max_stop_strings: int = Field(32, ge=0, description="stop strings per request (400 above)")
+    max_prompts: int = Field(32, ge=1, description="prompts of one /v1/completions request (400 above)")
     max_stop_chars: int = Field(4096, ge=1, description="characters of all a request's stop strings (400 above)")
     max_video_frames: int = Field(64, ge=1, description="frames per video part (VILA-family models sample them "
                                                         "down to num_video_frames)")

@@ -380,3 +380,30 @@ def test_continuous_usage_is_on_every_chunk_from_the_first(vlm, engine, images):
     assert chunks[0].usage.completion_tokens == 0 and chunks[0].usage.prompt_tokens == chunks[-1].usage.prompt_tokens
     counts = [c.usage.completion_tokens for c in chunks]
     assert counts == sorted(counts) and counts[-1] == chunks[-1].usage.completion_tokens > 0
+
+
+def test_list_prompts_each_get_their_choices_numbered_prompt_by_prompt(vlm, engine):
+    s = serving(vlm, engine)
+    texts = ["The circle is", "The square is", "There are"]
+    ids = vlm.tokenizer("The triangle is")["input_ids"]
+    alone = [run(s.complete(CompletionRequest(prompt=p, max_tokens=4, temperature=0))) for p in texts + [ids]]
+    both = run(s.complete(CompletionRequest(prompt=texts, max_tokens=4, temperature=0, n=2)))
+    assert [c.index for c in both.choices] == list(range(6))
+    assert [c.text for c in both.choices] == [a.choices[0].text for a in alone[:3] for _ in range(2)]
+    assert both.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone[:3])
+    assert both.usage.completion_tokens == 2 * sum(a.usage.completion_tokens for a in alone[:3])
+    as_ids = run(s.complete(CompletionRequest(prompt=[ids, ids], max_tokens=4, temperature=0, echo=True)))
+    assert [c.text for c in as_ids.choices] == [vlm.tokenizer.decode(ids) + alone[3].choices[0].text] * 2
+    chunks = run(collect(s.complete_stream(CompletionRequest(prompt=texts, max_tokens=4, temperature=0, stream=True,
+                                                             stream_options={"include_usage": True}))))
+    streamed = {}
+    for c in chunks:
+        for ch in c.choices:
+            streamed[ch.index] = streamed.get(ch.index, "") + ch.text
+    assert streamed == {k: a.choices[0].text for k, a in enumerate(alone[:3])}
+    assert chunks[-1].usage.completion_tokens == sum(a.usage.completion_tokens for a in alone[:3])
+    with pytest.raises(APIError, match="the prompt is empty"):
+        run(s.complete(CompletionRequest(prompt=["a", ""], max_tokens=2)))
+    many = OpenAIServing(vlm.processor, IngressSettings(max_prompts=2), LocalVision(vlm.model), LocalLLM(engine))
+    with pytest.raises(APIError, match="3 prompts in the request; at most 2"):
+        run(many.complete(CompletionRequest(prompt=texts, max_tokens=2)))

@@ -405,7 +405,9 @@ class ChatCompletionRequest(_GenerationRequest):
 class CompletionRequest(_GenerationRequest):
     """OpenAI's (legacy) text-completions request: a text prompt (or its token ids), no chat template."""
 
-    prompt: Text | list[int] | list[Text] = Field(description="the text, or its token ids; one prompt per request")
+    prompt: Text | list[int] | list[Text] | list[list[int]] = Field(
+        description="the text or its token ids, or a list of either: each prompt gets its n choices, numbered "
+                    "prompt by prompt (index = prompt * n + choice)")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="log-probabilities of this many most "
                                                                           "likely tokens per position")
     echo: bool = Field(False, description="the prompt's text before the completion")
@@ -420,17 +422,19 @@ class CompletionRequest(_GenerationRequest):
             return "suffix", "suffix (insertion) is not supported"
         if self.best_of is not None and self.best_of > 1:
             return "best_of", "best_of > 1 is not supported"
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
-            if len(self.prompt) != 1:
-                return "prompt", "one prompt per request"
-        if isinstance(self.prompt, (list, str)) and len(self.prompt) == 0:
+        if isinstance(self.prompt, (list, str)) and len(self.prompt) == 0 or any(len(p) == 0 for p in self.prompts()):
             return "prompt", "the prompt is empty"
         return None
 
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts: one text or id list, or each of a list of them."""
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
+            return list(self.prompt)
+        return [self.prompt]
+
     def text_or_ids(self) -> str | list[int]:
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
-            return self.prompt[0]
-        return self.prompt
+        """The first prompt (the only one, for most requests)."""
+        return self.prompts()[0]
 
     def num_logprobs(self) -> int | None:
         return self.logprobs
