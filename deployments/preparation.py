@@ -37,7 +37,8 @@ def text_chars(body: ChatCompletionRequest) -> int:
     """Characters of text in the request's messages."""
     n = 0
     for m in body.messages:
-        parts = [m.content] if isinstance(m.content, str) else [p.text for p in m.content if p.type == "text"]
+        content = m.history_text()
+        parts = [content] if isinstance(content, str) else [p.text for p in content if p.type == "text"]
         n += sum(len(t) for t in parts)
     return n
 
@@ -115,7 +116,7 @@ class RequestPreparer:
         o = self.settings
         self.check_fields(body)
         self.check_prompt_chars(text_chars(body), "messages")
-        parts = [p for m in body.messages if not isinstance(m.content, str) for p in m.content]
+        parts = [p for m in body.messages if isinstance(m.content, list) for p in m.content]
         detail = next((p.image_url.detail for p in parts if p.type == "image_url" and p.image_url is not None
                        and p.image_url.detail not in (None, "auto")), None)
         if detail is not None:
@@ -162,11 +163,12 @@ class RequestPreparer:
         self.check_sampling(sampling)
         messages, urls, videos = [], [], []
         for m in body.messages:
-            if isinstance(m.content, str):
-                messages.append({"role": m.role, "content": m.content})
+            content, role = m.history_text(), "user" if m.role == "tool" else m.role
+            if isinstance(content, str):
+                messages.append({"role": role, "content": content})
                 continue
             parts = []
-            for p in m.content:
+            for p in content:
                 if p.type == "text":
                     parts.append({"type": "text", "text": p.text})
                 elif p.type == "video":
@@ -175,7 +177,7 @@ class RequestPreparer:
                 else:
                     urls.append(p)
                     parts.append({"type": "image"})
-            messages.append({"role": m.role, "content": parts})
+            messages.append({"role": role, "content": parts})
         if self.policy.allow_http and self._http is None:
             self._http = new_http_client()
         # a part naming a uuid this replica remembers is not fetched or decoded again

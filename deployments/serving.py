@@ -396,11 +396,12 @@ class OpenAIServing:
             self.prepare.check_prompt_chars(len(body.prompt), "prompt")
             ids = list(tok(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"])
         else:
-            if any(not isinstance(m.content, str) and any(p.type != "text" for p in m.content) for m in body.messages):
+            turns = [(m, m.history_text()) for m in body.messages]
+            if any(not isinstance(c, str) and any(p.type != "text" for p in c) for _, c in turns):
                 raise APIError(400, "/tokenize takes text messages only (media expand when a request is served)",
                                param="messages")
-            messages = [{"role": m.role, "content": m.content if isinstance(m.content, str) else
-                         "".join(p.text for p in m.content)} for m in body.messages]
+            messages = [{"role": "user" if m.role == "tool" else m.role,
+                         "content": c if isinstance(c, str) else "".join(p.text for p in c)} for m, c in turns]
             if sum(len(m["content"]) for m in messages) > self.prepare.max_prompt_chars:
                 raise APIError(400, f"the messages hold more than {self.prepare.max_prompt_chars} characters",
                                param="messages")

@@ -834,6 +834,24 @@ def test_forced_tool_calls_follow_the_function_schema(nvila_app):
         assert bad.status_code == 400 and words in bad.json()["error"]["message"], bad.text
 
 
+def test_the_tool_round_trip_with_the_openai_client(nvila_app):
+    """A forced call, the tool's result sent back after the assistant's tool_calls, the next answer."""
+    from openai import OpenAI
+
+    base, _ = nvila_app
+    client = OpenAI(base_url=base + "/v1", api_key=API_KEY, timeout=120, max_retries=0)
+    ask = {"role": "user", "content": "What is the weather?"}
+    first = client.chat.completions.create(model="tiny-nvila", messages=[ask], tools=[WEATHER], max_tokens=120,
+                                           tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                           temperature=0)
+    call = first.choices[0].message.tool_calls[0]
+    history = [ask, first.choices[0].message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"sky": "clear", "celsius": 21})}]
+    second = client.chat.completions.create(model="tiny-nvila", messages=history, max_tokens=6, temperature=0)
+    assert second.choices[0].finish_reason in ("stop", "length") and second.choices[0].message.content is not None
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens
+
+
 def test_a_picture_sent_once_is_reused_by_its_uuid(server, client):
     import httpx
 

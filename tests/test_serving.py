@@ -2,6 +2,7 @@
 tower as the vision client, an in-process `AsyncLLMEngine` (or scripted streams) as the LLM client."""
 
 import asyncio
+import json
 import threading
 
 import pytest
@@ -407,3 +408,36 @@ def test_list_prompts_each_get_their_choices_numbered_prompt_by_prompt(vlm, engi
     many = OpenAIServing(vlm.processor, IngressSettings(max_prompts=2), LocalVision(vlm.model), LocalLLM(engine))
     with pytest.raises(APIError, match="3 prompts in the request; at most 2"):
         run(many.complete(CompletionRequest(prompt=texts, max_tokens=2)))
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"],
+    "additionalProperties": False}}}
+
+
+def test_the_tool_round_trip(vlm, engine, images):
+    """A forced call, its result sent back in a `tool` message after the assistant's `tool_calls`,
+    and the next answer; the history renders as documented (calls as their JSON, the result as a
+    user turn naming the call)."""
+    s = serving(vlm, engine)
+    ask = {"role": "user", "content": "What is the weather?"}
+    first = run(s.chat(ChatCompletionRequest(messages=[ask], tools=[WEATHER], tool_choice="required",
+                                             max_tokens=200, temperature=0)))
+    call = first.choices[0].message.tool_calls[0]
+    assert first.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    history = [ask, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+               {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+    second = run(s.chat(ChatCompletionRequest(messages=history, max_tokens=6, temperature=0)))
+    assert second.choices[0].message.content is not None and second.choices[0].finish_reason in ("stop", "length")
+    text = s.tokenize(TokenizeRequest(messages=history))
+    rendered = vlm.tokenizer.decode(text.tokens)
+    args = json.loads(call.function.arguments)
+    assert json.dumps({"name": "get_weather", "arguments": args}) in rendered
+    assert f"Result of tool call {call.id}: sunny, 21 C" in rendered
+    # an assistant turn whose content is a list of parts, and a message without content
+    parts = [ask, {"role": "assistant", "content": [{"type": "text", "text": "Paris."}]}, ask]
+    assert run(s.chat(ChatCompletionRequest(messages=parts, max_tokens=3))).choices
+    with pytest.raises(ValueError, match="a user message needs content"):
+        ChatCompletionRequest(messages=[{"role": "user"}])
+    with pytest.raises(ValueError, match="only an assistant message carries tool_calls"):
+        ChatCompletionRequest(messages=[{"role": "user", "content": "x", "tool_calls": [call.model_dump()]}])

@@ -72,15 +72,65 @@ class VideoPart(BaseModel):
 ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
 
 
+class CalledFunction(BaseModel):
+    name: str
+    arguments: str = Field(description="the arguments as JSON text")
+
+
+class HistoryToolCall(BaseModel):
+    """A tool call of an earlier assistant turn, as the answer that made it carried it."""
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"] = Field(
-        description="'developer' is OpenAI's newer name for a system message and is treated as one")
-    content: Text | list[ContentPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
+        description="'developer' is OpenAI's newer name for a system message and is treated as one; 'tool' carries "
+                    "a tool's result back (tool_call_id names the call)")
+    content: Text | list[ContentPart] | None = None
+    tool_calls: list[HistoryToolCall] | None = Field(None, description="an assistant turn's tool calls")
+    tool_call_id: str | None = None
+    name: str | None = None
 
     @field_validator("role")
     @classmethod
     def _developer_is_system(cls, role: str) -> str:
         return "system" if role == "developer" else role
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message carries tool_calls")
+        if self.role == "tool" and not isinstance(self.content, str) and any(p.type != "text" for p in self.content):
+            raise ValueError("a tool message's content is text")
+        return self
+
+    def history_text(self) -> str | list | None:
+        """This message as a turn of the conversation the model sees: an assistant's tool calls
+        appended as the JSON each call was generated as (`{"name", "arguments"}`), a tool's result as
+        a user turn that names the call (the fallback for templates without tool roles)."""
+        if self.role == "tool":
+            text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+            called = self.name or self.tool_call_id
+            return f"Result of tool call {called}: {text}" if called else f"Tool result: {text}"
+        if not self.tool_calls:
+            return self.content
+        calls = "\n".join(json.dumps({"name": c.function.name, "arguments": _json_or_text(c.function.arguments)})
+                          for c in self.tool_calls)
+        if not self.content:
+            return calls
+        return self.content + "\n" + calls if isinstance(self.content, str) else \
+            [*self.content, TextPart(type="text", text="\n" + calls)]
+
+
+def _json_or_text(arguments: str):
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
 
 
 class StreamOptions(BaseModel):
