@@ -102,7 +102,7 @@ class CacheAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         if self._keys_of == "prompt_blocks":
             for arg in pending.args:
                 if isinstance(arg, EngineRequest):
-                    return prompt_block_keys(arg.prompt, arg.media_hashes, self._block_size)
+                    return prompt_block_keys(arg.prompt, arg.media_hashes, self._block_size, arg.cache_salt)
             return []
         hashes = pending.args[1] if len(pending.args) > 1 else pending.kwargs.get("hashes", ())
         return [str(h).encode() for h in hashes or ()]

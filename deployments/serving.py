@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import dataclasses
 import logging
 import time
@@ -196,19 +197,22 @@ class OpenAIServing:
 
     # ---- submitting and consuming -----------------------------------------------------------
 
-    async def submit(self, prompt: MultimodalPrompt, items, sampling, rid: str, priority: int = 0
-                     ) -> tuple[LLMStream, RequestOutput]:
+    async def submit(self, prompt: MultimodalPrompt, items, sampling, rid: str, priority: int = 0,
+                     cache_salt: str | None = None) -> tuple[LLMStream, RequestOutput]:
         """Send the media to the vision client and the request to the LLM client; returns once the
         engine has accepted it (its first output in hand)."""
-        hashes = [it.hash for it in items]
+        # with a cache salt the pictures' keys are the tenant's own too: encoder cache and routing
+        hashes = [it.hash if not cache_salt else
+                  hashlib.blake2b(f"{cache_salt}\0{it.hash}".encode(), digest_size=16).hexdigest() for it in items]
         embeds = await self.vision.encode(items, hashes) if hashes else None
-        stream = LLMStream(self.llm, rid, EngineRequest(prompt, (), sampling, tuple(hashes), priority), embeds)
+        request = EngineRequest(prompt, (), sampling, tuple(hashes), priority, cache_salt)
+        stream = LLMStream(self.llm, rid, request, embeds)
         return stream, await anext(stream)    # raises when not admitted (queue full, invalid)
 
     async def _start_chat(self, body: ChatCompletionRequest, rid: str):
         with self.errors(rid):
             prompt, items, sampling = await self.prepare.chat(body)
-            return await self.submit(prompt, items, sampling, rid, body.priority)
+            return await self.submit(prompt, items, sampling, rid, body.priority, body.cache_salt)
 
     async def _start_text(self, body: CompletionRequest, rid: str) -> list[tuple[Any, Any, LLMStream, RequestOutput]]:
         """Every prompt of a text completion prepared (all checked before any is sent), then each
@@ -219,7 +223,7 @@ class OpenAIServing:
                 prepared = [(given, *await self.prepare.text(body, given)) for given in body.prompts()]
                 for k, (given, prompt, sampling) in enumerate(prepared):
                     stream, first = await self.submit(prompt, [], sampling, rid if k == 0 else f"{rid}-{k}",
-                                                      body.priority)
+                                                      body.priority, body.cache_salt)
                     started.append((given, prompt, stream, first))
         except BaseException:
             for *_, stream, _ in started:

@@ -346,7 +346,7 @@ VLLM_FIELDS = [("use_beam_search", True), ("length_penalty", 0.5), ("min_p", 0.1
                ("chat_template_kwargs", {"a": 1}), ("mm_processor_kwargs", {"max_tiles": 1}),
                ("documents", [{"text": "d"}]), ("guided_whitespace_pattern", " "), ("request_id", "r-1"),
                ("return_token_ids", True), ("return_tokens_as_token_ids", True), ("logits_processors", ["x"]),
-               ("cache_salt", "tenant-a"), ("kv_transfer_params", {}), ("vllm_xargs", {"a": 1})]
+               ("kv_transfer_params", {}), ("vllm_xargs", {"a": 1})]
 
 
 @pytest.mark.parametrize("field, value", VLLM_FIELDS, ids=[f for f, _ in VLLM_FIELDS])
@@ -441,3 +441,26 @@ def test_the_tool_round_trip(vlm, engine, images):
         ChatCompletionRequest(messages=[{"role": "user"}])
     with pytest.raises(ValueError, match="only an assistant message carries tool_calls"):
         ChatCompletionRequest(messages=[{"role": "user", "content": "x", "tool_calls": [call.model_dump()]}])
+
+
+def test_cache_salt_keeps_tenants_prefix_caches_apart(vlm, engine, images):
+    from vlm_core.engine.blocks import prompt_block_keys
+
+    s = serving(vlm, engine)
+
+    def cached(salt):
+        return run(s.chat(image_request(images[1], question="How many shapes are there in this picture?",
+                                        cache_salt=salt))).usage.prompt_tokens_details["cached_tokens"]
+
+    assert cached("tenant-a") == 0
+    assert cached("tenant-b") == 0                     # the same prompt, another tenant: nothing shared
+    assert cached("tenant-a") > 0                      # the same tenant again: its blocks
+    prompt = vlm.request(Q, {"image": [images[1]]}).prompt
+    plain, a, b = (prompt_block_keys(prompt, ("h",), 16, salt) for salt in (None, "tenant-a", "tenant-b"))
+    assert len(plain) == len(a) == len(b) > 0 and not set(plain) & set(a) and not set(a) & set(b)
+    assert prompt_block_keys(prompt, ("h",), 16, "tenant-a") == a
+    # the pictures' keys are per tenant too (the encoder cache and the media router see them)
+    s.llm.sent.clear()
+    cached("tenant-c")
+    cached("tenant-d")
+    assert s.llm.sent[0].media_hashes != s.llm.sent[1].media_hashes

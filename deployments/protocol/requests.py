@@ -178,7 +178,6 @@ _REFUSED.update({
     "return_token_ids": "return_token_ids is not supported (logprobs carry the tokens)",
     "return_tokens_as_token_ids": "return_tokens_as_token_ids is not supported",
     "logits_processors": "custom logits_processors are not supported",
-    "cache_salt": "cache_salt is not supported: the prefix cache is shared by every request",
     "kv_transfer_params": "kv_transfer_params (disaggregated prefill) are not supported",
     "vllm_xargs": "vllm_xargs are not supported",
 })
@@ -274,6 +273,9 @@ class _GenerationRequest(BaseModel):
                                                                        "penalty over prompt and output")
     stop_token_ids: list[int] | None = Field(None, description="extension: token ids that end the answer")
     ignore_eos: bool = Field(False, description="extension: keep generating past EOS up to max_tokens")
+    cache_salt: str | None = Field(None, min_length=1, max_length=256,
+                                   description="extension (vLLM): prefix-cache blocks are shared only between "
+                                               "requests with the same salt (tenants kept apart)")
     priority: int = Field(0, ge=-2 ** 31, le=2 ** 31 - 1,
                           description="extension (vLLM): lower is admitted first and preempted last; equal "
                                       "priorities keep arrival order")

@@ -31,14 +31,20 @@ def block_key(prev: bytes, tokens, start: int, spans, media_hashes) -> bytes:
     return h.digest()
 
 
-def prompt_block_keys(prompt, media_hashes, block_size: int) -> list[bytes]:
+def root_key(cache_salt: str | None) -> bytes:
+    """What a prompt's first block key is chained on: nothing, or its cache salt, so that requests
+    with different salts never share a block (nor can time each other's cache hits)."""
+    return b"" if not cache_salt else hashlib.blake2b(b"salt\0" + cache_salt.encode(), digest_size=16).digest()
+
+
+def prompt_block_keys(prompt, media_hashes, block_size: int, cache_salt: str | None = None) -> list[bytes]:
     """The keys of a prompt's full blocks, first to last: what a replica's prefix cache holds
     after serving it (a cache-aware router matches requests on them)."""
     keys: list[bytes] = []
     ids = prompt.token_ids
     for start in range(0, len(ids) - block_size + 1, block_size):
-        keys.append(block_key(keys[-1] if keys else b"", ids[start:start + block_size], start, prompt.spans,
-                              media_hashes))
+        keys.append(block_key(keys[-1] if keys else root_key(cache_salt), ids[start:start + block_size], start,
+                              prompt.spans, media_hashes))
     return keys
 
 
@@ -76,7 +82,8 @@ class BlockManager:
         bs = self.block_size
         while len(seq.block_hashes) < num_full_blocks:
             i = len(seq.block_hashes)
-            seq.block_hashes.append(block_key(seq.block_hashes[-1] if i else b"", seq.tokens(i * bs, (i + 1) * bs),
+            seq.block_hashes.append(block_key(seq.block_hashes[-1] if i else root_key(seq.cache_salt),
+                                              seq.tokens(i * bs, (i + 1) * bs),
                                               i * bs, seq.prompt.spans, seq.media_hashes))
         return seq.block_hashes[:num_full_blocks]
 

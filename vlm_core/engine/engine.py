@@ -153,7 +153,8 @@ class LLMEngine:
                                         matcher=self.grammar.matcher(compiled, params.structured)
                                         if compiled else None,
                                         prompt_logprobs=[] if p.prompt_logprobs is not None else None,
-                                        priority=request.priority, queued_at=time.perf_counter()))
+                                        priority=request.priority, queued_at=time.perf_counter(),
+                                        cache_salt=request.cache_salt))
             self._pending.append(("add", choices))
 
     def abort(self, request_id: str) -> None:

@@ -26,6 +26,8 @@ class EngineRequest:
                                                    # None: the engine hashes the embeddings
     priority: int = 0                              # lower is admitted first and preempted last;
                                                    # equal priorities keep arrival order
+    cache_salt: str | None = None                  # prefix-cache blocks are shared only between requests
+                                                   # with the same salt (tenants apart)
 
     def with_embeds(self, media_embeds: Sequence[torch.Tensor]) -> "EngineRequest":
         """This request with its embeddings (for a request that crossed a process without them)."""

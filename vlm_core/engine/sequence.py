@@ -48,6 +48,7 @@ class Sequence:
     priority: int = 0                     # lower first (admission), and last to be preempted
     queued_at: float = 0.0                # time.perf_counter() when the request was added
     queue_time_s: float | None = None     # from queued_at to its first scheduled chunk
+    cache_salt: str | None = None         # its prefix-cache namespace (blocks.root_key)
 
     @property
     def rank(self) -> tuple[int, int]:
