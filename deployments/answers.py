@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
 
 from vlm_core.engine.request import RequestOutput
@@ -18,15 +20,46 @@ from .protocol import (AssistantMessage, ChatCompletionRequest, ChoiceLogprobs, 
                        FunctionCall, PromptLogprob, TokenLogprob, ToolCall, TopLogprob)
 
 
-def assistant_message(body: ChatCompletionRequest, text: str, finish: str | None
+HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+
+
+def hermes_calls(text: str, tools) -> tuple[str, list[tuple[str, str]]]:
+    """(the text outside the calls, [(function name, arguments JSON)]) of an answer in the hermes
+    format; a block that is not a call of one of `tools` stays text."""
+    names = {t.function.name for t in tools or ()}
+    calls, kept, last = [], [], 0
+    for m in HERMES_CALL.finditer(text):
+        try:
+            call = json.loads(m.group(1))
+            name, args = call["name"], call.get("arguments", {})
+        except (ValueError, KeyError, TypeError):
+            continue
+        if name not in names:
+            continue
+        kept.append(text[last:m.start()])
+        last = m.end()
+        calls.append((name, args if isinstance(args, str) else json.dumps(args)))
+    kept.append(text[last:])
+    return "".join(kept).strip(), calls
+
+
+def assistant_message(body: ChatCompletionRequest, text: str, finish: str | None, tool_parser: str = "none"
                       ) -> tuple[AssistantMessage, str | None]:
-    """The assistant message of a finished choice: its text, or for a forced tool call the call."""
-    call = body.tool_call_of(text) if body.calls_tool() else None
-    if call is None:
+    """The assistant message of a finished choice: its text; for a forced tool call the call; with a
+    tool parser and the model left to decide, the calls it wrote (and any text beside them)."""
+    if body.calls_tool():
+        call = body.tool_call_of(text)
+        calls, content = ([call] if call is not None else []), None
+    elif body.may_call_tool() and tool_parser == "hermes":
+        content, calls = hermes_calls(text, body.tools)
+        content = content or None
+    else:
+        calls = []
+    if not calls:
         return AssistantMessage(content=text), finish
-    return (AssistantMessage(content=None, tool_calls=[ToolCall(id=f"call_{uuid.uuid4().hex[:24]}",
-                                                               function=FunctionCall(name=call[0], arguments=call[1]))]),
-            "tool_calls" if finish == "stop" else finish)
+    return (AssistantMessage(content=content, tool_calls=[
+        ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=n, arguments=a)) for n, a in calls]),
+        "tool_calls" if finish == "stop" else finish)
 
 
 def chat_logprobs(tokenizer, entries) -> ChoiceLogprobs:

@@ -91,6 +91,10 @@ class RequestPreparer:
         refused = body.refusal()
         if refused is not None:
             raise APIError(400, refused[1], param=refused[0])
+        if getattr(body, "may_call_tool", lambda: False)() and self.settings.tool_parser == "none":
+            raise APIError(400, "this server reads no tool-calling format (ingress.tool_parser is none), so the model "
+                                "cannot decide by itself whether to call a tool: give tool_choice 'required', a "
+                                "named function, or 'none'", param="tools" if body.tool_choice is None else "tool_choice")
         unknown = body.unknown_fields()
         if unknown:
             log.warning("ignoring fields that are neither OpenAI's nor documented extensions: %s", ", ".join(unknown))

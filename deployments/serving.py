@@ -272,7 +272,7 @@ class OpenAIServing:
         outs = await self._gather(stream, first, rid)
         choices = []
         for i, o in outs.items():
-            message, finish = answers.assistant_message(body, o.text, o.finish_reason)
+            message, finish = answers.assistant_message(body, o.text, o.finish_reason, self.settings.tool_parser)
             choices.append(Choice(index=i, message=message, finish_reason=finish,
                                   logprobs=answers.chat_logprobs(self.tokenizer, o.logprobs or [])
                                   if body.logprobs else None))
@@ -294,7 +294,9 @@ class OpenAIServing:
                                                             logprobs=logprobs)] if choices else [])
 
         latest: dict[int, RequestOutput] = {}
-        tool = body.calls_tool()        # a forced tool call goes out whole, as the choice's last delta
+        # a forced tool call (or, with a tool parser, an answer that may hold calls) goes out whole, as
+        # the choice's last delta
+        tool = body.calls_tool() or (body.may_call_tool() and self.settings.tool_parser != "none")
         texts: dict[int, str] = {}
         async with self._consuming(stream, first, rid) as outs:
             opening = Usage(prompt_tokens=first.prompt_tokens, completion_tokens=0, total_tokens=first.prompt_tokens,
@@ -308,8 +310,9 @@ class OpenAIServing:
                 if tool:
                     texts[out.index] = texts.get(out.index, "") + out.text
                     if out.finish_reason is not None:
-                        message, finish = answers.assistant_message(body, texts[out.index], out.finish_reason)
-                        calls = [ToolCallDelta(index=0, **c.model_dump()) for c in message.tool_calls or ()]
+                        message, finish = answers.assistant_message(body, texts[out.index], out.finish_reason,
+                                                                    self.settings.tool_parser)
+                        calls = [ToolCallDelta(index=j, **c.model_dump()) for j, c in enumerate(message.tool_calls or ())]
                         yield chunk(Delta(content=message.content, tool_calls=calls or None), out.index, finish,
                                     usage=usage, logprobs=lp)
                     elif out.logprobs:

@@ -70,6 +70,10 @@ class IngressSettings(_Section):
     max_images: int = Field(8, ge=0, description="images per request (and videos per request)")
     max_stop_strings: int = Field(32, ge=0, description="stop strings per request (400 above)")
     max_prompts: int = Field(32, ge=1, description="prompts of one /v1/completions request (400 above)")
+    tool_parser: Literal["none", "hermes"] = Field(
+        "none", description="how tool calls are read from an answer when the model decides (tool_choice auto): "
+                            "hermes (<tool_call>{\"name\", \"arguments\"}</tool_call>, Qwen2 / NVILA style); none "
+                            "refuses tool_choice auto")
     max_stop_chars: int = Field(4096, ge=1, description="characters of all a request's stop strings (400 above)")
     max_video_frames: int = Field(64, ge=1, description="frames per video part (VILA-family models sample them "
                                                         "down to num_video_frames)")

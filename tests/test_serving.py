@@ -3,6 +3,7 @@ tower as the vision client, an in-process `AsyncLLMEngine` (or scripted streams)
 
 import asyncio
 import json
+import re
 import threading
 
 import pytest
@@ -464,3 +465,30 @@ def test_cache_salt_keeps_tenants_prefix_caches_apart(vlm, engine, images):
     cached("tenant-c")
     cached("tenant-d")
     assert s.llm.sent[0].media_hashes != s.llm.sent[1].media_hashes
+
+
+def test_tool_choice_auto_with_the_hermes_parser(vlm, engine):
+    """The model decides: here its output is forced (a regex) to write a hermes-style call, which
+    comes back as tool_calls with the text around it; without a parser tool_choice auto is a 400."""
+    ask = [{"role": "user", "content": "What is the weather?"}]
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    regex = re.sub(r"([.^$*+?{}\[\]\\|()])", r"\\\1", "Let me check. " + call)     # the text, literally
+    body = dict(messages=ask, tools=[WEATHER], tool_choice="auto", max_tokens=200, temperature=0,
+                structured_outputs={"regex": regex})
+    plain = serving(vlm, engine)
+    with pytest.raises(APIError, match="ingress.tool_parser is none") as e:
+        run(plain.chat(ChatCompletionRequest(**body)))
+    assert e.value.param == "tool_choice"
+    s = serving(vlm, engine, IngressSettings(tool_parser="hermes"))
+    got = run(s.chat(ChatCompletionRequest(**body)))
+    c = got.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content == "Let me check."
+    assert [(t.function.name, json.loads(t.function.arguments)) for t in c.message.tool_calls] == [
+        ("get_weather", {"city": "Oslo"})]
+    chunks = run(collect(s.chat_stream(ChatCompletionRequest(**body, stream=True))))
+    calls = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert [(tc.function.name, tc.function.arguments) for tc in calls] == [
+        (t.function.name, t.function.arguments) for t in c.message.tool_calls]
+    # an answer without a call is plain text
+    text = run(s.chat(ChatCompletionRequest(**{**body, "structured_outputs": {"regex": "It is sunny\\."}})))
+    assert text.choices[0].message.content == "It is sunny." and text.choices[0].message.tool_calls is None

@@ -386,7 +386,8 @@ class ChatCompletionRequest(_GenerationRequest):
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description="'required' or a named function: the answer is a call whose arguments follow the "
-                          "function's schema; 'auto' is refused (these models have no tool-calling format)")
+                          "function's schema; 'auto' (or tools without tool_choice) needs the server's "
+                          "ingress.tool_parser, which reads the calls the model writes")
     parallel_tool_calls: bool | None = Field(None, description="at most one call per answer either way")
     # declared so that they can be refused by name (see _REFUSED)
     audio: Any = None
@@ -408,13 +409,14 @@ class ChatCompletionRequest(_GenerationRequest):
             return "top_logprobs", "top_logprobs needs logprobs: true"
         if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
             return "tool_choice", "tool_choice needs tools"
-        if self.tools and self.tool_choice in (None, "auto"):
-            return "tools" if self.tool_choice is None else "tool_choice", ("this model has no tool-calling format, so it cannot decide by itself whether to "
-                                   "call a tool: give tool_choice 'required', a named function, or 'none'")
         if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in {
                 t.function.name for t in self.tools or ()}:
             return "tool_choice", f"tool_choice names {self.tool_choice.function.name!r}, which is not among the tools"
         return None
+
+    def may_call_tool(self) -> bool:
+        """Tools given and the model left to decide (tool_choice auto, or none given)."""
+        return bool(self.tools) and self.tool_choice in (None, "auto")
 
     def calls_tool(self) -> bool:
         return bool(self.tools) and self.tool_choice not in (None, "none", "auto")
