@@ -32,8 +32,8 @@ from .errors import APIError, api_error_of, register_transport_errors
 from .frontdoor import FrontDoor
 from .metrics import routing_decisions, routing_probes
 from .protocol import (ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, DetokenizeRequest,
-                       DetokenizeResponse, ErrorResponse, Health, ModelCard, ModelList, TokenizeRequest,
-                       TokenizeResponse, Version)
+                       DetokenizeResponse, ErrorResponse, Health, ModelCard, ModelList, ResponseObject,
+                       ResponsesRequest, TokenizeRequest, TokenizeResponse, Version)
 from .serving import OpenAIServing, new_request_id
 from .settings import IngressSettings
 
@@ -209,6 +209,29 @@ class Ingress:
         rid = new_request_id()
         return await self._sse(self.serving.chat_stream(body, include_usage, request_id=rid), rid)
 
+    @app.post("/v1/responses", response_model=ResponseObject,
+              responses={200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}},
+                         **error_responses(400, 401, 404, 408, 413, 500, 503)})
+    async def responses_route(self, body: ResponsesRequest):
+        """OpenAI's Responses API, stateless (`store` false; no previous_response_id)."""
+        if not body.stream:
+            return await self.responses(body)
+        events = self.serving.responses_stream(body)
+        first = await anext(events)       # errors before the engine accepted the request get a status code
+
+        async def sse():
+            try:
+                yield f"event: {first['type']}\ndata: {json.dumps(first)}\n\n"
+                async for e in events:
+                    yield f"event: {e['type']}\ndata: {json.dumps(e)}\n\n"
+            except Exception as exc:    # failed mid-stream: an error event, never a hang
+                err = api_error_of(exc).body()["error"]
+                yield f"event: error\ndata: {json.dumps({'type': 'error', **err})}\n\n"
+            finally:
+                await events.aclose()
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
     @staticmethod
     async def _sse(chunks, rid: str) -> StreamingResponse:
         """Server-sent events of a chunk stream; errors before the first chunk get a status code."""
@@ -250,6 +273,10 @@ class Ingress:
         """Streamed text-completion chunks (`handle.options(stream=True).complete_stream.remote(...)`)."""
         async for chunk in self.serving.complete_stream(body, request_id):
             yield chunk
+
+    async def responses(self, body: ResponsesRequest) -> ResponseObject:
+        """A Responses-API answer (`serve.get_app_handle("vlm").responses.remote(ResponsesRequest(...))`)."""
+        return await self.serving.responses(body)
 
     def stats(self) -> dict:
         """This replica's figures: its process id, the routing decisions its handles made

@@ -33,8 +33,10 @@ from . import answers
 from .errors import APIError, api_error_of, api_errors, is_replica_death
 from .preparation import RequestPreparer
 from .protocol import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, Completion,
-                       CompletionChoice, CompletionRequest, Delta, DetokenizeRequest, DetokenizeResponse, ModelCard,
-                       ModelList, TokenizeRequest, TokenizeResponse, ToolCallDelta, Usage, usage_of)
+                       CompletionChoice, CompletionRequest, Delta, DetokenizeRequest, DetokenizeResponse, FieldError,
+                       ModelCard, ModelList, ResponseObject, ResponseOutputMessage, ResponseOutputText,
+                       ResponsesRequest, ResponseUsage, TokenizeRequest, TokenizeResponse, ToolCallDelta, Usage,
+                       usage_of)
 from .settings import IngressSettings
 
 log = logging.getLogger("ray.serve")
@@ -66,6 +68,12 @@ def summed(usages: Sequence[Usage]) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
                  prompt_tokens_details={"cached_tokens": sum(u.prompt_tokens_details.get("cached_tokens", 0)
                                                              for u in usages)})
+
+
+async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
+    yield first
+    async for item in rest:
+        yield item
 
 
 async def merged(streams: Sequence[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
@@ -383,6 +391,90 @@ class OpenAIServing:
                     yield chunk(out.text, k * body.n + out.index, out, usage=usage_now() if every else None)
         if include_usage and latest:
             yield chunk("", usage=usage_now(), choices=False)
+
+    # ---- /v1/responses (stateless) ----------------------------------------------------------
+
+    def _as_chat(self, body: ResponsesRequest) -> ChatCompletionRequest:
+        refused = body.refusal()
+        if refused is not None:
+            raise APIError(400, refused[1], param=refused[0])
+        unknown = body.unknown_fields()
+        if unknown:
+            log.warning("ignoring fields that are neither OpenAI's nor documented extensions: %s", ", ".join(unknown))
+        try:
+            return body.as_chat()
+        except FieldError as e:
+            raise APIError(400, e.message, param=e.field) from None
+        except ValueError as e:      # a part the chat request model refuses
+            raise APIError(400, str(e).split("\n")[-1].strip(), param="input") from None
+
+    def _response(self, body: ResponsesRequest, rid: str, created: int, text: str | None, finish: str | None,
+                  usage=None) -> ResponseObject:
+        status = "in_progress" if text is None else "incomplete" if finish == "length" else "completed"
+        output = [] if text is None else [ResponseOutputMessage(id=f"msg_{rid[5:]}", status=status,
+                                                                content=[ResponseOutputText(text=text)])]
+        fmt = body.text.format.model_dump(by_alias=True, exclude_none=True) if body.text and body.text.format else \
+            {"type": "text"}
+        return ResponseObject(
+            id=rid, created_at=created, status=status, model=self.model_name, output=output,
+            usage=None if usage is None else ResponseUsage(
+                input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
+                total_tokens=usage.total_tokens,
+                input_tokens_details={"cached_tokens": usage.prompt_tokens_details.get("cached_tokens", 0)}),
+            instructions=body.instructions, max_output_tokens=body.max_output_tokens, temperature=body.temperature,
+            top_p=body.top_p, text={"format": fmt},
+            incomplete_details={"reason": "max_output_tokens"} if status == "incomplete" else None,
+            metadata=body.metadata or {})
+
+    async def responses(self, body: ResponsesRequest) -> ResponseObject:
+        """OpenAI's Responses API: the chat completion of the same input, in the Responses shape."""
+        chat = self._as_chat(body)
+        answer = await self.chat(chat)
+        rid = "resp_" + answer.id.split("-", 1)[1]
+        c = answer.choices[0]
+        return self._response(body, rid, answer.created, c.message.content or "", c.finish_reason, answer.usage)
+
+    async def responses_stream(self, body: ResponsesRequest) -> AsyncIterator[dict]:
+        """The Responses API's stream events (`type`, `sequence_number`, ...), as the openai client
+        parses them: created, in_progress, output item and content part added, text deltas, the
+        done events, then completed (or incomplete at max_output_tokens)."""
+        chat = self._as_chat(body)
+        rid = new_request_id("resp").replace("resp-", "resp_")
+        item = f"msg_{rid[5:]}"
+        created = int(time.time())
+        seq = iter(range(1 << 62))
+        chunks = self.chat_stream(chat, include_usage=True)
+        first = await anext(chunks)          # the engine has accepted the request
+        text, finish, usage = "", None, None
+
+        def event(kind: str, **fields) -> dict:
+            return {"type": kind, "sequence_number": next(seq), **fields}
+
+        opening = self._response(body, rid, created, None, None).model_dump()
+        yield event("response.created", response=opening)
+        yield event("response.in_progress", response=opening)
+        yield event("response.output_item.added", output_index=0,
+                    item={"type": "message", "id": item, "status": "in_progress", "role": "assistant", "content": []})
+        yield event("response.content_part.added", item_id=item, output_index=0, content_index=0,
+                    part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+        async with contextlib.aclosing(chunks):
+            async for c in _prepend(first, chunks):
+                if c.usage is not None and not c.choices:
+                    usage = c.usage
+                for ch in c.choices:
+                    if ch.delta.content:
+                        text += ch.delta.content
+                        yield event("response.output_text.delta", item_id=item, output_index=0, content_index=0,
+                                    delta=ch.delta.content, logprobs=[])
+                    finish = ch.finish_reason or finish
+        done = self._response(body, rid, created, text, finish, usage)
+        message = done.output[0].model_dump()
+        yield event("response.output_text.done", item_id=item, output_index=0, content_index=0, text=text, logprobs=[])
+        yield event("response.content_part.done", item_id=item, output_index=0, content_index=0,
+                    part=message["content"][0])
+        yield event("response.output_item.done", output_index=0, item=message)
+        yield event("response.incomplete" if done.status == "incomplete" else "response.completed",
+                    response=done.model_dump())
 
     # ---- the other routes ---------------------------------------------------------------------
 

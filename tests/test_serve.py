@@ -852,6 +852,20 @@ def test_the_tool_round_trip_with_the_openai_client(nvila_app):
     assert second.usage.prompt_tokens > first.usage.prompt_tokens
 
 
+def test_responses_api_with_the_openai_client_equals_the_chat_completion(client):
+    scene, q, gold = heldout_set(1, seed=71)[0]
+    url = data_url(scene.image())
+    inp = [{"role": "user", "content": [{"type": "input_text", "text": q}, {"type": "input_image", "image_url": url}]}]
+    r = client.responses.create(model="vlm-serve-default", input=inp, temperature=0, max_output_tokens=16)
+    chat = ask(client, scene.image(), q, max_tokens=16)
+    assert r.output_text == chat.choices[0].message.content and r.output_text.strip() == gold
+    assert r.usage.output_tokens == chat.usage.completion_tokens and r.status == "completed"
+    with client.responses.stream(model="vlm-serve-default", input=inp, temperature=0, max_output_tokens=16) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == r.output_text == final.output_text
+
+
 def test_a_picture_sent_once_is_reused_by_its_uuid(server, client):
     import httpx
 

@@ -492,3 +492,35 @@ def test_tool_choice_auto_with_the_hermes_parser(vlm, engine):
     # an answer without a call is plain text
     text = run(s.chat(ChatCompletionRequest(**{**body, "structured_outputs": {"regex": "It is sunny\\."}})))
     assert text.choices[0].message.content == "It is sunny." and text.choices[0].message.tool_calls is None
+
+
+def test_responses_api_equals_the_chat_completion_of_the_same_input(vlm, engine, images):
+    from deployments.protocol import ResponsesRequest
+
+    s = serving(vlm, engine)
+    url = data_url(Image.open(images[0]))
+    body = dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": url},
+                                                     {"type": "input_text", "text": Q}]}],
+                instructions="Answer briefly.", max_output_tokens=8, temperature=0)
+    chat = run(s.chat(ChatCompletionRequest(messages=[
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": Q}]}],
+        max_tokens=8, temperature=0)))
+    got = run(s.responses(ResponsesRequest(**body)))
+    assert got.output[0].content[0].text == chat.choices[0].message.content
+    assert got.usage.output_tokens == chat.usage.completion_tokens and got.usage.input_tokens == chat.usage.prompt_tokens
+    assert got.status == ("incomplete" if chat.choices[0].finish_reason == "length" else "completed")
+    events = run(collect(s.responses_stream(ResponsesRequest(**body, stream=True))))
+    kinds = [e["type"] for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:-1] == ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
+    assert kinds[-1] in ("response.completed", "response.incomplete")
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == got.output[0].content[0].text
+    assert events[-1]["response"]["usage"]["output_tokens"] == got.usage.output_tokens
+    for field, value in (("previous_response_id", "resp_1"), ("store", True), ("tools", [{"type": "web_search"}]),
+                         ("reasoning", {"effort": "low"})):
+        with pytest.raises(APIError) as e:
+            run(s.responses(ResponsesRequest(**body, **{field: value})))
+        assert e.value.status == 400 and e.value.param == field

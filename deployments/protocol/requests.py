@@ -517,3 +517,128 @@ class DetokenizeRequest(BaseModel):
 
     model: Text | None = None
     tokens: list[int]
+
+
+# ---- /v1/responses ----------------------------------------------------------------------------
+
+class ResponseInputText(BaseModel):
+    type: Literal["input_text", "output_text"]
+    text: Text
+
+
+class ResponseInputImage(BaseModel):
+    type: Literal["input_image"]
+    image_url: str | None = Field(None, description="a data: URL, file:// or http(s) as for image_url parts")
+    detail: str | None = None
+    file_id: str | None = None
+
+
+ResponseContent = Annotated[Union[ResponseInputText, ResponseInputImage], Field(discriminator="type")]
+
+
+class ResponseInputMessage(BaseModel):
+    type: Literal["message"] | None = None
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | list[ResponseContent]
+
+
+class ResponseTextFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseTextConfig(BaseModel):
+    format: ResponseTextFormat | None = None
+    verbosity: str | None = None
+
+
+# Responses-API fields not served: refused by name (stateless; no tools, reasoning or background runs)
+_RESPONSES_REFUSED = {
+    "previous_response_id": "previous_response_id is not supported: nothing is stored; send the conversation as input",
+    "conversation": "conversations are not stored here; send the conversation as input",
+    "tools": "tools are not supported on /v1/responses (use /v1/chat/completions)",
+    "reasoning": "this model does not reason; reasoning is not supported",
+    "background": "background responses are not supported",
+    "include": "include is not supported",
+    "prompt": "stored prompts are not supported",
+    "max_tool_calls": "tools are not supported on /v1/responses",
+}
+_RESPONSES_NEUTRAL = {"include": ([],), "background": (False,), "tools": ([],)}
+
+
+class ResponsesRequest(BaseModel):
+    """OpenAI's Responses API, stateless: text and image input, instructions, sampling, text.format."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    model: Text | None = None
+    input: Text | list[ResponseInputMessage]
+    instructions: Text | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stream: bool = False
+    store: bool | None = Field(None, description="only false (or left out): nothing is stored")
+    text: ResponseTextConfig | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    truncation: Literal["disabled", "auto"] | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    previous_response_id: Any = None
+    conversation: Any = None
+    tools: Any = None
+    reasoning: Any = None
+    background: Any = None
+    include: Any = None
+    prompt: Any = None
+    max_tool_calls: Any = None
+
+    def refusal(self) -> tuple[str, str] | None:
+        for name, why in _RESPONSES_REFUSED.items():
+            value = getattr(self, name, None)
+            if value is not None and value not in _RESPONSES_NEUTRAL.get(name, ()):
+                return name, why
+        if self.store:
+            return "store", "store: true is not supported; nothing is stored (send store: false)"
+        if self.tool_choice not in (None, "none"):
+            return "tool_choice", "tools are not supported on /v1/responses"
+        if self.truncation == "auto":
+            return "truncation", "truncation 'auto' is not supported: a prompt longer than the context is refused"
+        return None
+
+    def unknown_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+    def as_chat(self) -> ChatCompletionRequest:
+        """The same request as a chat completion (what serves it)."""
+        messages: list[dict] = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        items = [ResponseInputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+        for m in items:
+            if isinstance(m.content, str):
+                messages.append({"role": m.role, "content": m.content})
+                continue
+            parts = []
+            for p in m.content:
+                if p.type == "input_image":
+                    if p.image_url is None:
+                        raise FieldError("input", "an input_image needs image_url (file_id is not supported)")
+                    parts.append({"type": "image_url", "image_url": {"url": p.image_url, "detail": p.detail}})
+                else:
+                    parts.append({"type": "text", "text": p.text})
+            messages.append({"role": m.role, "content": parts})
+        fmt = self.text.format if self.text is not None else None
+        response_format = None
+        if fmt is not None and fmt.type == "json_object":
+            response_format = {"type": "json_object"}
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.schema_ is None:
+                raise FieldError("text", "text.format of type json_schema needs schema")
+            response_format = {"type": "json_schema", "json_schema": {"name": fmt.name or "output",
+                                                                      "schema": fmt.schema_, "strict": fmt.strict}}
+        return ChatCompletionRequest(model=self.model, messages=messages, max_tokens=self.max_output_tokens,
+                                     temperature=self.temperature, top_p=self.top_p, stream=self.stream,
+                                     response_format=response_format,
+                                     stream_options={"include_usage": True} if self.stream else None)

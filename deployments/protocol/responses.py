@@ -177,3 +177,51 @@ class ModelList(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
+
+
+# ---- /v1/responses ----------------------------------------------------------------------------
+
+class ResponseOutputText(BaseModel):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list = Field(default_factory=list)
+    logprobs: list = Field(default_factory=list)
+
+
+class ResponseOutputMessage(BaseModel):
+    type: Literal["message"] = "message"
+    id: str
+    status: Literal["in_progress", "completed", "incomplete"]
+    role: Literal["assistant"] = "assistant"
+    content: list[ResponseOutputText]
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: dict[str, int] = Field(default_factory=dict)
+    output_tokens: int
+    output_tokens_details: dict[str, int] = Field(default_factory=lambda: {"reasoning_tokens": 0})
+    total_tokens: int
+
+
+class ResponseObject(BaseModel):
+    """A Responses-API answer (stateless: `store` false, nothing kept)."""
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    status: Literal["in_progress", "completed", "incomplete"]
+    model: str
+    output: list[ResponseOutputMessage]
+    usage: ResponseUsage | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    text: dict = Field(default_factory=lambda: {"format": {"type": "text"}})
+    incomplete_details: dict | None = None
+    error: dict | None = None
+    parallel_tool_calls: bool = False
+    tool_choice: str = "none"
+    tools: list = Field(default_factory=list)
+    store: bool = False
+    metadata: dict = Field(default_factory=dict)
