@@ -193,20 +193,22 @@ class Ingress:
     @app.post("/v1/completions", response_model=Completion,
               responses={200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}},
                          **error_responses(400, 401, 404, 408, 413, 500, 503)})
-    async def completions(self, body: CompletionRequest):
+    async def completions(self, body: CompletionRequest, request: Request):
+        body = with_header_id(body, request)
         if not body.stream:
             return await self.complete(body)
-        rid = new_request_id("cmpl")
+        rid = body.request_id or new_request_id("cmpl")
         return await self._sse(self.serving.complete_stream(body, request_id=rid), rid)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion,
               responses={200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}},
                          **error_responses(400, 401, 404, 408, 413, 500, 503)})
-    async def chat_completions(self, body: ChatCompletionRequest):
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        body = with_header_id(body, request)
         if not body.stream:
             return await self.chat(body)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        rid = new_request_id()
+        rid = body.request_id or new_request_id()
         return await self._sse(self.serving.chat_stream(body, include_usage, request_id=rid), rid)
 
     @app.post("/v1/responses", response_model=ResponseObject,
@@ -283,6 +285,20 @@ class Ingress:
         (`deployments/routing.py`) and how many times they asked the replicas their queues, per
         deployment."""
         return {"pid": os.getpid(), "routing": routing_decisions(), "routing_probes": routing_probes()}
+
+
+def with_header_id(body, request: Request):
+    """The body with the X-Request-Id header as its request_id, when it names none itself (vLLM's
+    behaviour; Serve's proxy echoes the header back); a header id that is not one the field accepts
+    is a 400 naming the header."""
+    header = request.headers.get("x-request-id")
+    if header is None or body.request_id is not None:
+        return body
+    try:
+        return type(body).model_validate({**body.model_dump(exclude_unset=True, by_alias=True), "request_id": header})
+    except ValueError:
+        raise APIError(400, "the X-Request-Id header must be 1-128 characters of letters, digits and ._:-",
+                       param="X-Request-Id") from None
 
 
 def package_version() -> str:

@@ -275,7 +275,7 @@ class OpenAIServing:
 
     async def chat(self, body: ChatCompletionRequest) -> ChatCompletion:
         """One chat completion (n choices). Errors are raised as `APIError`."""
-        rid = new_request_id()
+        rid = body.request_id or new_request_id()
         stream, first = await self._start_chat(body, rid)
         outs = await self._gather(stream, first, rid)
         choices = []
@@ -291,7 +291,7 @@ class OpenAIServing:
                           request_id: str | None = None) -> AsyncIterator[ChatCompletionChunk]:
         """Streamed chat completion chunks, each for one choice (`index`). Closing the stream early
         aborts the request in the engine."""
-        rid = request_id or new_request_id()
+        rid = body.request_id or request_id or new_request_id()
         stream, first = await self._start_chat(body, rid)
         created = int(time.time())
         every = bool(body.stream_options and body.stream_options.continuous_usage_stats)
@@ -334,7 +334,7 @@ class OpenAIServing:
 
     async def complete(self, body: CompletionRequest) -> Completion:
         """One text completion (n choices per prompt; no chat template)."""
-        rid = new_request_id("cmpl")
+        rid = body.request_id or new_request_id("cmpl")
         started = await self._start_text(body, rid)
         gathered = await asyncio.gather(*(self._gather(stream, first, rid) for _, _, stream, first in started))
         choices, usages = [], []
@@ -355,7 +355,7 @@ class OpenAIServing:
                               ) -> AsyncIterator[Completion]:
         """Streamed text-completion chunks; with several prompts their chunks interleave as they
         come, each choice numbered prompt * n + choice."""
-        rid = request_id or new_request_id("cmpl")
+        rid = body.request_id or request_id or new_request_id("cmpl")
         started = await self._start_text(body, rid)
         created = int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -867,6 +867,19 @@ def test_responses_api_with_the_openai_client_equals_the_chat_completion(client)
     assert "".join(deltas) == r.output_text == final.output_text
 
 
+def test_x_request_id_names_the_answer_and_comes_back(server):
+    import httpx
+
+    body = {"messages": HI, "max_tokens": 2}
+    r = httpx.post(server + "/v1/chat/completions", json=body, headers={**AUTH, "X-Request-Id": "abc-123"}, timeout=60)
+    assert r.status_code == 200 and r.json()["id"] == "abc-123" and r.headers["x-request-id"] == "abc-123"
+    r = httpx.post(server + "/v1/chat/completions", json={**body, "stream": True}, timeout=60,
+                   headers={**AUTH, "X-Request-Id": "abc-124"})
+    assert r.headers["x-request-id"] == "abc-124" and '"id":"abc-124"' in r.text
+    bad = httpx.post(server + "/v1/chat/completions", json=body, headers={**AUTH, "X-Request-Id": "a b"}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "X-Request-Id"
+
+
 def test_a_picture_sent_once_is_reused_by_its_uuid(server, client):
     import httpx
 

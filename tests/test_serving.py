@@ -345,7 +345,7 @@ VLLM_FIELDS = [("use_beam_search", True), ("length_penalty", 0.5), ("min_p", 0.1
                ("spaces_between_special_tokens", False), ("truncate_prompt_tokens", 10),
                ("continue_final_message", True), ("add_generation_prompt", False), ("chat_template", "{{ x }}"),
                ("chat_template_kwargs", {"a": 1}), ("mm_processor_kwargs", {"max_tiles": 1}),
-               ("documents", [{"text": "d"}]), ("guided_whitespace_pattern", " "), ("request_id", "r-1"),
+               ("documents", [{"text": "d"}]), ("guided_whitespace_pattern", " "),
                ("return_token_ids", True), ("return_tokens_as_token_ids", True), ("logits_processors", ["x"]),
                ("kv_transfer_params", {}), ("vllm_xargs", {"a": 1})]
 
@@ -524,3 +524,17 @@ def test_responses_api_equals_the_chat_completion_of_the_same_input(vlm, engine,
         with pytest.raises(APIError) as e:
             run(s.responses(ResponsesRequest(**body, **{field: value})))
         assert e.value.status == 400 and e.value.param == field
+
+
+def test_a_client_request_id_names_the_answer(vlm, engine, images):
+    s = serving(vlm, engine)
+    got = run(s.chat(image_request(images[0], request_id="tenant-7.req:42")))
+    assert got.id == "tenant-7.req:42" and s.llm.sent
+    chunks = run(collect(s.chat_stream(image_request(images[0], stream=True, request_id="req-s1"))))
+    assert {c.id for c in chunks} == {"req-s1"}
+    text = run(s.complete(CompletionRequest(prompt="The circle is", max_tokens=2, request_id="c-1")))
+    assert text.id == "c-1"
+    with pytest.raises(ValueError, match="request_id"):
+        image_request(images[0], request_id="has space")
+    again = run(s.chat(image_request(images[0], request_id="tenant-7.req:42")))    # reusable once finished
+    assert again.id == "tenant-7.req:42"

@@ -174,7 +174,6 @@ _REFUSED.update({
     "documents": "documents (retrieval-augmented templates) are not supported",
     "guided_whitespace_pattern": "guided_whitespace_pattern is not supported: JSON output is compact",
     "guided_decoding_backend": "guided_decoding_backend is not selectable: structured output uses xgrammar",
-    "request_id": "a client-chosen request_id is not supported: the server names each request",
     "return_token_ids": "return_token_ids is not supported (logprobs carry the tokens)",
     "return_tokens_as_token_ids": "return_tokens_as_token_ids is not supported",
     "logits_processors": "custom logits_processors are not supported",
@@ -273,6 +272,9 @@ class _GenerationRequest(BaseModel):
                                                                        "penalty over prompt and output")
     stop_token_ids: list[int] | None = Field(None, description="extension: token ids that end the answer")
     ignore_eos: bool = Field(False, description="extension: keep generating past EOS up to max_tokens")
+    request_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$",
+                                   description="extension (vLLM): the request's id (the answer's `id`; also taken "
+                                               "from an X-Request-Id header); two at once with one id: 400")
     cache_salt: str | None = Field(None, min_length=1, max_length=256,
                                    description="extension (vLLM): prefix-cache blocks are shared only between "
                                                "requests with the same salt (tenants kept apart)")
