@@ -181,6 +181,15 @@ _REFUSED.update({
     "vllm_xargs": "vllm_xargs are not supported",
 })
 
+def first_refused(body: BaseModel, refused: dict[str, str], neutral: dict[str, tuple]) -> tuple[str, str] | None:
+    """(field, why) for the first of `refused` that the request sets to anything but a neutral value."""
+    for name, why in refused.items():
+        value = getattr(body, name, None)
+        if value is not None and value not in neutral.get(name, ()):
+            return name, why
+    return None
+
+
 _NEUTRAL = {"modalities": (["text"],), "use_beam_search": (False,), "length_penalty": (1.0,), "min_p": (0.0,),
             "bad_words": ([],), "include_stop_str_in_output": (False,), "skip_special_tokens": (True,),
             "spaces_between_special_tokens": (True,), "continue_final_message": (False,),
@@ -294,10 +303,9 @@ class _GenerationRequest(BaseModel):
 
     def refusal(self) -> tuple[str, str] | None:
         """(field, why) for the first field set that is not served, or a combination that is invalid."""
-        for name, why in _REFUSED.items():
-            value = getattr(self, name, None)
-            if value is not None and value not in _NEUTRAL.get(name, ()):
-                return name, why
+        found = first_refused(self, _REFUSED, _NEUTRAL)
+        if found is not None:
+            return found
         if self.stream_options is not None and not self.stream:
             return "stream_options", "stream_options is only allowed with stream: true"
         if self.prompt_logprobs is not None and self.stream:
@@ -599,10 +607,9 @@ class ResponsesRequest(BaseModel):
     max_tool_calls: Any = None
 
     def refusal(self) -> tuple[str, str] | None:
-        for name, why in _RESPONSES_REFUSED.items():
-            value = getattr(self, name, None)
-            if value is not None and value not in _RESPONSES_NEUTRAL.get(name, ()):
-                return name, why
+        found = first_refused(self, _RESPONSES_REFUSED, _RESPONSES_NEUTRAL)
+        if found is not None:
+            return found
         if self.store:
             return "store", "store: true is not supported; nothing is stored (send store: false)"
         if self.tool_choice not in (None, "none"):
