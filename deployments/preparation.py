@@ -150,6 +150,7 @@ class RequestPreparer:
                            param="stop")
         self.check_token_ids([t for t, _ in sampling.logit_bias], "logit_bias")
         self.check_token_ids(sampling.stop_token_ids, "stop_token_ids")
+        self.check_token_ids(sampling.allowed_token_ids or (), "allowed_token_ids")
 
     def check_token_ids(self, ids, param: str) -> None:
         vocab = len(self.processor.tokenizer)

@@ -128,3 +128,40 @@ def test_huge_top_k_means_the_whole_vocabulary():
     params = [SamplingParams(temperature=1.0, top_k=2 ** 63 - 1, seed=9), SamplingParams(temperature=1.0, seed=9)]
     a, b = sample_async(logits, params, generators(params)).wait()
     assert a == b
+
+
+@pytest.mark.parametrize("min_p", [0.05, 0.3, 0.9])
+def test_min_p_equals_transformers_min_p_warper(min_p):
+    """min_p removes what transformers' MinPLogitsWarper removes (same probability threshold), per
+    row and batched, after temperature."""
+    from transformers.generation.logits_process import MinPLogitsWarper
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, V, generator=g) * 2
+    temps = [1.0, 0.7, 1.5, 1.0]
+    params = [SamplingParams(temperature=t, min_p=min_p, seed=i) for i, t in enumerate(temps)]
+    got = filter_logits_batch(logits, torch.tensor(temps), torch.full((4,), V), torch.ones(4),
+                              torch.full((4,), min_p))
+    for i, p in enumerate(params):
+        hf = MinPLogitsWarper(min_p)(None, logits[i:i + 1] / temps[i])[0]
+        assert torch.equal(torch.isfinite(hf), torch.isfinite(filter_logits(logits[i], p)))
+        assert torch.equal(torch.isfinite(hf), torch.isfinite(got[i]))
+    assert sample(logits, params, generators(params)) == sample_reference(logits, params, generators(params))
+
+
+def test_allowed_token_ids_confine_greedy_and_sampled_tokens():
+    from vlm_core.engine.sampling import SamplingHistory
+
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, V, generator=g)
+    allowed = (3, 17, 41)
+    params = [SamplingParams(allowed_token_ids=allowed), SamplingParams(temperature=1.0, seed=7,
+                                                                         allowed_token_ids=allowed),
+              SamplingParams()]
+    history = SamplingHistory([[], [], []], [[], [], []])
+    want_greedy = allowed[int(logits[0, list(allowed)].argmax())]
+    for _ in range(20):
+        tokens = sample_async(logits, params, generators(params), history).wait()
+        assert tokens[0] == want_greedy and tokens[1] in allowed and tokens[2] == int(logits[2].argmax())
+    with pytest.raises(Exception, match="allowed_token_ids must name at least one token"):
+        SamplingParams(allowed_token_ids=())

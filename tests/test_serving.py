@@ -340,8 +340,8 @@ def test_a_huge_top_k_is_clamped_to_the_vocabulary(vlm, engine, images):
         assert got.choices[0].finish_reason in ("stop", "length")
 
 
-VLLM_FIELDS = [("use_beam_search", True), ("length_penalty", 0.5), ("min_p", 0.1), ("bad_words", ["red"]),
-               ("allowed_token_ids", [1, 2]), ("include_stop_str_in_output", True), ("skip_special_tokens", False),
+VLLM_FIELDS = [("use_beam_search", True), ("length_penalty", 0.5), ("bad_words", ["red"]),
+               ("include_stop_str_in_output", True), ("skip_special_tokens", False),
                ("spaces_between_special_tokens", False), ("truncate_prompt_tokens", 10),
                ("continue_final_message", True), ("add_generation_prompt", False), ("chat_template", "{{ x }}"),
                ("chat_template_kwargs", {"a": 1}), ("mm_processor_kwargs", {"max_tiles": 1}),
@@ -361,7 +361,7 @@ def test_vllm_extension_fields_not_served_are_refused_by_name(vlm, engine, image
 
 def test_neutral_vllm_values_and_image_detail(vlm, engine, images):
     s = serving(vlm, engine)
-    neutral = dict(use_beam_search=False, length_penalty=1.0, min_p=0.0, skip_special_tokens=True,
+    neutral = dict(use_beam_search=False, length_penalty=1.0, skip_special_tokens=True,
                    include_stop_str_in_output=False, add_generation_prompt=True, chat_template_kwargs={})
     want = run(s.chat(image_request(images[0]))).choices[0].message.content
     assert run(s.chat(image_request(images[0], **neutral))).choices[0].message.content == want
@@ -538,3 +538,14 @@ def test_a_client_request_id_names_the_answer(vlm, engine, images):
         image_request(images[0], request_id="has space")
     again = run(s.chat(image_request(images[0], request_id="tenant-7.req:42")))    # reusable once finished
     assert again.id == "tenant-7.req:42"
+
+
+def test_min_p_and_allowed_token_ids_over_the_api(vlm, engine, images):
+    s = serving(vlm, engine)
+    allowed = vlm.tokenizer("red blue", add_special_tokens=False)["input_ids"]
+    got = run(s.chat(image_request(images[0], allowed_token_ids=allowed, max_tokens=4)))
+    assert set(vlm.tokenizer(got.choices[0].message.content, add_special_tokens=False)["input_ids"]) <= set(allowed)
+    assert run(s.chat(image_request(images[0], temperature=1.0, min_p=0.5, seed=2))).choices
+    with pytest.raises(APIError, match="token id 999999 is outside the vocabulary") as e:
+        run(s.chat(image_request(images[0], allowed_token_ids=[999999])))
+    assert e.value.param == "allowed_token_ids"

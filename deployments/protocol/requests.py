@@ -156,10 +156,7 @@ _REFUSED = {
 _REFUSED.update({
     "use_beam_search": "beam search is not supported (use n for several sampled answers)",
     "length_penalty": "length_penalty applies to beam search, which is not supported",
-    "min_p": "min_p sampling is not supported (use top_p / top_k)",
     "bad_words": "bad_words is not supported (logit_bias can ban single tokens)",
-    "allowed_token_ids": "allowed_token_ids is not supported (a structured_outputs grammar or choice constrains "
-                         "the output)",
     "include_stop_str_in_output": "include_stop_str_in_output is not supported: a stop string is never part of "
                                   "the answer",
     "skip_special_tokens": "skip_special_tokens: false is not supported: special tokens are never in the text",
@@ -190,7 +187,7 @@ def first_refused(body: BaseModel, refused: dict[str, str], neutral: dict[str, t
     return None
 
 
-_NEUTRAL = {"modalities": (["text"],), "use_beam_search": (False,), "length_penalty": (1.0,), "min_p": (0.0,),
+_NEUTRAL = {"modalities": (["text"],), "use_beam_search": (False,), "length_penalty": (1.0,),
             "bad_words": ([],), "include_stop_str_in_output": (False,), "skip_special_tokens": (True,),
             "spaces_between_special_tokens": (True,), "continue_final_message": (False,),
             "add_generation_prompt": (True,), "chat_template_kwargs": ({},), "mm_processor_kwargs": ({},),
@@ -276,6 +273,10 @@ class _GenerationRequest(BaseModel):
     user: str | None = Field(None, description="an end-user id; accepted, no effect on the answer")
     # vLLM's extensions
     top_k: int = Field(0, ge=-1, description="extension: keep the k most likely tokens (0 or -1: all)")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="extension (vLLM): drop tokens below min_p x the most "
+                                                          "likely one's probability (after temperature)")
+    allowed_token_ids: list[int] | None = Field(None, min_length=1, max_length=100_000,
+                                                description="extension (vLLM): only these tokens may be produced")
     min_tokens: int = Field(0, ge=0, description="extension: EOS and stop_token_ids held back until this many")
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="extension: transformers' repetition "
                                                                        "penalty over prompt and output")
@@ -374,7 +375,8 @@ class _GenerationRequest(BaseModel):
             repetition_penalty=self.repetition_penalty, min_tokens=self.min_tokens,
             logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
             logprobs=self.num_logprobs(), prompt_logprobs=self.num_prompt_logprobs(), n=self.n,
-            structured=self.structured())
+            structured=self.structured(), min_p=self.min_p,
+            allowed_token_ids=tuple(self.allowed_token_ids) if self.allowed_token_ids else None)
 
 
 class ChatCompletionRequest(_GenerationRequest):

@@ -35,6 +35,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0                       # 0 = no top-k cut
+    min_p: float = 0.0                   # vLLM: drop tokens below min_p x the most likely one's probability
     seed: int | None = None
     stop: tuple[str, ...] = ()           # generation ends before the first occurrence
     stop_token_ids: tuple[int, ...] = ()
@@ -48,6 +49,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None   # None: none; k >= 0: each prompt token's and the k most likely there
     n: int = 1                           # choices generated from the prompt (sharing its KV blocks)
     structured: StructuredOutput | None = None   # a grammar the output must follow (engine/structured.py)
+    allowed_token_ids: tuple[int, ...] | None = None   # vLLM: only these tokens may be produced
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -62,6 +64,12 @@ class SamplingParams:
             raise SamplingParamsError(f"temperature must be in [0, 100], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise SamplingParamsError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise SamplingParamsError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.allowed_token_ids is not None:
+            object.__setattr__(self, "allowed_token_ids", tuple(int(t) for t in self.allowed_token_ids))
+            if not self.allowed_token_ids:
+                raise SamplingParamsError("allowed_token_ids must name at least one token")
         if self.top_k < 0:
             raise SamplingParamsError(f"top_k must be >= 0, got {self.top_k}")
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -89,7 +97,7 @@ class SamplingParams:
     def processes_logits(self) -> bool:
         """Whether the logits change before selection (penalties, bias, min_tokens)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.logit_bias or self.min_tokens or self.structured)
+                    or self.logit_bias or self.min_tokens or self.structured or self.allowed_token_ids)
 
     @property
     def greedy(self) -> bool:

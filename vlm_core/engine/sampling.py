@@ -31,9 +31,12 @@ from .transfer import to_device
 
 
 def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Temperature, top-k and top-p applied to one row of fp32 logits [V]; removed entries are
-    -inf. The per-row definition `filter_logits_batch` is tested against."""
+    """Temperature, min-p, top-k and top-p (vLLM's order) applied to one row of fp32 logits [V];
+    removed entries are -inf. The per-row definition `filter_logits_batch` is tested against."""
     logits = logits / p.temperature
+    if p.min_p > 0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
     sorted_logits, order = torch.sort(logits, descending=True, stable=True)
     if 0 < p.top_k < logits.shape[-1]:
         sorted_logits[p.top_k:] = float("-inf")
@@ -47,10 +50,13 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 
 def filter_logits_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                        top_p: torch.Tensor) -> torch.Tensor:
-    """`filter_logits` for every row of logits [B, V] at once; temperature/top_p [B] float,
+                        top_p: torch.Tensor, min_p: torch.Tensor | None = None) -> torch.Tensor:
+    """`filter_logits` for every row of logits [B, V] at once; temperature/top_p/min_p [B] float,
     top_k [B] long (V or more: no cut)."""
     logits = logits / temperature[:, None]
+    if min_p is not None:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), float("-inf"))
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
     ranks = torch.arange(logits.shape[-1], device=logits.device)
     sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf"))
@@ -88,7 +94,8 @@ def _flat(rows: list[int], per_row: list[Sequence[int]], vocab: int) -> tuple[li
 
 def process_logits(logits: torch.Tensor, params: list[SamplingParams], history: SamplingHistory | None
                    ) -> torch.Tensor:
-    """The logits each row's sampling sees, fp32 [B, V], in vLLM's order: min_tokens (EOS and
+    """The logits each row's sampling sees, fp32 [B, V], in vLLM's order: allowed_token_ids (all
+    others at -inf), min_tokens (EOS and
     stop_token_ids at -inf until that many tokens exist), logit_bias (added), then the penalties —
     repetition (transformers: over prompt and generated tokens, logit / p when positive, x p when
     negative), frequency and presence (OpenAI: over generated tokens, minus frequency x count and
@@ -104,6 +111,12 @@ def process_logits(logits: torch.Tensor, params: list[SamplingParams], history: 
     def idx(values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=dev)
 
+    allowed = [i for i in rows if params[i].allowed_token_ids]
+    if allowed:                  # every other token at -inf
+        keep = torch.zeros(len(allowed), vocab, dtype=torch.bool, device=dev)
+        r, t = _flat(list(range(len(allowed))), [params[i].allowed_token_ids for i in allowed], vocab)
+        keep[idx(r), idx(t)] = True
+        logits[idx(allowed)] = logits[idx(allowed)].masked_fill(~keep, float("-inf"))
     banned = [i for i in rows if params[i].min_tokens and len(history.output_ids[i]) < params[i].min_tokens]
     if banned:
         r, t = _flat(banned, [sorted(set(history.eos_token_ids) | set(params[i].stop_token_ids)) for i in banned],
@@ -180,10 +193,12 @@ def sample_async(logits: torch.Tensor, params: list[SamplingParams], generators:
         picked = [params[i] for i in rows]
         # every per-row number in one host array, copied without waiting for the device
         host = np.array([rows, [p.temperature for p in picked], [p.top_k if 0 < p.top_k < vocab else vocab for p in picked],
-                         [p.top_p for p in picked]], dtype=np.float64)
+                         [p.top_p for p in picked], [p.min_p for p in picked]], dtype=np.float64)
         dev_rows = to_device(host, dev)
         idx = dev_rows[0].long()
-        filtered = filter_logits_batch(logits[idx], dev_rows[1].float(), dev_rows[2].long(), dev_rows[3].float())
+        min_p = dev_rows[4].float() if any(p.min_p > 0 for p in picked) else None
+        filtered = filter_logits_batch(logits[idx], dev_rows[1].float(), dev_rows[2].long(), dev_rows[3].float(),
+                                       min_p)
         unseeded = [j for j, i in enumerate(rows) if generators[i] is None]
         if len(unseeded) == len(rows):        # one draw from the global generator for all of them
             noise = exponential_noise((len(rows), vocab), dev, None)
