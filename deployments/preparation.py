@@ -5,7 +5,7 @@
       .check_limits(body)              limits that need no fetching, decoding or tokenizing
       await .chat(body)                -> (prompt, media items, sampling): image URLs read, pictures
                                           decoded and checked, the prompt rendered and tokenized
-      await .text(body)                -> (prompt, sampling) of a text completion (no template, no media)
+      await .text(body)                -> [(given, prompt, sampling)] of a text completion, one per prompt
       .fit_max_tokens(body, prompt, sampling, field)   the prompt within the context, max_tokens cut to fit
 
 Reading URLs waits on the event loop; decoding and tokenizing run in a worker thread. A part that
@@ -219,9 +219,9 @@ class RequestPreparer:
 
     # ---- text completions -------------------------------------------------------------------
 
-    async def text(self, body: CompletionRequest, given: str | list[int] | None = None):
-        """A text completion's prompt (`given`, else the request's first): its text tokenized as it
-        is (no chat template), or its ids."""
+    async def text(self, body: CompletionRequest) -> list[tuple]:
+        """A text completion's prompts, each (as given, prompt, sampling): the request checked once,
+        then each prompt's text tokenized as it is (no chat template), or its ids taken."""
         self.check_fields(body)
         prompts = body.prompts()
         if len(prompts) > self.settings.max_prompts:
@@ -229,7 +229,13 @@ class RequestPreparer:
                                 f"accepted", param="prompt")
         sampling = body.sampling(self.settings.default_max_tokens)
         self.check_sampling(sampling)
-        given = body.text_or_ids() if given is None else given
+        out = []
+        for given in prompts:
+            prompt = await self._text_prompt(given)
+            out.append((given, prompt, self.fit_max_tokens(body, prompt, sampling, "prompt")))
+        return out
+
+    async def _text_prompt(self, given: str | list[int]) -> MultimodalPrompt:
         if isinstance(given, str):
             self.check_prompt_chars(len(given), "prompt")
             try:
@@ -242,7 +248,7 @@ class RequestPreparer:
             if any(t in self.processor.media_token_ids for t in given):
                 raise APIError(400, "the prompt's token ids hold a media placeholder; text completions take no "
                                     "media", param="prompt")
-        return prompt, self.fit_max_tokens(body, prompt, sampling, "prompt")
+        return prompt
 
     def fit_max_tokens(self, body, prompt, sampling, prompt_field: str):
         """The prompt within the context, and max_tokens within what is left (400 naming the field

@@ -228,7 +228,7 @@ class OpenAIServing:
         started: list = []
         try:
             with self.errors(rid):
-                prepared = [(given, *await self.prepare.text(body, given)) for given in body.prompts()]
+                prepared = await self.prepare.text(body)
                 for k, (given, prompt, sampling) in enumerate(prepared):
                     stream, first = await self.submit(prompt, [], sampling, rid if k == 0 else f"{rid}-{k}",
                                                       body.priority, body.cache_salt)

@@ -341,3 +341,9 @@ def test_cli_answers_as_the_library_with_the_tower_setting(tmp_path, images, cap
     assert capsys.readouterr().out == want + "\n"
     assert main(["--model", str(ck), "--image", str(images[0]), "--prompt", Q]) == 2
     assert TOWER_ID in capsys.readouterr().err
+
+
+def test_save_pretrained_names_what_saves_other_layouts(base_vlm, tmp_path):
+    with pytest.raises(CheckpointError, match="save_pretrained writes VILA-family folders; original LLaVA models are "
+                                              "saved with transformers"):
+        base_vlm.save_pretrained(tmp_path / "out")

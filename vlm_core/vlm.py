@@ -28,6 +28,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .checkpoint import MODEL_PARTS
+from .errors import CheckpointError
 from .memory import return_freed_memory
 from .families import Family, LoadOptions, family_of
 from .engine.engine import EngineConfig, LLMEngine
@@ -85,9 +86,9 @@ class VLM:
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Write the model back in its folder layout (families that can: VILA / NVILA)."""
         if self.family is None or self.family.save is None:
-            raise NotImplementedError(f"save_pretrained writes VILA-family folders; "
-                                      f"{self.family.name if self.family else 'this'} models save through "
-                                      f"transformers or vlm-quantize")
+            raise CheckpointError(f"save_pretrained writes VILA-family folders; "
+                                  f"{self.family.name if self.family else 'these'} models are saved with "
+                                  f"transformers (full precision) or vlm-quantize (AWQ)")
         if self.model.decoder is not None and self.model.decoder.fused:
             raise ValueError("this model's projections are fused for inference; load it with "
                              "fuse_projections=False to save it")

@@ -599,14 +599,7 @@ class ResponsesRequest(BaseModel):
     truncation: Literal["disabled", "auto"] | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
-    previous_response_id: Any = None
-    conversation: Any = None
-    tools: Any = None
-    reasoning: Any = None
-    background: Any = None
-    include: Any = None
-    prompt: Any = None
-    max_tool_calls: Any = None
+    # the fields of _RESPONSES_REFUSED arrive as extras and are refused by name
 
     def refusal(self) -> tuple[str, str] | None:
         found = first_refused(self, _RESPONSES_REFUSED, _RESPONSES_NEUTRAL)
@@ -621,7 +614,7 @@ class ResponsesRequest(BaseModel):
         return None
 
     def unknown_fields(self) -> list[str]:
-        return sorted(self.model_extra or {})
+        return sorted(set(self.model_extra or {}) - set(_RESPONSES_REFUSED))
 
     def as_chat(self) -> ChatCompletionRequest:
         """The same request as a chat completion (what serves it)."""
